@@ -1,0 +1,845 @@
+//! The heap: creation, opening, the allocator's fast and slow paths, the
+//! root object, and closing.
+//!
+//! # Crash consistency
+//!
+//! The durable allocator state is the page descriptors and the slab
+//! bitmaps, plus the lanes' intents and caches; a block is allocated iff
+//! its bit is set (or its run head says so) and it is not in a lane cache.
+//! Every change to it is a single atomic store or read-modify-write, made
+//! in an order such that the memory image at *any* instant recovers (see
+//! [`crate::recover`]):
+//!
+//! - pop from a lane cache: load entry, store count (`Release`);
+//! - push to a lane cache: write the free canary into the block, store the
+//!   entry, store count (`Release`);
+//! - refill a cache from a slab the lane owns: store entries, store count,
+//!   then set the bits. Only a slab's owner claims free bits, so entries
+//!   whose bits are not set yet are still free and recovery's clearing of
+//!   cached blocks is right either way;
+//! - `alloc_into`: record the intent (block, destination), pop, store the
+//!   destination, clear the intent; recovery keeps the block iff the
+//!   destination holds it;
+//! - slabs and page runs: prepare, then store the head descriptor.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::check::{CheckReport, LiveState};
+use crate::error::{AllocError, Error, OpenError, PointerError, Result};
+use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
+use crate::lanes::{self, HasLanes, LaneSet};
+use crate::mem::Mem;
+use crate::meta::{Located, Meta};
+use crate::pages::PageIndex;
+use crate::recover::{recover, RecoveryReport};
+use crate::region::{self, Region};
+use crate::size_class::{class_for, CLASSES, NCLASSES, SLAB_PAGES};
+
+/// How to create a heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapOptions {
+    size: u64,
+    base: Option<u64>,
+}
+
+impl HeapOptions {
+    /// A heap of `size` bytes (rounded up to 64 KiB; between 1 MiB and 64
+    /// GiB) at a base address remem chooses.
+    pub fn new(size: u64) -> HeapOptions {
+        HeapOptions { size, base: None }
+    }
+
+    /// Maps the heap at `base` (64 KiB aligned). Every process that opens
+    /// the heap later must have this range free.
+    pub fn base(mut self, base: u64) -> HeapOptions {
+        self.base = Some(base);
+        self
+    }
+}
+
+/// No current slab.
+const NO_SLAB: u64 = u64::MAX;
+
+/// Shared state of an open heap.
+pub(crate) struct Inner {
+    id: u64,
+    region: Region,
+    meta: Meta,
+    header: Header,
+    path: PathBuf,
+    _lock: File,
+    canary_key: u64,
+    pages: Mutex<PageIndex>,
+    partial: Vec<Mutex<Vec<u64>>>,
+    /// Per page: the slab there is on its class's partial list.
+    listed: Box<[AtomicBool]>,
+    /// Per lane and class: the slab the lane claims from.
+    cur_slab: Box<[AtomicU64]>,
+    lanes: LaneSet,
+    root_lock: Mutex<()>,
+    report: RecoveryReport,
+}
+
+impl HasLanes for Inner {
+    fn lanes(&self) -> &LaneSet {
+        &self.lanes
+    }
+}
+
+/// A recoverable heap: a memfd mapped at a fixed address, with its
+/// allocator metadata inside it. `Send + Sync`; share it by reference or
+/// in an `Arc`.
+///
+/// Dropping a heap saves its image like [`Heap::close`], but can only print
+/// an error; call `close` to see it.
+pub struct Heap {
+    inner: Arc<Inner>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Heap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heap")
+            .field("path", &self.inner.path)
+            .field("uuid", &uuid_string(&self.inner.header.uuid))
+            .field("base", &format_args!("{:#x}", self.inner.header.base))
+            .field("size", &self.inner.header.layout.size)
+            .finish()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OpenError {
+    let what = what.into();
+    move |source| OpenError::Io { what, source }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn take_lock(path: &Path) -> Result<File, OpenError> {
+    let lp = lock_path(path);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lp)
+        .map_err(io(format!("opening lock file {}", lp.display())))?;
+    if !region::try_lock(&f).map_err(io(format!("locking {}", lp.display())))? {
+        return Err(OpenError::Locked(path.to_owned()));
+    }
+    Ok(f)
+}
+
+impl Heap {
+    /// Creates a new heap whose image lives at `path` (which must not exist).
+    pub fn create(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
+        let path = path.as_ref();
+        region::check_page_size()?;
+        let size = opts.size.next_multiple_of(crate::format::HEAP_ALIGN);
+        if !(crate::format::MIN_HEAP..=crate::format::MAX_HEAP).contains(&size) {
+            return Err(OpenError::BadSize {
+                size: opts.size,
+                min: crate::format::MIN_HEAP,
+                max: crate::format::MAX_HEAP,
+            }
+            .into());
+        }
+        if path.exists() {
+            return Err(OpenError::AlreadyExists(path.to_owned()).into());
+        }
+        let lock = take_lock(path)?;
+        let uuid = region::random_uuid()?;
+        let base = match opts.base {
+            Some(b) => {
+                region::check_base(b, size)?;
+                b
+            }
+            None => region::choose_base(&uuid, size)?,
+        };
+        let header = Header { uuid, base, generation: 1, layout: Layout::for_size(size) };
+        let fd = region::memfd(&format!("remem:{}", uuid_string(&uuid)), size)?;
+        let region = Region::map(fd, base, size)?;
+        let meta = Self::meta_of(&region, &header);
+        meta.mem.write(0, &header.encode());
+        for p in 0..header.layout.first_data_page() {
+            meta.desc(p).store(Desc::Meta.encode(), Relaxed);
+        }
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
+        let heap = Self::assemble(region, meta, header, path.to_owned(), lock, report, vol)?;
+        heap.save()?;
+        Ok(heap)
+    }
+
+    /// Opens the heap whose image is at `path`, maps it at its recorded
+    /// address and runs recovery ([`Heap::recovery_report`] says what it did).
+    pub fn open(path: impl AsRef<Path>) -> Result<Heap> {
+        let path = path.as_ref();
+        region::check_page_size()?;
+        let lock = take_lock(path)?;
+        let mut file = File::open(path).map_err(io(format!("opening heap image {}", path.display())))?;
+        let mut first = vec![0u8; PAGE_SIZE];
+        file.read_exact(&mut first).map_err(|e| OpenError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("cannot read the header page: {e}"),
+        })?;
+        let header = Header::decode(&first).map_err(|e| match e {
+            HeaderError::Version(found) => {
+                OpenError::Version { path: path.to_owned(), found, supported: crate::format::VERSION }
+            }
+            e => OpenError::Corrupt { path: path.to_owned(), reason: e.to_string() },
+        })?;
+        let size = header.layout.size;
+        let flen = file.metadata().map_err(io("stat heap image"))?.len();
+        if flen != size {
+            return Err(OpenError::Corrupt {
+                path: path.to_owned(),
+                reason: format!("image is {flen} bytes, its header says {size}"),
+            }
+            .into());
+        }
+        let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
+        let region = Region::map(fd, header.base, size)?;
+        let mem = Self::meta_of(&region, &header).mem;
+        use std::os::fd::AsRawFd;
+        for (s, e) in region::data_ranges(file.as_raw_fd(), size).map_err(io("finding data in the heap image"))? {
+            // SAFETY: `[s, e)` is inside the fresh mapping (e <= size), which
+            // nothing else uses yet.
+            let dst = unsafe { std::slice::from_raw_parts_mut(mem.ptr(s as usize), (e - s) as usize) };
+            file.read_exact_at(dst, s).map_err(io(format!("reading heap image {}", path.display())))?;
+        }
+        let meta = Self::meta_of(&region, &header);
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
+        Self::assemble(region, meta, header, path.to_owned(), lock, report, vol)
+    }
+
+    fn meta_of(region: &Region, header: &Header) -> Meta {
+        // SAFETY: the region maps `len` bytes at a 64 KiB aligned base and
+        // outlives every `Meta` made from it (both live in `Inner`).
+        let mem = unsafe { Mem::new(region.base(), region.len()) };
+        Meta::new(mem, header)
+    }
+
+    fn assemble(
+        region: Region,
+        meta: Meta,
+        header: Header,
+        path: PathBuf,
+        lock: File,
+        report: RecoveryReport,
+        vol: crate::recover::Volatile,
+    ) -> Result<Heap> {
+        let npages = header.layout.npages() as usize;
+        let listed: Box<[AtomicBool]> = (0..npages).map(|_| AtomicBool::new(false)).collect();
+        for list in &vol.partial {
+            for &p in list {
+                listed[p as usize].store(true, Relaxed);
+            }
+        }
+        let nlanes = header.layout.nlanes;
+        let inner = Inner {
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            meta,
+            header,
+            path,
+            _lock: lock,
+            canary_key: u64::from_le_bytes(region::random_uuid()?[..8].try_into().expect("8 bytes")) | 1,
+            pages: Mutex::new(vol.pages),
+            partial: vol.partial.into_iter().map(Mutex::new).collect(),
+            listed,
+            cur_slab: (0..nlanes as usize * NCLASSES).map(|_| AtomicU64::new(NO_SLAB)).collect(),
+            lanes: LaneSet::new(nlanes),
+            root_lock: Mutex::new(()),
+            report,
+            region,
+        };
+        Ok(Heap { inner: Arc::new(inner), closed: false })
+    }
+
+    /// Writes the whole image to `path` crash-atomically: a temporary file,
+    /// fsync, rename, fsync of the directory. Only pages that hold data are
+    /// written. The caller makes sure no thread mutates the heap meanwhile.
+    fn save(&self) -> Result<()> {
+        let path = &self.inner.path;
+        let err = |source| Error::Save { path: path.clone(), source };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let f = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(err)?;
+        let size = self.inner.header.layout.size;
+        f.set_len(size).map_err(err)?;
+        let mem = self.inner.meta.mem;
+        for (s, e) in self.inner.region.data_ranges().map_err(err)? {
+            // SAFETY: `[s, e)` is inside the mapping; callers guarantee no
+            // concurrent mutation, so the bytes are a stable snapshot.
+            let src = unsafe { std::slice::from_raw_parts(mem.ptr(s as usize), (e - s) as usize) };
+            f.write_all_at(src, s).map_err(err)?;
+        }
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(err)?;
+        region::sync_parent(path).map_err(err)
+    }
+
+    /// Saves the image and closes the heap.
+    pub fn close(mut self) -> Result<()> {
+        self.closed = true;
+        self.save()
+    }
+
+    /// What recovery did when this heap was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// First byte of the heap (its fixed base address).
+    pub fn base(&self) -> *mut u8 {
+        self.inner.region.base()
+    }
+
+    /// Heap size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.header.layout.size
+    }
+
+    /// The heap's UUID, formatted.
+    pub fn uuid(&self) -> String {
+        uuid_string(&self.inner.header.uuid)
+    }
+
+    /// The heap's generation.
+    pub fn generation(&self) -> u64 {
+        self.inner.header.generation
+    }
+
+    /// The file that holds the heap's image.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The heap's memfd (for handing to another process).
+    pub fn memfd(&self) -> &std::os::fd::OwnedFd {
+        self.inner.region.fd()
+    }
+
+    /// True when `ptr` points into the heap's data area.
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        self.offset_of(ptr).is_some_and(|o| o >= self.inner.header.layout.data_off as usize)
+    }
+
+    /// Heap offset of `ptr`, if it is inside the heap.
+    pub fn offset_of(&self, ptr: *const u8) -> Option<usize> {
+        let off = (ptr as usize).wrapping_sub(self.base() as usize);
+        (off < self.size() as usize).then_some(off)
+    }
+
+    /// Address of heap offset `off` (`off < size`).
+    pub fn at_offset(&self, off: usize) -> Option<NonNull<u8>> {
+        (off < self.size() as usize).then(|| NonNull::new(self.inner.meta.mem.ptr(off)).expect("heap is not at 0"))
+    }
+
+    #[inline]
+    fn with_lane<R>(&self, f: impl FnOnce(u32) -> R) -> R {
+        match lanes::last(self.inner.id) {
+            Some(l) => f(l),
+            None => self.with_lane_slow(f),
+        }
+    }
+
+    #[cold]
+    fn with_lane_slow<R>(&self, f: impl FnOnce(u32) -> R) -> R {
+        let home: Arc<dyn HasLanes> = self.inner.clone();
+        match lanes::acquire(self.inner.id, &home) {
+            0 => {
+                let _g = self.inner.lanes.shared.lock();
+                f(0)
+            }
+            l => f(l),
+        }
+    }
+
+    /// Allocates `size` bytes (16-byte aligned).
+    #[inline]
+    pub fn alloc(&self, size: usize) -> Result<NonNull<u8>> {
+        self.alloc_aligned(size, 16)
+    }
+
+    /// Allocates `size` bytes aligned to `align` (a power of two, at most 4096).
+    #[inline]
+    pub fn alloc_aligned(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let off = self.alloc_off(size, align)?;
+        Ok(self.ptr(off))
+    }
+
+    /// Allocates `size` zeroed bytes.
+    pub fn alloc_zeroed(&self, size: usize) -> Result<NonNull<u8>> {
+        let p = self.alloc(size)?;
+        // SAFETY: the block is ours and at least `size` bytes long.
+        unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
+        Ok(p)
+    }
+
+    #[inline]
+    fn ptr(&self, off: usize) -> NonNull<u8> {
+        // SAFETY: `off` is inside the mapping, which is never at address 0.
+        unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr(off)) }
+    }
+
+    #[inline]
+    fn alloc_off(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+        if !align.is_power_of_two() || align > PAGE_SIZE {
+            return Err(AllocError::Alignment(align));
+        }
+        if size == 0 || size > self.size() as usize {
+            return Err(AllocError::BadSize(size));
+        }
+        match class_for(size, align) {
+            Some(c) => self.with_lane(|l| self.alloc_small(l, c)),
+            None => self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None),
+        }
+    }
+
+    #[inline]
+    fn alloc_small(&self, l: u32, c: usize) -> Result<usize, AllocError> {
+        let m = &self.inner.meta;
+        let count = m.cache_count(l, c);
+        let mut n = count.load(Relaxed);
+        if n == 0 {
+            n = self.refill(l, c)?;
+        }
+        let off = (m.cache_entry(l, c, n as usize - 1).load(Relaxed) as usize) << 4;
+        count.store(n - 1, Release);
+        m.mem.u64(off).store(0, Relaxed);
+        Ok(off)
+    }
+
+    fn oom(&self, size: usize) -> AllocError {
+        AllocError::OutOfMemory { size, heap_size: self.size() }
+    }
+
+    /// Takes `npages` pages and publishes the run; with `intent`, records
+    /// an `alloc_into` in lane `.0` to destination `.1` (kind `.2`) first.
+    fn alloc_large(&self, npages: u64, intent: Option<(u32, usize, u64)>) -> Result<usize, AllocError> {
+        let page = self.inner.pages.lock().take(npages).ok_or_else(|| self.oom(npages as usize * PAGE_SIZE))?;
+        let off = Meta::page_off(page);
+        let m = &self.inner.meta;
+        if let Some((l, dest, kind)) = intent {
+            self.record_intent(l, off, dest, kind, npages);
+        }
+        m.desc(page).store(Desc::Large(npages).encode(), Release);
+        Ok(off)
+    }
+
+    fn record_intent(&self, l: u32, block: usize, dest: usize, kind: u64, npages: u64) {
+        let m = &self.inner.meta;
+        m.lane_u64(l, lane::BLOCK).store(block as u64, Relaxed);
+        m.lane_u64(l, lane::DEST).store(dest as u64, Relaxed);
+        m.lane_u64(l, lane::DEST_KIND).store(kind, Relaxed);
+        m.lane_u64(l, lane::PAGES).store(npages, Relaxed);
+        m.lane_u64(l, lane::STATE).store(lane::ALLOC_INTO, Release);
+    }
+
+    /// Refills the empty cache of class `c` in lane `l`; returns its new count.
+    #[cold]
+    fn refill(&self, l: u32, c: usize) -> Result<u32, AllocError> {
+        let m = &self.inner.meta;
+        let cur = &self.inner.cur_slab[l as usize * NCLASSES + c];
+        loop {
+            let slab = cur.load(Relaxed);
+            if slab != NO_SLAB {
+                let n = self.claim(l, c, slab);
+                if n > 0 {
+                    return Ok(n);
+                }
+                // Exhausted: give it up. A free that saw us as the owner did
+                // not list the slab, so look once more after letting go.
+                m.slab_owner(slab).store(0, Release);
+                cur.store(NO_SLAB, Relaxed);
+                if self.has_free(slab, c) {
+                    self.list(slab, c);
+                }
+            }
+            let next = match self.take_partial(l, c) {
+                Some(s) => s,
+                None => self.new_slab(l, c)?,
+            };
+            cur.store(next, Relaxed);
+        }
+    }
+
+    /// Claims up to a cache's worth of free blocks of the slab at `slab`
+    /// (owned by lane `l`) into the lane's cache.
+    fn claim(&self, l: u32, c: usize, slab: u64) -> u32 {
+        let m = &self.inner.meta;
+        let info = &CLASSES[c];
+        let count = m.cache_count(l, c);
+        let mut n = count.load(Relaxed);
+        let nwords = (info.nblocks as usize).div_ceil(64);
+        for w in 0..nwords {
+            let word = m.slab_word(slab, w);
+            let valid = if (w + 1) * 64 <= info.nblocks as usize {
+                u64::MAX
+            } else {
+                (1u64 << (info.nblocks as usize % 64)) - 1
+            };
+            let mut free = !word.load(Acquire) & valid;
+            if free == 0 {
+                continue;
+            }
+            let mut take = 0u64;
+            while free != 0 && n < info.cache_cap {
+                let b = free.trailing_zeros() as usize;
+                free &= free - 1;
+                take |= 1 << b;
+                let off = Meta::block_off(slab, info, w * 64 + b);
+                m.mem.u64(off).store(self.canary(off), Relaxed);
+                m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
+                n += 1;
+            }
+            // Publish the entries, then claim: see the module docs.
+            count.store(n, Release);
+            word.fetch_or(take, AcqRel);
+            if n == info.cache_cap {
+                break;
+            }
+        }
+        n
+    }
+
+    fn has_free(&self, slab: u64, c: usize) -> bool {
+        let info = &CLASSES[c];
+        let m = &self.inner.meta;
+        let used: u32 =
+            (0..(info.nblocks as usize).div_ceil(64)).map(|w| m.slab_word(slab, w).load(Acquire).count_ones()).sum();
+        used < info.nblocks
+    }
+
+    fn list(&self, slab: u64, c: usize) {
+        if !self.inner.listed[slab as usize].swap(true, AcqRel) {
+            self.inner.partial[c].lock().push(slab);
+        }
+    }
+
+    fn take_partial(&self, l: u32, c: usize) -> Option<u64> {
+        let m = &self.inner.meta;
+        loop {
+            let slab = self.inner.partial[c].lock().pop()?;
+            self.inner.listed[slab as usize].store(false, Release);
+            if m.slab_owner(slab).compare_exchange(0, u64::from(l) + 1, AcqRel, Acquire).is_err() {
+                continue; // its owner lists it again when it lets go
+            }
+            if self.has_free(slab, c) {
+                return Some(slab);
+            }
+            m.slab_owner(slab).store(0, Release);
+            if self.has_free(slab, c) {
+                self.list(slab, c);
+            }
+        }
+    }
+
+    fn new_slab(&self, l: u32, c: usize) -> Result<u64, AllocError> {
+        let page = self.inner.pages.lock().take(SLAB_PAGES as u64).ok_or_else(|| self.oom(CLASSES[c].size as usize))?;
+        let m = &self.inner.meta;
+        m.slab_tag(page).store(slab::TAG, Relaxed);
+        m.slab_class(page).store(c as u32, Relaxed);
+        m.slab_owner(page).store(u64::from(l) + 1, Relaxed);
+        for w in 0..(CLASSES[c].nblocks as usize).div_ceil(64) {
+            m.slab_word(page, w).store(0, Relaxed);
+        }
+        for d in 1..SLAB_PAGES as u64 {
+            m.desc(page + d).store(Desc::Cont(d).encode(), Relaxed);
+        }
+        m.desc(page).store(Desc::Slab(c as u8).encode(), Release);
+        Ok(page)
+    }
+
+    #[inline]
+    fn canary(&self, off: usize) -> u64 {
+        self.inner.canary_key ^ off as u64
+    }
+
+    /// Frees a block this heap returned. Refuses (and changes nothing) for
+    /// a pointer outside the heap, one that is not the start of a block,
+    /// and a block that is already free (double frees are detected unless
+    /// two threads free the same block at the same moment).
+    #[inline]
+    pub fn free(&self, ptr: NonNull<u8>) -> Result<()> {
+        let p = ptr.as_ptr() as usize;
+        let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
+        match self.inner.meta.locate(off) {
+            Located::Block { slab, class, idx } => self.with_lane(|l| self.free_small(l, off, slab, class, idx)),
+            Located::Large { page, npages } => self.free_large(page, npages, p),
+            Located::Nothing
+                if off % PAGE_SIZE == 0 && self.inner.meta.desc_of((off / PAGE_SIZE) as u64) == Some(Desc::Free) =>
+            {
+                Err(PointerError::DoubleFree(p))
+            }
+            Located::Outside | Located::Nothing => Err(PointerError::NotABlock(p)),
+        }
+        .map_err(Error::from)
+    }
+
+    #[inline]
+    fn free_small(&self, l: u32, off: usize, slab: u64, c: usize, idx: usize) -> Result<(), PointerError> {
+        let m = &self.inner.meta;
+        let word = m.slab_word(slab, idx / 64);
+        let bit = 1u64 << (idx % 64);
+        let p = m.mem.ptr(off) as usize;
+        if word.load(Relaxed) & bit == 0 {
+            return Err(PointerError::DoubleFree(p));
+        }
+        let first = m.mem.u64(off);
+        let canary = self.canary(off);
+        if first.load(Relaxed) == canary {
+            return Err(PointerError::DoubleFree(p));
+        }
+        let count = m.cache_count(l, c);
+        let n = count.load(Relaxed);
+        if n < CLASSES[c].cache_cap {
+            first.store(canary, Relaxed);
+            m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
+            count.store(n + 1, Release);
+            return Ok(());
+        }
+        if word.fetch_and(!bit, AcqRel) & bit == 0 {
+            return Err(PointerError::DoubleFree(p));
+        }
+        if m.slab_owner(slab).load(Acquire) != u64::from(l) + 1 {
+            self.list(slab, c);
+        }
+        Ok(())
+    }
+
+    fn free_large(&self, page: u64, npages: u64, p: usize) -> Result<(), PointerError> {
+        let d = self.inner.meta.desc(page);
+        if d.compare_exchange(Desc::Large(npages).encode(), Desc::Free.encode(), AcqRel, Acquire).is_err() {
+            return Err(PointerError::DoubleFree(p));
+        }
+        self.inner.pages.lock().insert(page, npages);
+        Ok(())
+    }
+
+    /// Bytes usable in the block at `ptr` (at least what was asked for).
+    pub fn usable_size(&self, ptr: NonNull<u8>) -> Result<usize> {
+        let p = ptr.as_ptr() as usize;
+        let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
+        let m = &self.inner.meta;
+        match m.locate(off) {
+            Located::Block { slab, class, idx } => {
+                if m.slab_word(slab, idx / 64).load(Relaxed) & (1 << (idx % 64)) == 0
+                    || m.mem.u64(off).load(Relaxed) == self.canary(off)
+                {
+                    return Err(PointerError::DoubleFree(p).into());
+                }
+                Ok(CLASSES[class].size as usize)
+            }
+            Located::Large { npages, .. } => Ok(npages as usize * PAGE_SIZE),
+            Located::Outside | Located::Nothing => Err(PointerError::NotABlock(p).into()),
+        }
+    }
+
+    /// Resizes the block at `ptr` to `size` bytes, moving it when it must
+    /// (then the old block is freed). Not failure-atomic: use a transaction
+    /// when the move must be.
+    pub fn realloc(&self, ptr: NonNull<u8>, size: usize) -> Result<NonNull<u8>> {
+        let have = self.usable_size(ptr)?;
+        if size <= have && size > have / 2 {
+            return Ok(ptr);
+        }
+        let new = self.alloc(size)?;
+        // SAFETY: both blocks are live, distinct, and at least
+        // `min(have, size)` bytes long.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), have.min(size)) };
+        self.free(ptr)?;
+        Ok(new)
+    }
+
+    fn check_dest(&self, dest: usize) -> Result<usize, AllocError> {
+        match self.offset_of(dest as *const u8) {
+            Some(off) if off % 8 == 0 && off >= self.inner.header.layout.data_off as usize => Ok(off),
+            _ => Err(AllocError::BadDestination(dest)),
+        }
+    }
+
+    /// Allocates `size` bytes and stores the block's address in `*dest`, a
+    /// word inside the heap's data area, in one failure-atomic step: after
+    /// any crash, the block is allocated iff `*dest` points to it.
+    pub fn alloc_into(&self, dest: *mut *mut u8, size: usize) -> Result<NonNull<u8>> {
+        let d = self.check_dest(dest as usize)?;
+        let off = self.alloc_into_off(d, lane::DEST_RAW, size, false)?;
+        Ok(self.ptr(off))
+    }
+
+    /// Like [`Heap::alloc_into`] for an offset pointer destination.
+    pub fn alloc_into_pptr<T>(&self, dest: *mut crate::PPtr<T>, size: usize) -> Result<crate::PPtr<T>> {
+        let d = self.check_dest(dest as usize)?;
+        let off = self.alloc_into_off(d, lane::DEST_OFFSET, size, false)?;
+        Ok(crate::PPtr::from_offset(off as u64))
+    }
+
+    fn alloc_into_off(&self, dest: usize, kind: u64, size: usize, zero: bool) -> Result<usize, AllocError> {
+        if size == 0 || size > self.size() as usize {
+            return Err(AllocError::BadSize(size));
+        }
+        let m = &self.inner.meta;
+        self.with_lane(|l| {
+            let off = match class_for(size, 16) {
+                Some(c) => {
+                    let count = m.cache_count(l, c);
+                    let mut n = count.load(Relaxed);
+                    if n == 0 {
+                        n = self.refill(l, c)?;
+                    }
+                    let off = (m.cache_entry(l, c, n as usize - 1).load(Relaxed) as usize) << 4;
+                    if zero {
+                        m.mem.fill(off, 0, CLASSES[c].size as usize);
+                    }
+                    self.record_intent(l, off, dest, kind, 0);
+                    count.store(n - 1, Release);
+                    m.mem.u64(off).store(0, Relaxed);
+                    off
+                }
+                None => {
+                    let npages = size.div_ceil(PAGE_SIZE) as u64;
+                    let off = self.alloc_large(npages, Some((l, dest, kind)))?;
+                    if zero {
+                        m.mem.fill(off, 0, npages as usize * PAGE_SIZE);
+                    }
+                    off
+                }
+            };
+            let value = if kind == lane::DEST_RAW { m.recorded_base + off as u64 } else { off as u64 };
+            m.mem.u64(dest).store(value, Release);
+            m.lane_u64(l, lane::STATE).store(lane::IDLE, Release);
+            Ok(off)
+        })
+    }
+
+    /// The root object, if one was set.
+    pub fn root(&self) -> Option<NonNull<u8>> {
+        let r = self.inner.meta.root().load(Acquire);
+        NonNull::new(r as *mut u8)
+    }
+
+    /// Makes the block at `ptr` the root object (or clears the root).
+    pub fn set_root(&self, ptr: Option<NonNull<u8>>) -> Result<()> {
+        if let Some(p) = ptr {
+            self.usable_size(p)?;
+        }
+        self.inner.meta.root().store(ptr.map_or(0, |p| p.as_ptr() as u64), Release);
+        Ok(())
+    }
+
+    /// The root object; when there is none, allocates `size` zeroed bytes
+    /// and makes them the root in one failure-atomic step. The bool is true
+    /// when the root was created by this call.
+    pub fn root_or_alloc(&self, size: usize) -> Result<(NonNull<u8>, bool)> {
+        let _g = self.inner.root_lock.lock();
+        if let Some(r) = self.root() {
+            return Ok((r, false));
+        }
+        let off = self.alloc_into_off(hdr::ROOT, lane::DEST_RAW, size, true)?;
+        Ok((self.ptr(off), true))
+    }
+
+    /// Validates every allocator invariant. Call it while no other thread
+    /// uses the heap; concurrent changes may be reported as problems.
+    pub fn check(&self) -> CheckReport {
+        let pages = self.inner.pages.lock();
+        crate::check::check(&self.inner.meta, Some(LiveState { pages: &pages }), None)
+    }
+
+    /// [`Heap::check`], plus a leak check: `live` lists every block the
+    /// caller holds; allocated blocks not in it (nor the root) are reported
+    /// as leaked, and pointers named twice or not allocated as doubly owned.
+    pub fn check_live(&self, live: impl IntoIterator<Item = *const u8>) -> CheckReport {
+        let base = self.base() as usize;
+        let live: Vec<u64> = live.into_iter().map(|p| (p as usize).wrapping_sub(base) as u64).collect();
+        let pages = self.inner.pages.lock();
+        crate::check::check(&self.inner.meta, Some(LiveState { pages: &pages }), Some(&live))
+    }
+
+    /// Statistics of the allocator.
+    pub fn stats(&self) -> HeapStats {
+        let pages = self.inner.pages.lock();
+        HeapStats {
+            size: self.size(),
+            data_pages: self.inner.header.layout.npages() - self.inner.header.layout.first_data_page(),
+            free_pages: pages.free_pages(),
+            largest_free_run: pages.largest(),
+        }
+    }
+}
+
+/// Allocator statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeapStats {
+    /// Heap size in bytes.
+    pub size: u64,
+    /// Pages available for data.
+    pub data_pages: u64,
+    /// Pages in no slab or run.
+    pub free_pages: u64,
+    /// Longest run of free pages.
+    pub largest_free_run: u64,
+}
+
+impl Drop for Heap {
+    fn drop(&mut self) {
+        if !self.closed {
+            if let Err(e) = self.save() {
+                eprintln!(
+                    "remem: heap {} dropped without close(), and saving it failed: {e}",
+                    self.inner.path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Runs recovery on a heap image held in memory (for example a copy of a
+/// heap's memory taken at some instant) and returns what it did; the image
+/// is repaired in place. The image may sit at any address.
+pub fn recover_image(image: &mut [u64]) -> Result<RecoveryReport, OpenError> {
+    let meta = image_meta(image)?;
+    recover(&meta).map(|(r, _)| r).map_err(|reason| OpenError::Corrupt { path: "<image>".into(), reason })
+}
+
+/// Checks a (recovered) heap image in memory; see [`Heap::check`].
+pub fn check_image(image: &mut [u64]) -> Result<CheckReport, OpenError> {
+    let meta = image_meta(image)?;
+    Ok(crate::check::check(&meta, None, None))
+}
+
+fn image_meta(image: &mut [u64]) -> Result<Meta, OpenError> {
+    let bytes = image.len() * 8;
+    // SAFETY: `image` is an exclusively borrowed, 8-aligned buffer of
+    // `bytes` bytes that outlives the returned view's uses in the callers.
+    let mem = unsafe { Mem::new(image.as_mut_ptr().cast(), bytes) };
+    let mut first = vec![0u8; (hdr::CRC + 4).min(bytes)];
+    mem.read(0, &mut first);
+    let header =
+        Header::decode(&first).map_err(|e| OpenError::Corrupt { path: "<image>".into(), reason: e.to_string() })?;
+    if header.layout.size as usize != bytes {
+        return Err(OpenError::Corrupt {
+            path: "<image>".into(),
+            reason: format!("image is {bytes} bytes, its header says {}", header.layout.size),
+        });
+    }
+    Ok(Meta::new(mem, &header))
+}

@@ -1,0 +1,44 @@
+//! remem's heap: a memfd-backed region mapped at a fixed address, with a
+//! recoverable allocator whose metadata lives inside the heap.
+//!
+//! Layers, pure first:
+//! - [`format`], [`size_class`], `pages`: layout arithmetic, no syscalls;
+//! - `meta`, `recover`, `check`: the allocator metadata inside the heap's
+//!   bytes, its recovery pass and its invariant scan;
+//! - `mem`, `region`: the unsafe parts (atomic views of raw memory; memfd
+//!   and fixed-address mappings);
+//! - [`Heap`]: the allocator itself, with [`PPtr`] offset pointers and the
+//!   Rust allocator traits in `api`.
+//!
+//! ```no_run
+//! use remem_alloc::{Heap, HeapOptions};
+//! let heap = Heap::create("/tmp/example.heap", &HeapOptions::new(64 << 20))?;
+//! let (root, _) = heap.root_or_alloc(64)?;
+//! let p = heap.alloc(100)?;
+//! heap.free(p)?;
+//! heap.close()?;
+//! let heap = Heap::open("/tmp/example.heap")?;
+//! assert_eq!(heap.root(), Some(root));
+//! # Ok::<(), remem_alloc::Error>(())
+//! ```
+
+mod api;
+mod check;
+mod error;
+pub mod format;
+mod heap;
+mod lanes;
+mod mem;
+mod meta;
+mod pages;
+mod pptr;
+mod recover;
+mod region;
+pub mod size_class;
+
+pub use api::GlobalHeap;
+pub use check::CheckReport;
+pub use error::{AllocError, Error, OpenError, PointerError, Result};
+pub use heap::{check_image, recover_image, Heap, HeapOptions, HeapStats};
+pub use pptr::PPtr;
+pub use recover::RecoveryReport;

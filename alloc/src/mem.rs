@@ -1,0 +1,86 @@
+//! A view of a heap's bytes as atomic words.
+//!
+//! All allocator metadata lives inside the heap and is read and written
+//! through this view only, always with atomic operations: the same bytes
+//! may be copied by another thread (a crash-image test), read by another
+//! process (the agent), or be the image of a process that died mid-store.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+/// Bytes `[base, base + len)` that stay mapped, readable and writable for
+/// the lifetime of the view.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mem {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `Mem` is an address range; every access through it is atomic or
+// through raw pointers whose users uphold their own synchronisation.
+unsafe impl Send for Mem {}
+// SAFETY: as above, shared access only performs atomic operations.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    /// A view of `len` bytes at `base`.
+    ///
+    /// # Safety
+    /// `base` must be 8-byte aligned and `[base, base + len)` must stay
+    /// mapped readable and writable for as long as the view (or any copy of
+    /// it) is used, and be accessed by others only atomically or through
+    /// raw pointers.
+    pub(crate) unsafe fn new(base: *mut u8, len: usize) -> Mem {
+        debug_assert_eq!(base as usize % 8, 0);
+        Mem { base, len }
+    }
+
+    /// The `u64` at byte offset `off`.
+    ///
+    /// Panics when `off` is misaligned or out of range: offsets come from
+    /// validated metadata, so that would be a bug in remem.
+    #[inline]
+    pub(crate) fn u64(&self, off: usize) -> &AtomicU64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= self.len, "remem bug: u64 at {off:#x} of {:#x}", self.len);
+        // SAFETY: in range and aligned (checked above; base is 8-aligned);
+        // the memory is valid for the view's lifetime (see `new`) and is
+        // only accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
+    }
+
+    /// The `u32` at byte offset `off`.
+    #[inline]
+    pub(crate) fn u32(&self, off: usize) -> &AtomicU32 {
+        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "remem bug: u32 at {off:#x} of {:#x}", self.len);
+        // SAFETY: as in `u64`.
+        unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
+    }
+
+    /// The address of byte offset `off` (`off <= len`).
+    #[inline]
+    pub(crate) fn ptr(&self, off: usize) -> *mut u8 {
+        assert!(off <= self.len, "remem bug: byte {off:#x} of {:#x}", self.len);
+        self.base.wrapping_add(off)
+    }
+
+    /// Copies `len` bytes at `off` out (racy reads of user data are fine:
+    /// the result is only used as a snapshot).
+    pub(crate) fn read(&self, off: usize, out: &mut [u8]) {
+        assert!(off + out.len() <= self.len);
+        // SAFETY: in range; `out` is a distinct Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(off), out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Copies `data` in at `off`. Callers own those bytes exclusively.
+    pub(crate) fn write(&self, off: usize, data: &[u8]) {
+        assert!(off + data.len() <= self.len);
+        // SAFETY: in range; callers own the destination bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(off), data.len()) }
+    }
+
+    /// Fills `len` bytes at `off` with `byte`. Callers own those bytes exclusively.
+    pub(crate) fn fill(&self, off: usize, byte: u8, len: usize) {
+        assert!(off + len <= self.len);
+        // SAFETY: in range; callers own the destination bytes.
+        unsafe { std::ptr::write_bytes(self.base.add(off), byte, len) }
+    }
+}

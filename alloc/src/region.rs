@@ -1,0 +1,242 @@
+//! The heap's memory: a memfd mapped `MAP_SHARED` at a fixed address.
+//!
+//! This is the only module that maps or unmaps memory.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use crate::error::OpenError;
+use crate::format::{HEAP_ALIGN, PAGE_SIZE};
+
+/// A memfd and its fixed-address shared mapping. Unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Region {
+    fd: OwnedFd,
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; `Region` only hands out the
+// address, and users synchronise their own accesses.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
+    let what = what.into();
+    move |source| OpenError::Io { what, source }
+}
+
+/// Creates a memfd of `len` bytes.
+pub(crate) fn memfd(name: &str, len: u64) -> Result<OwnedFd, OpenError> {
+    let cname = std::ffi::CString::new(name).expect("memfd name has no NUL");
+    // SAFETY: `cname` is a valid C string; the flags are valid.
+    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io_err("memfd_create")(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor that we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    File::from(fd.try_clone().map_err(io_err("dup memfd"))?)
+        .set_len(len)
+        .map_err(io_err(format!("sizing the heap memfd to {len} bytes")))?;
+    Ok(fd)
+}
+
+impl Region {
+    /// Maps `fd` (at least `len` bytes) at exactly `base`.
+    pub(crate) fn map(fd: OwnedFd, base: u64, len: u64) -> Result<Region, OpenError> {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the
+        // kernel checks the range, and we check the result below.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Err(OpenError::AddressInUse {
+                    base,
+                    end: base + len,
+                    conflict: conflicting_mapping(base, len),
+                });
+            }
+            return Err(io_err(format!("mapping the heap at {base:#x}"))(e));
+        }
+        if p as u64 != base {
+            // A kernel older than 4.17 treats NOREPLACE as a hint.
+            // SAFETY: we just mapped `p` for `len` bytes and nothing uses it.
+            unsafe { libc::munmap(p, len as usize) };
+            return Err(OpenError::AddressInUse {
+                base,
+                end: base + len,
+                conflict: "the kernel placed it elsewhere".into(),
+            });
+        }
+        Ok(Region { fd, base: p.cast(), len: len as usize })
+    }
+
+    /// First byte.
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Bytes mapped.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The memfd.
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Ranges of the memfd that hold data (others read as zero).
+    pub(crate) fn data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        data_ranges(self.fd.as_raw_fd(), self.len as u64)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range; the owning heap is gone, so
+        // nothing refers to it any more.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// `(start, end)` byte ranges of `fd` that hold data, by SEEK_DATA/SEEK_HOLE.
+pub(crate) fn data_ranges(fd: i32, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we hold; no memory is passed.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (end as u64).min(len);
+        out.push((start as u64, end));
+        pos = end as i64;
+    }
+    Ok(out)
+}
+
+/// The line of /proc/self/maps that overlaps `[base, base + len)`.
+fn conflicting_mapping(base: u64, len: u64) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let Some((range, _)) = line.split_once(' ') else { continue };
+        let Some((a, b)) = range.split_once('-') else { continue };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
+        if a < base + len && base < b {
+            return format!("mapped: {}", line.trim());
+        }
+    }
+    "an overlapping mapping".into()
+}
+
+/// Picks a free, 64 KiB aligned base address for a new heap of `len`
+/// bytes: slots of 64 GiB above 0x5e00_0000_0000, starting from one chosen
+/// by the heap's UUID, so that heaps rarely collide and the address is
+/// likely free in a recovering process as well.
+pub(crate) fn choose_base(uuid: &[u8; 16], len: u64) -> Result<u64, OpenError> {
+    const ZONE: u64 = 0x5e00_0000_0000;
+    const SLOT: u64 = 1 << 36;
+    const SLOTS: u64 = 256;
+    let first = u64::from(uuid[0]);
+    for i in 0..SLOTS {
+        let base = ZONE + ((first + i) % SLOTS) * SLOT;
+        if range_is_free(base, len) {
+            return Ok(base);
+        }
+    }
+    Err(OpenError::NoAddress(len))
+}
+
+fn range_is_free(base: u64, len: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
+    !maps.lines().any(|line| {
+        let range = line.split(' ').next().unwrap_or("");
+        let mut it = range.split('-').map(|x| u64::from_str_radix(x, 16).unwrap_or(0));
+        let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        a < base + len && base < b
+    })
+}
+
+/// Checks a user-chosen base address.
+pub(crate) fn check_base(base: u64, len: u64) -> Result<(), OpenError> {
+    if base == 0 || !base.is_multiple_of(HEAP_ALIGN) || base.checked_add(len).is_none_or(|e| e > 1 << 47) {
+        return Err(OpenError::BadBase(base));
+    }
+    Ok(())
+}
+
+/// The system page size must be 4 KiB.
+pub(crate) fn check_page_size() -> Result<(), OpenError> {
+    // SAFETY: sysconf has no memory arguments.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    if ps != PAGE_SIZE {
+        return Err(OpenError::PageSize(ps));
+    }
+    Ok(())
+}
+
+/// 16 random bytes from the kernel, as a version-4 UUID.
+pub(crate) fn random_uuid() -> Result<[u8; 16], OpenError> {
+    let mut u = [0u8; 16];
+    let mut got = 0;
+    while got < u.len() {
+        // SAFETY: writes at most the remaining bytes of `u`.
+        let n = unsafe { libc::getrandom(u[got..].as_mut_ptr().cast(), u.len() - got, 0) };
+        if n < 0 {
+            return Err(io_err("getrandom")(io::Error::last_os_error()));
+        }
+        got += n as usize;
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
+/// An exclusive, non-blocking `flock` on `file`; `false` when another
+/// process holds it.
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we hold.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Fsyncs the directory that holds `path`, so a rename in it is durable.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}

@@ -1,0 +1,7 @@
+//! remem's recovery side: the agent that keeps a heap's memory alive after
+//! the database process dies, the transports that pull pages from it, and
+//! the recovery that rebuilds a heap on another host. Filled in by the
+//! recovery issues; today it re-exports the heap's own crash recovery.
+#![forbid(unsafe_code)]
+
+pub use remem_alloc::{RecoveryReport, Heap};
