@@ -39,6 +39,39 @@ unsafe impl Allocator for &Heap {
     }
 }
 
+/// A persistent handle to an open heap: its base address. Unlike `&Heap`
+/// it can be stored inside the heap, so a collection whose allocator is a
+/// `HeapRef` (a `hashbrown::HashMap` hanging off the root object, say) is
+/// usable again after the heap is closed and reopened. Allocation fails
+/// (and deallocation leaks) while no heap is open at that address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct HeapRef {
+    base: u64,
+}
+
+impl HeapRef {
+    pub(crate) fn new(base: u64) -> HeapRef {
+        HeapRef { base }
+    }
+}
+
+// SAFETY: allocations are served by the heap open at `base` (the same heap
+// for as long as it stays open: two heaps cannot be mapped at one address),
+// with the guarantees of the `&Heap` implementation above.
+unsafe impl Allocator for HeapRef {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        crate::heap::with_open_heap(self.base, |h| h.allocate(layout)).unwrap_or(Err(AllocError))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        crate::heap::with_open_heap(self.base, |h| {
+            // SAFETY: forwarded from our caller.
+            unsafe { h.deallocate(ptr, layout) }
+        });
+    }
+}
+
 thread_local! {
     /// Set while this thread is inside the heap on behalf of [`GlobalHeap`],
     /// so allocations the heap itself makes go to the system allocator.

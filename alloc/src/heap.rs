@@ -104,6 +104,8 @@ impl HasLanes for Inner {
 pub struct Heap {
     inner: Arc<Inner>,
     closed: bool,
+    /// A stable copy of this handle for [`crate::HeapRef`] lookups.
+    registered: Option<Box<Heap>>,
 }
 
 impl std::fmt::Debug for Heap {
@@ -118,6 +120,22 @@ impl std::fmt::Debug for Heap {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Open heaps by base address, for [`crate::HeapRef`]: a heap registers
+/// when it opens and leaves when it is dropped.
+static OPEN: parking_lot::RwLock<Vec<(u64, usize)>> = parking_lot::RwLock::new(Vec::new());
+
+/// Runs `f` with the open heap at `base`, if there is one. The heap cannot
+/// be dropped while `f` runs.
+pub(crate) fn with_open_heap<R>(base: u64, f: impl FnOnce(&Heap) -> R) -> Option<R> {
+    let open = OPEN.read();
+    let &(_, addr) = open.iter().find(|(b, _)| *b == base)?;
+    // SAFETY: `addr` is the address of a boxed `Heap` registered by
+    // `Heap::register` and removed (under the write lock, which the read
+    // guard excludes) before that box is freed.
+    let heap = unsafe { &*(addr as *const Heap) };
+    Some(f(heap))
+}
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OpenError {
     let what = what.into();
@@ -266,7 +284,16 @@ impl Heap {
             report,
             region,
         };
-        Ok(Heap { inner: Arc::new(inner), closed: false })
+        let inner = Arc::new(inner);
+        let twin = Box::new(Heap { inner: inner.clone(), closed: true, registered: None });
+        OPEN.write().push((inner.header.base, &*twin as *const Heap as usize));
+        Ok(Heap { inner, closed: false, registered: Some(twin) })
+    }
+
+    /// A persistent handle to this heap, usable as an allocator by
+    /// collections that themselves live in the heap (see [`crate::HeapRef`]).
+    pub fn handle(&self) -> crate::HeapRef {
+        crate::HeapRef::new(self.inner.header.base)
     }
 
     /// Writes the whole image to `path` crash-atomically: a temporary file,
@@ -801,6 +828,10 @@ pub struct HeapStats {
 
 impl Drop for Heap {
     fn drop(&mut self) {
+        if let Some(twin) = self.registered.take() {
+            let addr = &*twin as *const Heap as usize;
+            OPEN.write().retain(|&(_, a)| a != addr);
+        }
         if !self.closed {
             if let Err(e) = self.save() {
                 eprintln!(
@@ -820,10 +851,18 @@ pub fn recover_image(image: &mut [u64]) -> Result<RecoveryReport, OpenError> {
     recover(&meta).map(|(r, _)| r).map_err(|reason| OpenError::Corrupt { path: "<image>".into(), reason })
 }
 
-/// Checks a (recovered) heap image in memory; see [`Heap::check`].
-pub fn check_image(image: &mut [u64]) -> Result<CheckReport, OpenError> {
+/// Checks a (recovered) heap image in memory; see [`Heap::check`]. With
+/// `live` (heap offsets of every block the caller's data references) it
+/// also reports leaked and doubly-owned blocks, as [`Heap::check_live`].
+pub fn check_image(image: &mut [u64], live: Option<&[u64]>) -> Result<CheckReport, OpenError> {
     let meta = image_meta(image)?;
-    Ok(crate::check::check(&meta, None, None))
+    Ok(crate::check::check(&meta, None, live))
+}
+
+/// The base address recorded in a heap image's header: raw pointers stored
+/// in the image are relative to it.
+pub fn image_base(image: &mut [u64]) -> Result<u64, OpenError> {
+    Ok(image_meta(image)?.recorded_base)
 }
 
 fn image_meta(image: &mut [u64]) -> Result<Meta, OpenError> {

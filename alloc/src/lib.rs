@@ -36,9 +36,9 @@ mod recover;
 mod region;
 pub mod size_class;
 
-pub use api::GlobalHeap;
+pub use api::{GlobalHeap, HeapRef};
 pub use check::CheckReport;
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
-pub use heap::{check_image, recover_image, Heap, HeapOptions, HeapStats};
+pub use heap::{check_image, image_base, recover_image, Heap, HeapOptions, HeapStats};
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;

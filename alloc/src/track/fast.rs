@@ -1,0 +1,166 @@
+//! Fast mode: `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` (Linux ≥ 6.7).
+//!
+//! The region is registered for write-protection in async mode: the kernel
+//! resolves a write fault on a protected page itself (it clears the page's
+//! uffd-wp bit, which `PAGEMAP_SCAN` reports as `PAGE_IS_WRITTEN`), without
+//! any thread of ours. A harvest is a `PAGEMAP_SCAN` pass with
+//! `PM_SCAN_WP_MATCHING`, which returns the written pages and re-protects
+//! them in the same page-table walk.
+//!
+//! The dirty set exists only in the page tables between harvests: once the
+//! process is gone, pages written since the last harvest are unknown (the
+//! agent must seal the lists, see DESIGN.md). No thread, no lock.
+
+use super::bitmap::DirtyBitmap;
+use super::builder::{check_features, probe_with, TrackerBuilder};
+use super::error::{Result, TrackError};
+use super::features::UffdFeatures;
+use super::sys::{self, PageRegion, Pagemap, Uffd};
+use super::{Region, TrackMode, Tracker};
+
+/// Regions fetched per `PAGEMAP_SCAN` call (the kernel's own bounce buffer
+/// holds 512; 12 KiB on the stack).
+const SCAN_BATCH: usize = 512;
+
+/// Asynchronous write-protect tracking harvested by `PAGEMAP_SCAN`.
+#[derive(Debug)]
+pub struct FastTracker {
+    region: Region,
+    uffd: Uffd,
+    pagemap: Pagemap,
+    /// Pages marked by [`Tracker::mark_dirty`] (and, until the first harvest
+    /// or `protect_all`, every page): merged into the next harvest.
+    marked: DirtyBitmap,
+}
+
+impl FastTracker {
+    pub(crate) fn build(b: &TrackerBuilder, region: Region) -> Result<Self> {
+        let supported = probe_with(b.close_on_exec)?;
+        let required = UffdFeatures::WP_ASYNC | UffdFeatures::WP_UNPOPULATED | b.require;
+        check_features(
+            supported,
+            required,
+            "TrackMode::Precise works on older kernels (memfd from 5.19) with a slower first write \
+             per page; TrackMode::Off opts out of tracking",
+        )?;
+        let wanted = required | (supported & UffdFeatures::WP_HUGETLBFS_SHMEM);
+
+        let uffd = Uffd::open(b.close_on_exec, b.non_blocking).map_err(TrackError::from_open)?;
+        uffd.api(wanted.bits()).map_err(TrackError::sys("UFFDIO_API"))?;
+        let ioctls = uffd
+            .register_wp(region.base, region.len)
+            .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
+        if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
+            return Err(TrackError::FeatureMissing {
+                feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
+                since: "6.7",
+                kernel: sys::kernel_release(),
+                hint: "use a memfd, anonymous or file mapping, or TrackMode::Off to opt out",
+            });
+        }
+        let pagemap = Pagemap::open_self().map_err(TrackError::sys("open /proc/self/pagemap"))?;
+        // One get-only call on the first page: proves PAGEMAP_SCAN exists
+        // and sees the range as async-registered.
+        let mut one = [PageRegion::default()];
+        let first_page_end = region.base + region.page_size() as u64;
+        match pagemap.scan(region.base, first_page_end, sys::PM_SCAN_CHECK_WPASYNC, sys::PAGE_IS_WRITTEN, &mut one) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                return Err(TrackError::FeatureMissing {
+                    feature: "the PAGEMAP_SCAN ioctl",
+                    since: "6.7",
+                    kernel: sys::kernel_release(),
+                    hint: "TrackMode::Precise works on older kernels; TrackMode::Off opts out",
+                })
+            }
+            Err(e) => return Err(TrackError::Sys { op: "PAGEMAP_SCAN", source: e }),
+        }
+        let marked = DirtyBitmap::new(region.pages())?;
+        // Never seen clean: the first harvest reports every page.
+        marked.fill();
+        Ok(Self { region, uffd, pagemap, marked })
+    }
+
+    /// One get-and-re-protect pass over the region, appending written pages.
+    ///
+    /// Why a racing write is never lost: `PM_SCAN_WP_MATCHING` tests a
+    /// page's written state and write-protects it under the page-table lock
+    /// in one step, and the ioctl flushes the TLB before it returns. A write
+    /// that completes before that step is in memory when the caller copies
+    /// the page after this harvest; a write after it faults, and the
+    /// kernel's async resolution marks the page written again, so the next
+    /// harvest reports it.
+    fn scan_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        let r = &self.region;
+        let end = r.base + r.len;
+        let mut vec = [PageRegion::default(); SCAN_BATCH];
+        let mut start = r.base;
+        loop {
+            let (n, walk_end) = self
+                .pagemap
+                .scan(
+                    start,
+                    end,
+                    sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
+                    sys::PAGE_IS_WRITTEN,
+                    &mut vec,
+                )
+                .map_err(TrackError::sys("PAGEMAP_SCAN"))?;
+            for reg in &vec[..n] {
+                out.extend(r.page_of_clamped(reg.start)..r.page_of_clamped(reg.end));
+            }
+            // A call that returns fewer regions than the buffer holds has
+            // walked the whole range. Its walk_end can then be stale (an
+            // internal 512-region boundary, DESIGN.md), so it is not used
+            // to decide completion.
+            if n < vec.len() {
+                return Ok(());
+            }
+            // Buffer full: resume where the walk stopped. Resuming early
+            // only re-reads pages already re-protected (or rewritten since),
+            // and the caller deduplicates.
+            let next = if walk_end > start { walk_end } else { vec[n - 1].end };
+            if next >= end {
+                return Ok(());
+            }
+            start = next;
+        }
+    }
+}
+
+impl Tracker for FastTracker {
+    fn mode(&self) -> TrackMode {
+        TrackMode::Fast
+    }
+
+    fn pages(&self) -> u64 {
+        self.region.pages()
+    }
+
+    fn page_size(&self) -> usize {
+        self.region.page_size()
+    }
+
+    fn harvest(&self, out: &mut Vec<u64>) -> Result<()> {
+        out.clear();
+        self.scan_into(out)?;
+        self.marked.take_into(out);
+        if !out.windows(2).all(|w| w[0] < w[1]) {
+            out.sort_unstable();
+            out.dedup();
+        }
+        Ok(())
+    }
+
+    fn protect_all(&self) -> Result<()> {
+        self.uffd
+            .writeprotect(self.region.base, self.region.len, true)
+            .map_err(TrackError::sys("UFFDIO_WRITEPROTECT"))?;
+        self.marked.clear();
+        Ok(())
+    }
+
+    fn mark_dirty(&self, first: u64, count: u64) {
+        self.marked.set_range(first, count);
+    }
+}

@@ -1,0 +1,384 @@
+//! Precise mode: synchronous userfaultfd write-protect faults.
+//!
+//! Every page starts write-protected (after [`Tracker::protect_all`] or a
+//! harvest). The first write to a page blocks the writer in the kernel and
+//! queues a fault event; the handler thread reads it, sets the page's bit in
+//! the dirty set and only then un-protects the page (`UFFDIO_WRITEPROTECT`
+//! mode 0, which also wakes the writer). Hence the invariant the F2 failure
+//! case relies on:
+//!
+//! > **a page that is writable has its bit set**, at every instant.
+//!
+//! The handler never writes to tracked memory: its message buffer is on its
+//! own stack, the dirty set is in a [`WordStore`] (an anonymous mapping by
+//! default, a shared control region later), and its lock and counters are in
+//! an [`MmapBox`]; it never allocates. Were it to write to a tracked page it
+//! would wait for itself.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use super::bitmap::{push_bits, word_runs, DirtyBitmap, OwnedWords, RunMerger, WordStore};
+use super::builder::{check_features, probe_with, TrackerBuilder};
+use super::error::{Result, TrackError};
+use super::features::UffdFeatures;
+use super::sys::{self, EventFd, MmapBox, Uffd, UffdMsg};
+use super::{Region, TrackMode, Tracker};
+
+/// Events read per `read(2)`.
+const MSG_BATCH: usize = 64;
+
+/// What the handler thread was doing when it failed (index of `Control::failed_op`).
+const OPS: [&str; 5] = ["", "poll(2) on the userfaultfd", "read(2) of fault events", "UFFDIO_WRITEPROTECT (un-protect)", "UFFDIO_WAKE"];
+const OP_POLL: u32 = 1;
+const OP_READ: u32 = 2;
+const OP_UNPROTECT: u32 = 3;
+const OP_WAKE: u32 = 4;
+
+/// State the handler thread writes; lives in its own mapping (never in
+/// tracked memory). `std::sync::Mutex` is a single futex word with no
+/// global tables, so it can live here (parking_lot's slow path could not).
+struct Control {
+    /// Held by the handler while it records and un-protects a batch of
+    /// faults, and by `harvest`/`protect_all` while they re-protect pages
+    /// and clear their bits.
+    fault_lock: Mutex<()>,
+    /// Set by the handler once it runs (after the thread start-up, which
+    /// may touch allocator memory, is over).
+    ready: AtomicBool,
+    /// Fault events handled.
+    faults: AtomicU64,
+    /// First failure: index into `OPS` (0: none) and errno.
+    failed_op: AtomicU32,
+    failed_errno: AtomicI32,
+}
+
+struct Shared {
+    region: Region,
+    /// The current dirty set.
+    dirty: DirtyBitmap,
+    /// Harvest scratch: the bits taken by the harvest in progress.
+    snap: OwnedWords,
+    ctl: MmapBox<Control>,
+}
+
+impl Shared {
+    /// Records the first failure and unregisters the region so that no
+    /// writer waits for ever on a handler that has stopped.
+    fn fail(&self, uffd: &Uffd, op: u32, e: &io::Error) {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        if self.ctl.failed_op.compare_exchange(0, op, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.ctl.failed_errno.store(errno, Ordering::Release);
+        }
+        let _ = uffd.unregister(self.region.base, self.region.len);
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.ctl.failed_op.load(Ordering::Acquire) {
+            0 => Ok(()),
+            op => Err(TrackError::HandlerFailed {
+                op: OPS[op as usize],
+                source: io::Error::from_raw_os_error(self.ctl.failed_errno.load(Ordering::Acquire)),
+            }),
+        }
+    }
+
+    fn lock_faults(&self) -> MutexGuard<'_, ()> {
+        self.ctl.fault_lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Handles one batch of events.
+    fn handle(&self, uffd: &Uffd, msgs: &[UffdMsg]) -> std::result::Result<(), (u32, io::Error)> {
+        let ps = self.region.page_size() as u64;
+        let _g = self.lock_faults();
+        for m in msgs {
+            if m.event != sys::UFFD_EVENT_PAGEFAULT {
+                continue; // no other event was asked for
+            }
+            let addr = m.pagefault_address() & !(ps - 1);
+            match self.region.page_of(addr) {
+                Some(page) if m.pagefault_flags() & sys::UFFD_PAGEFAULT_FLAG_WP != 0 => {
+                    // Record first, then un-protect: the page becomes
+                    // writable only once its bit is set.
+                    self.dirty.set(page);
+                    uffd.writeprotect(addr, ps, false).map_err(|e| (OP_UNPROTECT, e))?;
+                }
+                // A fault we never registered for: wake the thread so it
+                // retries rather than waits for ever.
+                _ => uffd.wake(addr, ps).map_err(|e| (OP_WAKE, e))?,
+            }
+        }
+        self.ctl.faults.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Synchronous write-protect tracking: see the module docs.
+pub struct PreciseTracker {
+    shared: Arc<Shared>,
+    /// `Option` only so that `drop` can close it before joining the handler.
+    uffd: Option<Uffd>,
+    stop: EventFd,
+    handler: Option<JoinHandle<()>>,
+    /// Serialises harvests and `protect_all` (they share `snap`).
+    harvest_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for PreciseTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreciseTracker")
+            .field("region", &self.shared.region)
+            .field("dirty", &self.shared.dirty)
+            .field("faults", &self.faults_handled())
+            .finish()
+    }
+}
+
+impl PreciseTracker {
+    pub(crate) fn build(
+        b: &TrackerBuilder,
+        region: Region,
+        store: Option<Box<dyn WordStore>>,
+    ) -> Result<Self> {
+        let supported = probe_with(b.close_on_exec)?;
+        check_features(
+            supported,
+            b.require,
+            "choose TrackMode::Fast if it is available, or TrackMode::Off to opt out",
+        )?;
+        let wanted = b.require
+            | (supported & (UffdFeatures::WP_HUGETLBFS_SHMEM | UffdFeatures::WP_UNPOPULATED));
+
+        let pages = region.pages();
+        let dirty = match store {
+            Some(s) => DirtyBitmap::with_store(s, pages)?,
+            None => DirtyBitmap::new(pages)?,
+        };
+        // Never seen clean: every page counts as dirty until the first
+        // harvest or protect_all (and no page is protected yet).
+        dirty.fill();
+        let snap = OwnedWords::new(DirtyBitmap::words_for(pages)).map_err(TrackError::sys("mmap"))?;
+        let ctl = MmapBox::new(Control {
+            fault_lock: Mutex::new(()),
+            ready: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            failed_op: AtomicU32::new(0),
+            failed_errno: AtomicI32::new(0),
+        })
+        .map_err(TrackError::sys("mmap"))?;
+
+        let uffd = Uffd::open(b.close_on_exec, b.non_blocking).map_err(TrackError::from_open)?;
+        uffd.api(wanted.bits()).map_err(TrackError::sys("UFFDIO_API"))?;
+        let ioctls = uffd
+            .register_wp(region.base, region.len)
+            .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
+        if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
+            return Err(TrackError::FeatureMissing {
+                feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
+                since: "5.19 for memfd/shmem (5.7 for anonymous memory)",
+                kernel: sys::kernel_release(),
+                hint: "use a memfd or anonymous mapping, or TrackMode::Off to opt out",
+            });
+        }
+
+        let stop = EventFd::new().map_err(TrackError::sys("eventfd"))?;
+        let shared = Arc::new(Shared { region, dirty, snap, ctl });
+        let (h_uffd, h_stop, h_shared) = (
+            uffd.try_clone().map_err(TrackError::sys("dup"))?,
+            stop.try_clone().map_err(TrackError::sys("dup"))?,
+            Arc::clone(&shared),
+        );
+        let non_blocking = b.non_blocking;
+        let handler = std::thread::Builder::new()
+            .name("remem-uffd-wp".into())
+            .spawn(move || run_handler(h_uffd, h_stop, h_shared, non_blocking))
+            .map_err(TrackError::sys("spawning the fault-handler thread"))?;
+        while !shared.ctl.ready.load(Ordering::Acquire) && !handler.is_finished() {
+            std::thread::yield_now();
+        }
+        Ok(Self { shared, uffd: Some(uffd), stop, handler: Some(handler), harvest_lock: Mutex::new(()) })
+    }
+
+    fn uffd(&self) -> &Uffd {
+        self.uffd.as_ref().expect("userfaultfd is open until drop")
+    }
+
+    /// The current dirty set (pages written since the last harvest).
+    pub fn dirty_set(&self) -> &DirtyBitmap {
+        &self.shared.dirty
+    }
+
+    /// Write-protect fault events handled so far.
+    pub fn faults_handled(&self) -> u64 {
+        self.shared.ctl.faults.load(Ordering::Relaxed)
+    }
+
+    fn protect(&self, (first, end): (u64, u64)) -> Result<()> {
+        let r = &self.shared.region;
+        self.uffd()
+            .writeprotect(r.addr(first), (end - first) << r.page_shift, true)
+            .map_err(TrackError::sys("UFFDIO_WRITEPROTECT"))
+    }
+}
+
+impl Tracker for PreciseTracker {
+    fn mode(&self) -> TrackMode {
+        TrackMode::Precise
+    }
+
+    fn pages(&self) -> u64 {
+        self.shared.region.pages()
+    }
+
+    fn page_size(&self) -> usize {
+        self.shared.region.page_size()
+    }
+
+    /// Why a write racing with this harvest is never lost. Take a page `p`
+    /// whose bit the harvest sees set (the harvest reports `p` and the
+    /// caller copies `p` after the harvest returns):
+    ///
+    /// 1. The harvest holds `fault_lock` from its first load to its last
+    ///    clear, so the handler can neither set bits nor un-protect pages
+    ///    in between: the bits it loads are the bits it clears.
+    /// 2. It write-protects `p` (the ioctl returns after the TLB flush), and
+    ///    only then clears `p`'s bit. A write to `p` that completes before
+    ///    the protection is in memory before the caller's copy. A write
+    ///    after it faults; its event waits for `fault_lock`, so the handler
+    ///    sets `p`'s bit only after the clear, and the page is reported by
+    ///    the next harvest. Had the bit been cleared first, a write in
+    ///    between would land with neither a bit nor a fault.
+    /// 3. A page whose bit was clear at the load is not touched: its bit,
+    ///    if set later (by a fault waiting for the lock, or by
+    ///    `mark_dirty`, which takes no lock), survives because only the
+    ///    loaded bits are cleared (`fetch_and`, not a store of 0).
+    ///
+    /// The invariant holds throughout: `p` is protected before its bit
+    /// goes, so a writable page always has its bit set.
+    ///
+    /// `out` is filled after the locks are released, so it may live
+    /// anywhere, tracked memory included.
+    fn harvest(&self, out: &mut Vec<u64>) -> Result<()> {
+        out.clear();
+        let sh = &*self.shared;
+        let _serial = self.harvest_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        sh.check()?;
+        {
+            // Nothing below allocates or writes anything but the dirty set
+            // and `snap`: the handler is blocked meanwhile, so a write to a
+            // tracked page here would deadlock.
+            let _faults = sh.lock_faults();
+            let words = sh.dirty.words();
+            let mut runs = RunMerger::new();
+            for (i, (w, s)) in words.iter().zip(sh.snap.iter()).enumerate() {
+                let bits = w.load(Ordering::Acquire);
+                s.store(bits, Ordering::Relaxed);
+                for (a, b) in word_runs(i, bits) {
+                    if let Some(run) = runs.push(a, b) {
+                        self.protect(run)?;
+                    }
+                }
+            }
+            if let Some(run) = runs.finish() {
+                self.protect(run)?;
+            }
+            // Every loaded page is protected now; clear exactly those bits.
+            for (w, s) in words.iter().zip(sh.snap.iter()) {
+                let bits = s.load(Ordering::Relaxed);
+                if bits != 0 {
+                    w.fetch_and(!bits, Ordering::Release);
+                }
+            }
+        }
+        for (i, s) in sh.snap.iter().enumerate() {
+            push_bits(out, i, s.load(Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    fn protect_all(&self) -> Result<()> {
+        let sh = &*self.shared;
+        let _serial = self.harvest_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        sh.check()?;
+        // Protect, then clear, under the lock: same argument as `harvest`.
+        let _faults = sh.lock_faults();
+        self.uffd()
+            .writeprotect(sh.region.base, sh.region.len, true)
+            .map_err(TrackError::sys("UFFDIO_WRITEPROTECT"))?;
+        sh.dirty.clear();
+        Ok(())
+    }
+
+    fn mark_dirty(&self, first: u64, count: u64) {
+        self.shared.dirty.set_range(first, count);
+    }
+}
+
+impl Drop for PreciseTracker {
+    fn drop(&mut self) {
+        // 1. Ask the handler to leave its loop.
+        // 2. Close our descriptor. The userfaultfd context (registration and
+        //    protection) lives on in the handler's copy, so a writer faulting
+        //    now is still served; when the handler drops its copy on leaving,
+        //    the kernel unregisters the region, clears its protection and
+        //    wakes any writer still waiting.
+        // 3. Join. The thread's exit path may write allocator memory, but by
+        //    then nothing is protected any more.
+        let _ = self.stop.signal();
+        drop(self.uffd.take());
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_handler(uffd: Uffd, stop: EventFd, shared: Arc<Shared>, non_blocking: bool) {
+    shared.ctl.ready.store(true, Ordering::Release);
+    if let Err((op, e)) = handler_loop(&uffd, &stop, &shared, non_blocking) {
+        shared.fail(&uffd, op, &e);
+    }
+    // Dropping `uffd` here (our copy) lets the kernel release the context
+    // once the tracker has closed its own.
+}
+
+/// Waits for fault events (or the stop signal) and handles every pending
+/// event per wake-up. Touches only its stack, the dirty set and `Control`.
+fn handler_loop(
+    uffd: &Uffd,
+    stop: &EventFd,
+    shared: &Shared,
+    non_blocking: bool,
+) -> std::result::Result<(), (u32, io::Error)> {
+    let mut msgs = [UffdMsg::ZERO; MSG_BATCH];
+    loop {
+        match sys::poll2(uffd.as_fd(), stop.as_fd(), -1) {
+            Ok([_, s]) if s != 0 => return Ok(()),
+            Ok([u, _]) if u & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
+                return Err((OP_POLL, io::Error::from_raw_os_error(libc::EIO)))
+            }
+            Ok([u, _]) if u & libc::POLLIN == 0 => continue,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((OP_POLL, e)),
+        }
+        // Drain: a non-blocking descriptor is read until EAGAIN; a blocking
+        // one returns every pending event (up to the buffer) without waiting
+        // past the first, and poll tells whether more are left.
+        loop {
+            match uffd.read_msgs(&mut msgs) {
+                Ok(n) => {
+                    shared.handle(uffd, &msgs[..n])?;
+                    if n < MSG_BATCH || !non_blocking {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((OP_READ, e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,776 @@
+//! The tracker's syscall layer: the only file of `track` with `unsafe`.
+//!
+//! Neither `libc` nor `linux-raw-sys` defines the userfaultfd write-protect
+//! structs or `PAGEMAP_SCAN`, so they are written out here once, from the
+//! kernel's uapi headers (`linux/userfaultfd.h`, `linux/fs.h`), and a test
+//! checks every ioctl number, struct size and field offset against the
+//! values the kernel headers give (measured on Linux 6.18).
+//!
+//! Every wrapper here is safe to call: the kernel only ever writes into
+//! buffers that the wrapper borrows for the call, and changing the
+//! write-protection of pages (of any range) never makes Rust memory unsound;
+//! at worst a writer blocks until the fault handler resolves the fault.
+//!
+//! Memory the fault handler writes to must never be tracked memory (the
+//! handler would fault on its own write and wait for itself). [`OwnedWords`]
+//! and [`MmapBox`] therefore take their memory straight from `mmap(2)`,
+//! never from the global allocator, which may itself be serving the tracked
+//! region.
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::mem::{size_of, size_of_val};
+use std::ops::Deref;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
+
+// ---------------------------------------------------------------------------
+// ioctl numbers (include/uapi/asm-generic/ioctl.h)
+// ---------------------------------------------------------------------------
+
+const IOC_NRSHIFT: u32 = 0;
+const IOC_TYPESHIFT: u32 = 8;
+const IOC_SIZESHIFT: u32 = 16;
+const IOC_DIRSHIFT: u32 = 30;
+const IOC_NONE: u32 = 0;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// `_IOC(dir, type, nr, size)`.
+pub(crate) const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
+    assert!(size < (1 << 14), "ioctl argument too large for _IOC");
+    (dir << IOC_DIRSHIFT)
+        | ((size as u32) << IOC_SIZESHIFT)
+        | ((ty as u32) << IOC_TYPESHIFT)
+        | ((nr as u32) << IOC_NRSHIFT)
+}
+
+/// `_IO(type, nr)`.
+pub(crate) const fn io_(ty: u8, nr: u8) -> u32 {
+    ioc(IOC_NONE, ty, nr, 0)
+}
+
+/// `_IOR(type, nr, size)`.
+pub(crate) const fn ior(ty: u8, nr: u8, size: usize) -> u32 {
+    ioc(IOC_READ, ty, nr, size)
+}
+
+/// `_IOWR(type, nr, size)`.
+pub(crate) const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, ty, nr, size)
+}
+
+/// The userfaultfd ioctl type byte.
+const UFFDIO: u8 = 0xAA;
+/// The userfaultfd API version that `UFFDIO_API` negotiates.
+pub(crate) const UFFD_API: u64 = 0xAA;
+
+pub(crate) const UFFDIO_API: u32 = iowr(UFFDIO, 0x3F, size_of::<UffdioApi>());
+pub(crate) const UFFDIO_REGISTER: u32 = iowr(UFFDIO, 0x00, size_of::<UffdioRegister>());
+pub(crate) const UFFDIO_UNREGISTER: u32 = ior(UFFDIO, 0x01, size_of::<UffdioRange>());
+pub(crate) const UFFDIO_WAKE: u32 = ior(UFFDIO, 0x02, size_of::<UffdioRange>());
+pub(crate) const UFFDIO_WRITEPROTECT: u32 = iowr(UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
+/// `/dev/userfaultfd`'s only ioctl: make a new userfaultfd (Linux ≥ 6.1).
+pub(crate) const USERFAULTFD_IOC_NEW: u32 = io_(UFFDIO, 0x00);
+/// `PAGEMAP_SCAN` on `/proc/<pid>/pagemap` (Linux ≥ 6.7).
+pub(crate) const PAGEMAP_SCAN: u32 = iowr(b'f', 16, size_of::<PmScanArg>());
+
+/// Bit of `uffdio_register.ioctls` saying `UFFDIO_WRITEPROTECT` works on the range.
+pub(crate) const UFFDIO_WRITEPROTECT_IOCTL_BIT: u64 = 1 << 0x06;
+
+pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub(crate) const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+// PAGEMAP_SCAN flags and page categories (include/uapi/linux/fs.h).
+pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+// ---------------------------------------------------------------------------
+// Kernel structs
+// ---------------------------------------------------------------------------
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UffdioApi {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UffdioRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UffdioRegister {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UffdioWriteprotect {
+    pub range: UffdioRange,
+    pub mode: u64,
+}
+
+/// `struct uffd_msg` (declared `__packed` in C, but naturally aligned: 32
+/// bytes). The union `arg` is kept as three words; for a page fault they are
+/// `flags`, `address` and `feat.ptid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UffdMsg {
+    pub event: u8,
+    pub reserved1: u8,
+    pub reserved2: u16,
+    pub reserved3: u32,
+    pub arg: [u64; 3],
+}
+
+impl UffdMsg {
+    pub(crate) const ZERO: Self =
+        Self { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] };
+
+    /// `arg.pagefault.flags`.
+    pub(crate) fn pagefault_flags(&self) -> u64 {
+        self.arg[0]
+    }
+
+    /// `arg.pagefault.address`.
+    pub(crate) fn pagefault_address(&self) -> u64 {
+        self.arg[1]
+    }
+}
+
+/// `struct pm_scan_arg` (12 × u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PmScanArg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+/// `struct page_region`: `[start, end)` with the categories it matched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The system page size.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf takes no pointers and has no preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(ps).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+}
+
+/// `uname -r`, for error messages.
+pub(crate) fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data; all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into the struct we exclusively borrow.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: on success the kernel NUL-terminates `release` inside its
+    // fixed-size array, which lives as long as `u`.
+    let rel = unsafe { CStr::from_ptr(u.release.as_ptr()) };
+    rel.to_string_lossy().into_owned()
+}
+
+fn ioctl_ptr<T>(fd: BorrowedFd<'_>, request: u32, arg: &mut T) -> io::Result<libc::c_int> {
+    // SAFETY: every caller passes the `#[repr(C)]` struct whose size is
+    // encoded in `request` (checked by the tests), so the kernel reads and
+    // writes only within `*arg`, which is exclusively borrowed for the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, arg as *mut T) })
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd
+// ---------------------------------------------------------------------------
+
+/// An owned userfaultfd.
+#[derive(Debug)]
+pub(crate) struct Uffd(OwnedFd);
+
+impl Uffd {
+    /// A new userfaultfd: userfaultfd(2), and where that is refused with
+    /// EPERM (`vm.unprivileged_userfaultfd=0`), `/dev/userfaultfd`. The
+    /// error is the syscall's when both fail.
+    pub(crate) fn open(close_on_exec: bool, non_blocking: bool) -> io::Result<Self> {
+        let mut flags = 0;
+        if close_on_exec {
+            flags |= libc::O_CLOEXEC;
+        }
+        if non_blocking {
+            flags |= libc::O_NONBLOCK;
+        }
+        // SAFETY: userfaultfd(2) takes one integer and returns a new
+        // descriptor or -1; no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+            return Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) }));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EPERM) {
+            return Err(err);
+        }
+        Self::open_dev(flags).map_err(|_| err)
+    }
+
+    fn open_dev(flags: libc::c_int) -> io::Result<Self> {
+        let dev: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/userfaultfd")?;
+        // SAFETY: USERFAULTFD_IOC_NEW takes the open flags as an integer
+        // argument (not a pointer) and returns a new descriptor or -1.
+        let fd = cvt(unsafe {
+            libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags)
+        })?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// A second descriptor for the same userfaultfd context.
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
+    /// `UFFDIO_API` with `features`; returns what the kernel wrote back
+    /// (with `features == 0`: every feature it supports).
+    pub(crate) fn api(&self, features: u64) -> io::Result<UffdioApi> {
+        let mut a = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        ioctl_ptr(self.0.as_fd(), UFFDIO_API, &mut a)?;
+        Ok(a)
+    }
+
+    /// `UFFDIO_REGISTER` with `UFFDIO_REGISTER_MODE_WP`; returns the
+    /// ioctls the kernel allows on the range.
+    pub(crate) fn register_wp(&self, start: u64, len: u64) -> io::Result<u64> {
+        let mut r = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl_ptr(self.0.as_fd(), UFFDIO_REGISTER, &mut r)?;
+        Ok(r.ioctls)
+    }
+
+    /// `UFFDIO_UNREGISTER`: the range stops being tracked, its
+    /// write-protection is dropped and blocked faulting threads are woken.
+    pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange { start, len };
+        ioctl_ptr(self.0.as_fd(), UFFDIO_UNREGISTER, &mut r).map(drop)
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: protect (`mode WP`) or unprotect and wake
+    /// (`mode 0`). Retries while the kernel answers EAGAIN (the mm is
+    /// changing under a concurrent non-cooperative event).
+    pub(crate) fn writeprotect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
+        let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+        loop {
+            let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+            match ioctl_ptr(self.0.as_fd(), UFFDIO_WRITEPROTECT, &mut w) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `UFFDIO_WAKE`: wake threads blocked on faults in the range.
+    pub(crate) fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = UffdioRange { start, len };
+        ioctl_ptr(self.0.as_fd(), UFFDIO_WAKE, &mut r).map(drop)
+    }
+
+    /// Reads pending events into `buf`; returns how many it got. With a
+    /// blocking descriptor this waits for the first event only.
+    pub(crate) fn read_msgs(&self, buf: &mut [UffdMsg]) -> io::Result<usize> {
+        // SAFETY: read(2) writes at most size_of_val(buf) bytes into `buf`,
+        // which is exclusively borrowed; UffdMsg is plain old data, so any
+        // bytes the kernel writes form a valid value.
+        let n = unsafe {
+            libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(buf))
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize / size_of::<UffdMsg>())
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// eventfd and poll
+// ---------------------------------------------------------------------------
+
+/// An eventfd used to tell the handler thread to stop.
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) takes two integers and returns a new descriptor or -1.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
+    /// Adds 1 to the counter, making the descriptor readable.
+    pub(crate) fn signal(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // SAFETY: write(2) reads exactly 8 bytes from `one`, which lives on
+        // the stack for the duration of the call.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// poll(2) for readability of two descriptors; returns their `revents`.
+pub(crate) fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<[i16; 2]> {
+    let mut fds = [
+        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: `fds` is an array of two pollfd, exclusively borrowed for the call.
+    cvt(unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) })?;
+    Ok([fds[0].revents, fds[1].revents])
+}
+
+// ---------------------------------------------------------------------------
+// /proc/self/pagemap and PAGEMAP_SCAN
+// ---------------------------------------------------------------------------
+
+/// This process's `/proc/self/pagemap`, for `PAGEMAP_SCAN`.
+#[derive(Debug)]
+pub(crate) struct Pagemap(File);
+
+impl Pagemap {
+    pub(crate) fn open_self() -> io::Result<Self> {
+        Ok(Self(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open("/proc/self/pagemap")?,
+        ))
+    }
+
+    /// One `PAGEMAP_SCAN` call over `[start, end)` selecting pages whose
+    /// categories match `mask` (and returning those categories), at most
+    /// `vec.len()` regions. Returns the number of regions written into `vec`
+    /// and the `walk_end` the kernel reported.
+    pub(crate) fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        mask: u64,
+        vec: &mut [PageRegion],
+    ) -> io::Result<(usize, u64)> {
+        let mut arg = PmScanArg {
+            size: size_of::<PmScanArg>() as u64,
+            flags,
+            start,
+            end,
+            walk_end: 0,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: mask,
+            category_anyof_mask: 0,
+            return_mask: mask,
+        };
+        loop {
+            // SAFETY: PAGEMAP_SCAN reads `arg` (whose size is encoded in the
+            // request and in `arg.size`) and writes back only its `walk_end`;
+            // it writes at most `arg.vec_len` page_region entries at
+            // `arg.vec`, which is `vec`, exclusively borrowed for the call.
+            // With PM_SCAN_WP_MATCHING it write-protects pages of this
+            // process's async-registered ranges, which changes no memory.
+            let rc = unsafe {
+                libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN as libc::Ioctl, &mut arg as *mut PmScanArg)
+            };
+            if rc >= 0 {
+                return Ok(((rc as usize).min(vec.len()), arg.walk_end));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Memory from mmap(2), never from the global allocator
+// ---------------------------------------------------------------------------
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// A private anonymous, pre-faulted, zero-filled mapping of `len` bytes.
+fn mmap_anon(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous mapping at an address the kernel chooses aliases
+    // no existing Rust memory; no pointer is passed in.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
+}
+
+fn munmap(p: NonNull<u8>, len: usize) {
+    // SAFETY: callers pass a mapping made by `mmap_anon` with its length,
+    // once, after the last reference into it is gone.
+    unsafe { libc::munmap(p.as_ptr().cast(), len) };
+}
+
+/// `len` zeroed `AtomicU64` words in a private anonymous mapping that this
+/// value owns: storage for a dirty bitmap that is guaranteed not to be in
+/// tracked memory, whatever the global allocator is.
+pub struct OwnedWords {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+    map_len: usize,
+}
+
+impl OwnedWords {
+    /// Maps `len` zeroed words.
+    pub fn new(len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Ok(Self { ptr: NonNull::dangling(), len: 0, map_len: 0 });
+        }
+        let bytes = len.checked_mul(8).ok_or(io::ErrorKind::InvalidInput)?;
+        let map_len = round_up(bytes, page_size());
+        let ptr = mmap_anon(map_len)?.cast();
+        Ok(Self { ptr, len, map_len })
+    }
+}
+
+impl Deref for OwnedWords {
+    type Target = [AtomicU64];
+
+    fn deref(&self) -> &[AtomicU64] {
+        // SAFETY: `ptr` points to `map_len >= 8 * len` bytes of a mapping
+        // owned by `self` and alive until drop; it is page-aligned (so
+        // aligned for AtomicU64), and zero-filled by the kernel (a valid
+        // AtomicU64). Only shared references are handed out, and AtomicU64
+        // allows mutation through them. For `len == 0` the dangling pointer
+        // is non-null and aligned.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for OwnedWords {
+    fn drop(&mut self) {
+        if self.map_len > 0 {
+            munmap(self.ptr.cast(), self.map_len);
+        }
+    }
+}
+
+impl std::fmt::Debug for OwnedWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedWords").field("len", &self.len).finish()
+    }
+}
+
+// SAFETY: OwnedWords exclusively owns its mapping and exposes it only as
+// `&[AtomicU64]`; AtomicU64 is Send and Sync.
+unsafe impl Send for OwnedWords {}
+// SAFETY: as above: shared access is only through atomics.
+unsafe impl Sync for OwnedWords {}
+
+/// A `Box` whose memory comes from its own anonymous mapping: for state
+/// the fault handler writes (its lock and counters).
+pub(crate) struct MmapBox<T> {
+    ptr: NonNull<T>,
+    map_len: usize,
+}
+
+impl<T> MmapBox<T> {
+    pub(crate) fn new(value: T) -> io::Result<Self> {
+        let ps = page_size();
+        assert!(std::mem::align_of::<T>() <= ps, "MmapBox: alignment above page size");
+        let map_len = round_up(size_of::<T>().max(1), ps);
+        let ptr = mmap_anon(map_len)?.cast::<T>();
+        // SAFETY: `ptr` is page-aligned (>= align_of::<T>()) and points to
+        // `map_len >= size_of::<T>()` writable bytes that nothing references.
+        unsafe { ptr.as_ptr().write(value) };
+        Ok(Self { ptr, map_len })
+    }
+}
+
+impl<T> Deref for MmapBox<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: initialised in `new`, alive until drop, and only shared
+        // references are ever handed out.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> Drop for MmapBox<T> {
+    fn drop(&mut self) {
+        // SAFETY: the value was initialised in `new` and is dropped once,
+        // here, while `&mut self` guarantees no reference to it remains.
+        unsafe { std::ptr::drop_in_place(self.ptr.as_ptr()) };
+        munmap(self.ptr.cast(), self.map_len);
+    }
+}
+
+// SAFETY: MmapBox<T> owns its T exactly like Box<T> does.
+unsafe impl<T: Send> Send for MmapBox<T> {}
+// SAFETY: MmapBox<T> hands out only &T, like Box<T>.
+unsafe impl<T: Sync> Sync for MmapBox<T> {}
+
+// ---------------------------------------------------------------------------
+// Test regions
+// ---------------------------------------------------------------------------
+
+/// A region to track in tests and benches: a memfd mapped `MAP_SHARED` (as
+/// the heap is) or anonymous memory, accessed through atomics only.
+#[cfg(test)]
+pub(crate) struct TestRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    _fd: Option<OwnedFd>,
+}
+
+#[cfg(test)]
+impl TestRegion {
+    /// A memfd of `len` bytes mapped `MAP_SHARED`; `populate` touches every page.
+    pub(crate) fn memfd(len: usize, populate: bool) -> io::Result<Self> {
+        // SAFETY: the name is a NUL-terminated literal; memfd_create returns
+        // a new descriptor or -1.
+        let fd = cvt(unsafe { libc::memfd_create(c"remem-track-test".as_ptr(), libc::MFD_CLOEXEC) })?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone()?).set_len(len as u64)?;
+        Self::map(len, libc::MAP_SHARED, Some(fd), populate)
+    }
+
+    /// Private anonymous memory of `len` bytes; `populate` touches every page.
+    pub(crate) fn anon(len: usize, populate: bool) -> io::Result<Self> {
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, populate)
+    }
+
+    fn map(len: usize, flags: libc::c_int, fd: Option<OwnedFd>, populate: bool) -> io::Result<Self> {
+        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a new mapping at an address the kernel chooses aliases no
+        // existing Rust memory.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; 4 KiB PTEs keep the
+        // per-page figures meaningful.
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        let r = Self { ptr: NonNull::new(p.cast()).expect("mmap returned null"), len, _fd: fd };
+        if populate {
+            let ps = page_size();
+            for off in (0..len).step_by(ps) {
+                r.word(off).store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The 8-byte word at byte `offset`.
+    pub(crate) fn word(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len, "offset {offset} out of the region");
+        // SAFETY: in bounds and 8-aligned (checked above; the base is page
+        // aligned); the mapping lives as long as `self` and is only ever
+        // accessed through atomics, so shared references are sound.
+        unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU64>() }
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestRegion {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, unmapped once; `&mut self` means no `word`
+        // reference is alive.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+// SAFETY: the region is shared memory only ever accessed through atomics.
+#[cfg(test)]
+unsafe impl Send for TestRegion {}
+// SAFETY: as above.
+#[cfg(test)]
+unsafe impl Sync for TestRegion {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, offset_of};
+
+    /// Every number and layout checked against the kernel's uapi headers
+    /// (values printed by a C program including `linux/userfaultfd.h` and
+    /// the probe's `pm_scan_arg` definition, on Linux 6.18).
+    #[test]
+    fn constants_match_kernel_headers() {
+        assert_eq!(UFFDIO_API, 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_AA01);
+        assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
+        assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
+        assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
+        assert_eq!(UFFD_API, 0xAA);
+        assert_eq!(UFFDIO_WRITEPROTECT_IOCTL_BIT, 1 << 6);
+        assert_eq!(UFFDIO_REGISTER_MODE_WP, 2);
+        assert_eq!(UFFDIO_WRITEPROTECT_MODE_WP, 1);
+        assert_eq!(UFFD_EVENT_PAGEFAULT, 0x12);
+        assert_eq!(UFFD_PAGEFAULT_FLAG_WP, 2);
+        assert_eq!(PM_SCAN_WP_MATCHING, 1);
+        assert_eq!(PM_SCAN_CHECK_WPASYNC, 2);
+        assert_eq!(PAGE_IS_WRITTEN, 2);
+
+        assert_eq!(size_of::<UffdioApi>(), 24);
+        assert_eq!(size_of::<UffdioRange>(), 16);
+        assert_eq!(size_of::<UffdioRegister>(), 32);
+        assert_eq!(size_of::<UffdioWriteprotect>(), 24);
+        assert_eq!(size_of::<UffdMsg>(), 32);
+        assert_eq!(size_of::<PmScanArg>(), 96);
+        assert_eq!(size_of::<PageRegion>(), 24);
+        assert_eq!(align_of::<UffdMsg>(), 8);
+
+        // struct uffd_msg: event @0, arg.pagefault.{flags @8, address @16, feat.ptid @24}.
+        assert_eq!(offset_of!(UffdMsg, event), 0);
+        assert_eq!(offset_of!(UffdMsg, arg), 8);
+        // struct pm_scan_arg field order.
+        assert_eq!(offset_of!(PmScanArg, walk_end), 32);
+        assert_eq!(offset_of!(PmScanArg, vec_len), 48);
+        assert_eq!(offset_of!(PmScanArg, return_mask), 88);
+        assert_eq!(offset_of!(UffdioRegister, ioctls), 24);
+    }
+
+    #[test]
+    fn ioc_formula() {
+        assert_eq!(iowr(0xAA, 0x3F, 24), 0xC018_AA3F);
+        assert_eq!(ior(0xAA, 0x01, 16), 0x8010_AA01);
+        assert_eq!(io_(0xAA, 0), 0xAA00);
+    }
+
+    /// The kernel agrees: UFFDIO_API (our number and struct) succeeds and
+    /// reports write-protect support, and a pagemap scan of a plain mapping
+    /// answers (not ENOTTY).
+    #[test]
+    fn kernel_accepts_our_ioctls() {
+        let u = Uffd::open(true, true).expect("userfaultfd (run as root)");
+        let a = u.api(0).expect("UFFDIO_API");
+        assert_eq!(a.api, UFFD_API);
+        assert!(a.ioctls & (1 << 0x3F) != 0, "UFFDIO_API bit in api.ioctls");
+        let r = TestRegion::anon(4 * page_size(), true).unwrap();
+        let pm = Pagemap::open_self().unwrap();
+        let mut v = [PageRegion::default(); 4];
+        let base = r.base() as u64;
+        let (n, walk_end) =
+            pm.scan(base, base + r.len() as u64, 0, PAGE_IS_WRITTEN, &mut v).expect("PAGEMAP_SCAN");
+        // Not registered: no uffd-wp bit, so every present page reads as written.
+        assert_eq!(n, 1);
+        assert_eq!((v[0].start, v[0].end), (base, base + r.len() as u64));
+        assert_eq!(walk_end, base + r.len() as u64);
+    }
+
+    #[test]
+    fn owned_words_and_mmap_box() {
+        let w = OwnedWords::new(1000).unwrap();
+        assert_eq!(w.len(), 1000);
+        assert!(w.iter().all(|x| x.load(std::sync::atomic::Ordering::Relaxed) == 0));
+        w[999].store(7, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(OwnedWords::new(0).unwrap().len(), 0);
+        let b = MmapBox::new(std::sync::Mutex::new(5u32)).unwrap();
+        *b.lock().unwrap() += 1;
+        assert_eq!(*b.lock().unwrap(), 6);
+    }
+}
