@@ -1,7 +1,4 @@
-//! remem: a recoverable heap for databases.
-//!
-//! This umbrella crate re-exports the parts; see the README for the
-//! architecture. `remem_alloc` holds the heap, allocator and tracker.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 pub use remem_alloc as alloc;

@@ -71,7 +71,7 @@ fn recovery_of_images_taken_at_random_instants_passes_check() {
                         unsafe { slot.write_volatile(std::ptr::null_mut()) };
                         heap.free(p).unwrap();
                     } else {
-                        let size = if rng % 32 == 0 {
+                        let size = if rng.is_multiple_of(32) {
                             8193 + (rng >> 12) as usize % 30_000
                         } else {
                             1 + (rng >> 12) as usize % 2048
