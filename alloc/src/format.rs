@@ -132,6 +132,18 @@ pub mod lane {
     pub const DEST_KIND: usize = 24;
     /// `u64` pages of the block when it is a page run, else 0.
     pub const PAGES: usize = 32;
+    /// `u64` transaction state: [`TX_NONE`], [`TX_ACTIVE`] or [`TX_COMMITTING`].
+    pub const TX_STATE: usize = 40;
+    /// `u64` heap offset of the lane's first undo-log block (0 = none yet).
+    pub const TX_LOG: usize = 48;
+    /// `u64` sequence number of the lane's current (or last) transaction.
+    pub const TX_SEQ: usize = 56;
+    /// No transaction.
+    pub const TX_NONE: u64 = 0;
+    /// A transaction is running: recovery rolls it back.
+    pub const TX_ACTIVE: u64 = 1;
+    /// A transaction committed and is releasing its freed blocks: recovery finishes that.
+    pub const TX_COMMITTING: u64 = 2;
     /// `[u32; NCLASSES]` number of cached blocks per class.
     pub const COUNTS: usize = 64;
     /// `[[u32; CACHE_CAP]; NCLASSES]` cached blocks (heap offset / 16).
@@ -155,6 +167,40 @@ pub mod lane {
     pub const fn entry(c: usize, i: usize) -> usize {
         ENTRIES + 4 * (c * CACHE_CAP + i)
     }
+}
+
+/// The undo log: a chain of heap blocks per lane, reused by every
+/// transaction of the lane. A block belongs to the running transaction iff
+/// its `SEQ` equals the lane's `TX_SEQ`; recovery walks the chain while it does.
+pub mod log {
+    /// `u64` heap offset of the next log block (0 = none).
+    pub const NEXT: usize = 0;
+    /// `u64` bytes in this block, header included.
+    pub const CAP: usize = 8;
+    /// `u64` sequence number of the transaction that last used the block.
+    pub const SEQ: usize = 16;
+    /// `u64` bytes of records published in this block (stored after each record).
+    pub const USED: usize = 24;
+    /// First record.
+    pub const RECORDS: usize = 32;
+    /// Record header: `u32` kind, `u32` zero, `u64` heap offset, `u64` length.
+    pub const RECORD_HEADER: usize = 24;
+    /// Offset of the record's heap offset field (0 once an ALLOC/FREE record is done).
+    pub const REC_OFF: usize = 8;
+    /// Offset of the record's length field.
+    pub const REC_LEN: usize = 16;
+    /// Undo record: the `len` bytes at `off` as they were before the transaction; data follows, padded to 8.
+    pub const UNDO: u32 = 1;
+    /// The transaction allocated the block at `off`: released on rollback.
+    pub const ALLOC: u32 = 2;
+    /// The transaction frees the block at `off`: released at commit.
+    pub const FREE: u32 = 3;
+    /// Largest data in one undo record (bigger ranges are split).
+    pub const MAX_UNDO: usize = 4096;
+    /// Size of a lane's first log block.
+    pub const FIRST_BLOCK: usize = 16 * 1024;
+    /// Largest log block.
+    pub const MAX_BLOCK: usize = 1 << 20;
 }
 
 /// Byte offsets inside a slab's first page.

@@ -75,8 +75,9 @@ pub(crate) struct Inner {
     region: Region,
     meta: Meta,
     header: Header,
-    path: PathBuf,
-    _lock: File,
+    /// The image file, for heaps that have one (none for memfd-only heaps).
+    path: Option<PathBuf>,
+    _lock: Option<File>,
     canary_key: u64,
     pages: Mutex<PageIndex>,
     partial: Vec<Mutex<Vec<u64>>>,
@@ -86,6 +87,8 @@ pub(crate) struct Inner {
     cur_slab: Box<[AtomicU64]>,
     lanes: LaneSet,
     root_lock: Mutex<()>,
+    /// Per lane: the volatile part of its transaction.
+    txv: Box<[Mutex<crate::tx::TxVolatile>]>,
     report: RecoveryReport,
 }
 
@@ -197,7 +200,7 @@ impl Heap {
             meta.desc(p).store(Desc::Meta.encode(), Relaxed);
         }
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
-        let heap = Self::assemble(region, meta, header, path.to_owned(), lock, report, vol)?;
+        let heap = Self::assemble(region, meta, header, Some(path.to_owned()), Some(lock), report, vol)?;
         heap.save()?;
         Ok(heap)
     }
@@ -241,7 +244,69 @@ impl Heap {
         }
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
-        Self::assemble(region, meta, header, path.to_owned(), lock, report, vol)
+        Self::assemble(region, meta, header, Some(path.to_owned()), Some(lock), report, vol)
+    }
+
+    /// Creates a heap that lives only in a memfd (no image file): its
+    /// memory outlives this process as long as some process holds the
+    /// memfd (see [`Heap::memfd`] and [`Heap::attach`]).
+    pub fn create_memfd(opts: &HeapOptions) -> Result<Heap> {
+        region::check_page_size()?;
+        let size = opts.size.next_multiple_of(crate::format::HEAP_ALIGN);
+        if !(crate::format::MIN_HEAP..=crate::format::MAX_HEAP).contains(&size) {
+            return Err(OpenError::BadSize {
+                size: opts.size,
+                min: crate::format::MIN_HEAP,
+                max: crate::format::MAX_HEAP,
+            }
+            .into());
+        }
+        let uuid = region::random_uuid()?;
+        let base = match opts.base {
+            Some(b) => {
+                region::check_base(b, size)?;
+                b
+            }
+            None => region::choose_base(&uuid, size)?,
+        };
+        let header = Header { uuid, base, generation: 1, layout: Layout::for_size(size) };
+        let fd = region::memfd(&format!("remem:{}", uuid_string(&uuid)), size)?;
+        let region = Region::map(fd, base, size)?;
+        let meta = Self::meta_of(&region, &header);
+        meta.mem.write(0, &header.encode());
+        for p in 0..header.layout.first_data_page() {
+            meta.desc(p).store(Desc::Meta.encode(), Relaxed);
+        }
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: "<memfd>".into(), reason })?;
+        Self::assemble(region, meta, header, None, None, report, vol)
+    }
+
+    /// Maps a heap's memfd (handed over by another process, whose copy of
+    /// the heap may have died at any instant) at the heap's recorded
+    /// address and runs recovery. The memory is shared, not copied.
+    pub fn attach(fd: std::os::fd::OwnedFd) -> Result<Heap> {
+        region::check_page_size()?;
+        let file = File::from(fd);
+        let mut first = vec![0u8; PAGE_SIZE];
+        file.read_exact_at(&mut first, 0).map_err(io("reading the heap header from the memfd"))?;
+        let header = Header::decode(&first).map_err(|e| match e {
+            HeaderError::Version(found) => {
+                OpenError::Version { path: "<memfd>".into(), found, supported: crate::format::VERSION }
+            }
+            e => OpenError::Corrupt { path: "<memfd>".into(), reason: e.to_string() },
+        })?;
+        let len = file.metadata().map_err(io("stat memfd"))?.len();
+        if len < header.layout.size {
+            return Err(OpenError::Corrupt {
+                path: "<memfd>".into(),
+                reason: format!("memfd is {len} bytes, the header says {}", header.layout.size),
+            }
+            .into());
+        }
+        let region = Region::map(file.into(), header.base, header.layout.size)?;
+        let meta = Self::meta_of(&region, &header);
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: "<memfd>".into(), reason })?;
+        Self::assemble(region, meta, header, None, None, report, vol)
     }
 
     fn meta_of(region: &Region, header: &Header) -> Meta {
@@ -255,8 +320,8 @@ impl Heap {
         region: Region,
         meta: Meta,
         header: Header,
-        path: PathBuf,
-        lock: File,
+        path: Option<PathBuf>,
+        lock: Option<File>,
         report: RecoveryReport,
         vol: crate::recover::Volatile,
     ) -> Result<Heap> {
@@ -281,6 +346,7 @@ impl Heap {
             cur_slab: (0..nlanes as usize * NCLASSES).map(|_| AtomicU64::new(NO_SLAB)).collect(),
             lanes: LaneSet::new(nlanes),
             root_lock: Mutex::new(()),
+            txv: (0..nlanes).map(|_| Mutex::default()).collect(),
             report,
             region,
         };
@@ -300,7 +366,7 @@ impl Heap {
     /// fsync, rename, fsync of the directory. Only pages that hold data are
     /// written. The caller makes sure no thread mutates the heap meanwhile.
     fn save(&self) -> Result<()> {
-        let path = &self.inner.path;
+        let Some(path) = &self.inner.path else { return Ok(()) };
         let err = |source| Error::Save { path: path.clone(), source };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
@@ -352,9 +418,9 @@ impl Heap {
         self.inner.header.generation
     }
 
-    /// The file that holds the heap's image.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// The file that holds the heap's image (`None` for a memfd-only heap).
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
     }
 
     /// The heap's memfd (for handing to another process).
@@ -463,6 +529,10 @@ impl Heap {
         let page = self.inner.pages.lock().take(npages).ok_or_else(|| self.oom(npages as usize * PAGE_SIZE))?;
         let off = Meta::page_off(page);
         let m = &self.inner.meta;
+        // Interior hints, so that an address inside the run finds its head.
+        for d in 1..npages {
+            m.desc(page + d).store(Desc::Cont(d).encode(), Relaxed);
+        }
         if let Some((l, dest, kind)) = intent {
             self.record_intent(l, off, dest, kind, npages);
         }
@@ -719,11 +789,23 @@ impl Heap {
     }
 
     fn alloc_into_off(&self, dest: usize, kind: u64, size: usize, zero: bool) -> Result<usize, AllocError> {
+        self.with_lane(|l| self.alloc_into_off_lane(l, dest, kind, size, zero))
+    }
+
+    /// `alloc_into` on lane `l` (held by the caller) to the word at heap offset `dest`.
+    pub(crate) fn alloc_into_off_lane(
+        &self,
+        l: u32,
+        dest: usize,
+        kind: u64,
+        size: usize,
+        zero: bool,
+    ) -> Result<usize, AllocError> {
         if size == 0 || size > self.size() as usize {
             return Err(AllocError::BadSize(size));
         }
         let m = &self.inner.meta;
-        self.with_lane(|l| {
+        {
             let off = match class_for(size, 16) {
                 Some(c) => {
                     let count = m.cache_count(l, c);
@@ -753,7 +835,56 @@ impl Heap {
             m.mem.u64(dest).store(value, Release);
             m.lane_u64(l, lane::STATE).store(lane::IDLE, Release);
             Ok(off)
-        })
+        }
+    }
+
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.inner.meta
+    }
+
+    pub(crate) fn txv(&self, l: u32) -> &Mutex<crate::tx::TxVolatile> {
+        &self.inner.txv[l as usize]
+    }
+
+    pub(crate) fn nlanes(&self) -> u32 {
+        self.inner.header.layout.nlanes
+    }
+
+    /// This thread's private lane (taken now if need be); `None` when only
+    /// the shared lane is left.
+    pub(crate) fn private_lane(&self) -> Option<u32> {
+        let l = match lanes::last(self.inner.id) {
+            Some(l) => l,
+            None => {
+                let home: Arc<dyn HasLanes> = self.inner.clone();
+                lanes::acquire(self.inner.id, &home)
+            }
+        };
+        (l != 0).then_some(l)
+    }
+
+    pub(crate) fn current_lane(&self) -> Option<u32> {
+        self.private_lane()
+    }
+
+    pub(crate) fn ptr_at(&self, off: usize) -> NonNull<u8> {
+        self.ptr(off)
+    }
+
+    /// Puts the allocated small block at `off` into lane `l`'s cache if
+    /// there is room; false (nothing done) otherwise.
+    pub(crate) fn push_to_cache(&self, l: u32, off: usize) -> bool {
+        let m = &self.inner.meta;
+        let Located::Block { class: c, .. } = m.locate(off) else { return false };
+        let count = m.cache_count(l, c);
+        let n = count.load(Relaxed);
+        if n >= CLASSES[c].cache_cap {
+            return false;
+        }
+        m.mem.u64(off).store(self.canary(off), Relaxed);
+        m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
+        count.store(n + 1, Release);
+        true
     }
 
     /// The root object, if one was set.
@@ -795,7 +926,8 @@ impl Heap {
     /// as leaked, and pointers named twice or not allocated as doubly owned.
     pub fn check_live(&self, live: impl IntoIterator<Item = *const u8>) -> CheckReport {
         let base = self.base() as usize;
-        let live: Vec<u64> = live.into_iter().map(|p| (p as usize).wrapping_sub(base) as u64).collect();
+        let mut live: Vec<u64> = live.into_iter().map(|p| (p as usize).wrapping_sub(base) as u64).collect();
+        live.extend(crate::tx::log_blocks(&self.inner.meta));
         let pages = self.inner.pages.lock();
         crate::check::check(&self.inner.meta, Some(LiveState { pages: &pages }), Some(&live))
     }
@@ -836,7 +968,7 @@ impl Drop for Heap {
             if let Err(e) = self.save() {
                 eprintln!(
                     "remem: heap {} dropped without close(), and saving it failed: {e}",
-                    self.inner.path.display()
+                    self.inner.path.as_deref().unwrap_or(Path::new("<memfd>")).display()
                 );
             }
         }
@@ -856,7 +988,12 @@ pub fn recover_image(image: &mut [u64]) -> Result<RecoveryReport, OpenError> {
 /// also reports leaked and doubly-owned blocks, as [`Heap::check_live`].
 pub fn check_image(image: &mut [u64], live: Option<&[u64]>) -> Result<CheckReport, OpenError> {
     let meta = image_meta(image)?;
-    Ok(crate::check::check(&meta, None, live))
+    let live = live.map(|l| {
+        let mut l = l.to_vec();
+        l.extend(crate::tx::log_blocks(&meta));
+        l
+    });
+    Ok(crate::check::check(&meta, None, live.as_deref()))
 }
 
 /// The base address recorded in a heap image's header: raw pointers stored

@@ -35,6 +35,7 @@ mod pptr;
 mod recover;
 mod region;
 pub mod size_class;
+mod tx;
 
 pub use api::{GlobalHeap, HeapRef};
 pub use check::CheckReport;
@@ -42,3 +43,4 @@ pub use error::{AllocError, Error, OpenError, PointerError, Result};
 pub use heap::{check_image, image_base, recover_image, Heap, HeapOptions, HeapStats};
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;
+pub use tx::{Tx, TxError};

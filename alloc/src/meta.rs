@@ -124,6 +124,40 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// The allocated block or page run that contains byte offset `off`:
+    /// `(start offset, usable size)`. Blocks cached as free still count as
+    /// allocated here; callers that care check the canary.
+    pub(crate) fn containing(&self, off: usize) -> Option<(usize, usize)> {
+        let (first, end) = self.data_pages();
+        let page = (off / PAGE_SIZE) as u64;
+        if page < first || page >= end {
+            return None;
+        }
+        let head = match self.desc_of(page)? {
+            Desc::Slab(_) | Desc::Large(_) => page,
+            Desc::Cont(d) if d <= page - first => page - d,
+            _ => return None,
+        };
+        match self.desc_of(head)? {
+            Desc::Slab(c) if page - head < SLAB_PAGES as u64 => {
+                let info = CLASSES.get(c as usize)?;
+                let rel = (off - Self::page_off(head)).checked_sub(info.data_start as usize)?;
+                let idx = rel / info.size as usize;
+                if idx >= info.nblocks as usize
+                    || self.slab_word(head, idx / 64).load(std::sync::atomic::Ordering::Acquire) & (1 << (idx % 64))
+                        == 0
+                {
+                    return None;
+                }
+                Some((Self::block_off(head, info, idx), info.size as usize))
+            }
+            Desc::Large(n) if page - head < n => Some((Self::page_off(head), n as usize * PAGE_SIZE)),
+            _ => None,
+        }
+    }
+}
+
 /// What [`Meta::locate`] found at an offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Located {

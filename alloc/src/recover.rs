@@ -28,6 +28,14 @@ pub struct RecoveryReport {
     pub allocs_completed: u64,
     /// `alloc_into` calls in flight whose destination did not: the block was freed.
     pub allocs_rolled_back: u64,
+    /// Transactions in flight, rolled back.
+    pub txs_rolled_back: u64,
+    /// Transactions that had committed and were releasing their frees: finished.
+    pub txs_finished: u64,
+    /// Undo records applied by the rollbacks.
+    pub undo_records_applied: u64,
+    /// Blocks released by the rollbacks (their allocations) and the finished commits (their frees).
+    pub tx_blocks_released: u64,
     /// Free blocks that sat in per-thread caches, returned to their slabs.
     pub cached_blocks_released: u64,
     /// Slabs with no allocated block, returned to the free pages.
@@ -46,8 +54,12 @@ impl std::fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "recovery: {} alloc_into completed, {} rolled back, {} cached blocks and {} empty slabs released; \
-             {} slabs, {} blocks, {} page runs in use, {} pages free",
+            "recovery: {} transactions rolled back ({} undo records), {} finished; {} alloc_into completed, \
+             {} rolled back; {} cached blocks and {} empty slabs released; {} slabs, {} blocks, {} page runs in use, \
+             {} pages free",
+            self.txs_rolled_back,
+            self.undo_records_applied,
+            self.txs_finished,
             self.allocs_completed,
             self.allocs_rolled_back,
             self.cached_blocks_released,
@@ -95,7 +107,9 @@ pub(crate) fn recover(meta: &Meta) -> Result<(RecoveryReport, Volatile), String>
         let dest = meta.lane_u64(l, lane::DEST).load(Relaxed);
         let kind = meta.lane_u64(l, lane::DEST_KIND).load(Relaxed);
         let pages = meta.lane_u64(l, lane::PAGES).load(Relaxed);
-        if !(in_data(meta, dest, 8) || dest == hdr::ROOT as u64) || !dest.is_multiple_of(8) {
+        let in_lanes =
+            dest >= layout.lanes_off && dest < layout.lanes_off + u64::from(layout.nlanes) * lane::BYTES as u64;
+        if !(in_data(meta, dest, 8) || dest == hdr::ROOT as u64 || in_lanes) || !dest.is_multiple_of(8) {
             return Err(format!("lane {l}: intent destination {dest:#x} outside the data area"));
         }
         if !in_data(meta, block, 16) {
@@ -148,7 +162,13 @@ pub(crate) fn recover(meta: &Meta) -> Result<(RecoveryReport, Volatile), String>
         }
         meta.lane_u64(l, lane::STATE).store(lane::IDLE, Release);
     }
-    // 2. Caches.
+    // 2. Transactions (before the caches: a released block may sit in one).
+    let t = crate::tx::recover_txs(meta)?;
+    r.txs_rolled_back = t.rolled_back;
+    r.txs_finished = t.finished;
+    r.undo_records_applied = t.undo_applied;
+    r.tx_blocks_released = t.blocks_released;
+    // 3. Caches.
     for l in 0..layout.nlanes {
         for (c, info) in CLASSES.iter().enumerate() {
             let count = meta.cache_count(l, c);
@@ -170,7 +190,7 @@ pub(crate) fn recover(meta: &Meta) -> Result<(RecoveryReport, Volatile), String>
             r.cached_blocks_released += u64::from(n);
         }
     }
-    // 3. Descriptor walk.
+    // 4. Descriptor walk.
     let mut vol = Volatile { pages: PageIndex::default(), partial: vec![Vec::new(); NCLASSES] };
     let (first, end) = meta.data_pages();
     let mut page = first;

@@ -14,6 +14,12 @@
 //! default, a shared control region later), and its lock and counters are in
 //! an [`MmapBox`]; it never allocates. Were it to write to a tracked page it
 //! would wait for itself.
+//!
+//! Stopping: besides the region, the userfaultfd covers one private
+//! *doorbell* page, kept write-protected. `drop` sets the stop flag and
+//! writes the doorbell; the handler wakes on that fault whether it waits in
+//! poll(2) (non-blocking descriptor) or in read(2) (blocking descriptor,
+//! which poll(2) cannot wait on: the kernel answers `EPOLLERR`).
 
 use std::io;
 use std::os::fd::AsFd;
@@ -25,7 +31,7 @@ use super::bitmap::{push_bits, word_runs, DirtyBitmap, OwnedWords, RunMerger, Wo
 use super::builder::{check_features, probe_with, TrackerBuilder};
 use super::error::{Result, TrackError};
 use super::features::UffdFeatures;
-use super::sys::{self, EventFd, MmapBox, Uffd, UffdMsg};
+use super::sys::{self, MmapBox, Uffd, UffdMsg};
 use super::{Region, TrackMode, Tracker};
 
 /// Events read per `read(2)`.
@@ -49,6 +55,8 @@ struct Control {
     /// Set by the handler once it runs (after the thread start-up, which
     /// may touch allocator memory, is over).
     ready: AtomicBool,
+    /// Set by `drop` before it rings the doorbell.
+    stop: AtomicBool,
     /// Fault events handled.
     faults: AtomicU64,
     /// First failure: index into `OPS` (0: none) and errno.
@@ -63,17 +71,25 @@ struct Shared {
     /// Harvest scratch: the bits taken by the harvest in progress.
     snap: OwnedWords,
     ctl: MmapBox<Control>,
+    /// One private page, registered and write-protected: writing it wakes
+    /// the handler (see the module docs).
+    doorbell: OwnedWords,
 }
 
 impl Shared {
-    /// Records the first failure and unregisters the region so that no
-    /// writer waits for ever on a handler that has stopped.
+    fn doorbell_addr(&self) -> u64 {
+        self.doorbell.as_ptr() as u64
+    }
+
+    /// Records the first failure and unregisters the region (and the
+    /// doorbell) so that no writer waits for ever on a stopped handler.
     fn fail(&self, uffd: &Uffd, op: u32, e: &io::Error) {
         let errno = e.raw_os_error().unwrap_or(libc::EIO);
         if self.ctl.failed_op.compare_exchange(0, op, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.ctl.failed_errno.store(errno, Ordering::Release);
         }
         let _ = uffd.unregister(self.region.base, self.region.len);
+        let _ = uffd.unregister(self.doorbell_addr(), self.region.page_size() as u64);
     }
 
     fn check(&self) -> Result<()> {
@@ -94,6 +110,9 @@ impl Shared {
     fn handle(&self, uffd: &Uffd, msgs: &[UffdMsg]) -> std::result::Result<(), (u32, io::Error)> {
         let ps = self.region.page_size() as u64;
         let _g = self.lock_faults();
+        // Counted before any writer is released, so a writer that returns
+        // from its fault sees its fault counted.
+        self.ctl.faults.fetch_add(msgs.len() as u64, Ordering::Relaxed);
         for m in msgs {
             if m.event != sys::UFFD_EVENT_PAGEFAULT {
                 continue; // no other event was asked for
@@ -106,12 +125,15 @@ impl Shared {
                     self.dirty.set(page);
                     uffd.writeprotect(addr, ps, false).map_err(|e| (OP_UNPROTECT, e))?;
                 }
+                // The doorbell: let the ringer go on; the caller checks the stop flag.
+                _ if addr == self.doorbell_addr() => {
+                    uffd.writeprotect(addr, ps, false).map_err(|e| (OP_UNPROTECT, e))?;
+                }
                 // A fault we never registered for: wake the thread so it
                 // retries rather than waits for ever.
                 _ => uffd.wake(addr, ps).map_err(|e| (OP_WAKE, e))?,
             }
         }
-        self.ctl.faults.fetch_add(msgs.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -121,7 +143,6 @@ pub struct PreciseTracker {
     shared: Arc<Shared>,
     /// `Option` only so that `drop` can close it before joining the handler.
     uffd: Option<Uffd>,
-    stop: EventFd,
     handler: Option<JoinHandle<()>>,
     /// Serialises harvests and `protect_all` (they share `snap`).
     harvest_lock: Mutex<()>,
@@ -164,6 +185,7 @@ impl PreciseTracker {
         let ctl = MmapBox::new(Control {
             fault_lock: Mutex::new(()),
             ready: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             failed_op: AtomicU32::new(0),
             failed_errno: AtomicI32::new(0),
@@ -184,22 +206,24 @@ impl PreciseTracker {
             });
         }
 
-        let stop = EventFd::new().map_err(TrackError::sys("eventfd"))?;
-        let shared = Arc::new(Shared { region, dirty, snap, ctl });
-        let (h_uffd, h_stop, h_shared) = (
-            uffd.try_clone().map_err(TrackError::sys("dup"))?,
-            stop.try_clone().map_err(TrackError::sys("dup"))?,
-            Arc::clone(&shared),
-        );
+        let ps = region.page_size() as u64;
+        let doorbell = OwnedWords::new(ps as usize / 8).map_err(TrackError::sys("mmap"))?;
+        let bell = doorbell.as_ptr() as u64;
+        uffd.register_wp(bell, ps).map_err(TrackError::sys("UFFDIO_REGISTER (doorbell page)"))?;
+        uffd.writeprotect(bell, ps, true).map_err(TrackError::sys("UFFDIO_WRITEPROTECT (doorbell page)"))?;
+
+        let shared = Arc::new(Shared { region, dirty, snap, ctl, doorbell });
+        let h_uffd = uffd.try_clone().map_err(TrackError::sys("dup"))?;
+        let h_shared = Arc::clone(&shared);
         let non_blocking = b.non_blocking;
         let handler = std::thread::Builder::new()
             .name("remem-uffd-wp".into())
-            .spawn(move || run_handler(h_uffd, h_stop, h_shared, non_blocking))
+            .spawn(move || run_handler(h_uffd, h_shared, non_blocking))
             .map_err(TrackError::sys("spawning the fault-handler thread"))?;
         while !shared.ctl.ready.load(Ordering::Acquire) && !handler.is_finished() {
             std::thread::yield_now();
         }
-        Ok(Self { shared, uffd: Some(uffd), stop, handler: Some(handler), harvest_lock: Mutex::new(()) })
+        Ok(Self { shared, uffd: Some(uffd), handler: Some(handler), harvest_lock: Mutex::new(()) })
     }
 
     fn uffd(&self) -> &Uffd {
@@ -319,54 +343,57 @@ impl Tracker for PreciseTracker {
 
 impl Drop for PreciseTracker {
     fn drop(&mut self) {
-        // 1. Ask the handler to leave its loop.
+        // 1. Raise the stop flag, which the handler checks after each batch.
         // 2. Close our descriptor. The userfaultfd context (registration and
-        //    protection) lives on in the handler's copy, so a writer faulting
-        //    now is still served; when the handler drops its copy on leaving,
-        //    the kernel unregisters the region, clears its protection and
-        //    wakes any writer still waiting.
-        // 3. Join. The thread's exit path may write allocator memory, but by
+        //    protection) lives on while the handler holds its copy, so a
+        //    writer faulting now is still served; once the handler drops its
+        //    copy, the kernel unregisters everything, clears the protection
+        //    and wakes any writer still waiting.
+        // 3. Ring the doorbell: if the handler is still in its loop, the
+        //    fault wakes it, it un-protects the doorbell and sees the flag;
+        //    if it has already left (after a batch, or on failure), the
+        //    context is gone or going, and the write goes through or is
+        //    released when the handler's copy closes. It never waits for ever.
+        // 4. Join. The thread's exit path may write allocator memory, but by
         //    then nothing is protected any more.
-        let _ = self.stop.signal();
+        self.shared.ctl.stop.store(true, Ordering::Release);
         drop(self.uffd.take());
+        self.shared.doorbell[0].store(1, Ordering::Relaxed);
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
     }
 }
 
-fn run_handler(uffd: Uffd, stop: EventFd, shared: Arc<Shared>, non_blocking: bool) {
+fn run_handler(uffd: Uffd, shared: Arc<Shared>, non_blocking: bool) {
     shared.ctl.ready.store(true, Ordering::Release);
-    if let Err((op, e)) = handler_loop(&uffd, &stop, &shared, non_blocking) {
+    if let Err((op, e)) = handler_loop(&uffd, &shared, non_blocking) {
         shared.fail(&uffd, op, &e);
     }
     // Dropping `uffd` here (our copy) lets the kernel release the context
     // once the tracker has closed its own.
 }
 
-/// Waits for fault events (or the stop signal) and handles every pending
-/// event per wake-up. Touches only its stack, the dirty set and `Control`.
-fn handler_loop(
-    uffd: &Uffd,
-    stop: &EventFd,
-    shared: &Shared,
-    non_blocking: bool,
-) -> std::result::Result<(), (u32, io::Error)> {
+/// Waits for fault events and handles every pending event per wake-up,
+/// until the stop flag is up. Touches only its stack, the dirty set and
+/// `Control`.
+fn handler_loop(uffd: &Uffd, shared: &Shared, non_blocking: bool) -> std::result::Result<(), (u32, io::Error)> {
     let mut msgs = [UffdMsg::ZERO; MSG_BATCH];
     loop {
-        match sys::poll2(uffd.as_fd(), stop.as_fd(), -1) {
-            Ok([_, s]) if s != 0 => return Ok(()),
-            Ok([u, _]) if u & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
-                return Err((OP_POLL, io::Error::from_raw_os_error(libc::EIO)))
+        if non_blocking {
+            match sys::poll_in(uffd.as_fd(), -1) {
+                Ok(ev) if ev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
+                    return Err((OP_POLL, io::Error::from_raw_os_error(libc::EIO)))
+                }
+                Ok(ev) if ev & libc::POLLIN == 0 => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err((OP_POLL, e)),
             }
-            Ok([u, _]) if u & libc::POLLIN == 0 => continue,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((OP_POLL, e)),
         }
-        // Drain: a non-blocking descriptor is read until EAGAIN; a blocking
-        // one returns every pending event (up to the buffer) without waiting
-        // past the first, and poll tells whether more are left.
+        // Drain. A non-blocking descriptor is read until EAGAIN. A blocking
+        // one waits for the first event only and then returns every pending
+        // event (up to the buffer); the next read picks up the rest.
         loop {
             match uffd.read_msgs(&mut msgs) {
                 Ok(n) => {
@@ -379,6 +406,9 @@ fn handler_loop(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err((OP_READ, e)),
             }
+        }
+        if shared.ctl.stop.load(Ordering::Acquire) {
+            return Ok(());
         }
     }
 }

@@ -351,54 +351,15 @@ impl AsFd for Uffd {
 }
 
 // ---------------------------------------------------------------------------
-// eventfd and poll
+// poll
 // ---------------------------------------------------------------------------
 
-/// An eventfd used to tell the handler thread to stop.
-#[derive(Debug)]
-pub(crate) struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub(crate) fn new() -> io::Result<Self> {
-        // SAFETY: eventfd(2) takes two integers and returns a new descriptor or -1.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub(crate) fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self(self.0.try_clone()?))
-    }
-
-    /// Adds 1 to the counter, making the descriptor readable.
-    pub(crate) fn signal(&self) -> io::Result<()> {
-        let one: u64 = 1;
-        // SAFETY: write(2) reads exactly 8 bytes from `one`, which lives on
-        // the stack for the duration of the call.
-        let n = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if n == 8 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-}
-
-impl AsFd for EventFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-
-/// poll(2) for readability of two descriptors; returns their `revents`.
-pub(crate) fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<[i16; 2]> {
-    let mut fds = [
-        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-    ];
-    // SAFETY: `fds` is an array of two pollfd, exclusively borrowed for the call.
-    cvt(unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) })?;
-    Ok([fds[0].revents, fds[1].revents])
+/// poll(2) for readability of one descriptor; returns its `revents`.
+pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<i16> {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: `p` is one pollfd, exclusively borrowed for the call.
+    cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) })?;
+    Ok(p.revents)
 }
 
 // ---------------------------------------------------------------------------
