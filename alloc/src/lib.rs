@@ -35,6 +35,7 @@ mod pptr;
 mod recover;
 mod region;
 pub mod size_class;
+pub mod track;
 mod tx;
 
 pub use api::{GlobalHeap, HeapRef};

@@ -34,6 +34,9 @@ pub struct RecoveryReport {
     pub txs_finished: u64,
     /// Undo records applied by the rollbacks.
     pub undo_records_applied: u64,
+    /// Undo records not applied because their block had been freed outside
+    /// the transaction (a misuse of the API; the data there is not restored).
+    pub undo_records_skipped: u64,
     /// Blocks released by the rollbacks (their allocations) and the finished commits (their frees).
     pub tx_blocks_released: u64,
     /// Free blocks that sat in per-thread caches, returned to their slabs.
@@ -167,6 +170,7 @@ pub(crate) fn recover(meta: &Meta) -> Result<(RecoveryReport, Volatile), String>
     r.txs_rolled_back = t.rolled_back;
     r.txs_finished = t.finished;
     r.undo_records_applied = t.undo_applied;
+    r.undo_records_skipped = t.undo_skipped;
     r.tx_blocks_released = t.blocks_released;
     // 3. Caches.
     for l in 0..layout.nlanes {

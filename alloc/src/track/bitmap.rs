@@ -115,8 +115,7 @@ impl DirtyBitmap {
 
     /// Whether `page` is dirty.
     pub fn contains(&self, page: u64) -> bool {
-        page < self.pages
-            && self.words()[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        page < self.pages && self.words()[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
     }
 
     /// Marks every page dirty (and clears the bits past the last page).

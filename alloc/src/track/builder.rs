@@ -96,12 +96,7 @@ impl TrackerBuilder {
     /// control region), which must hold at least
     /// [`DirtyBitmap::words_for`](super::DirtyBitmap::words_for)`(pages)`
     /// words and must not be tracked memory. Its contents are overwritten.
-    pub fn build_precise_in(
-        &self,
-        base: *mut u8,
-        len: usize,
-        store: Box<dyn WordStore>,
-    ) -> Result<PreciseTracker> {
+    pub fn build_precise_in(&self, base: *mut u8, len: usize, store: Box<dyn WordStore>) -> Result<PreciseTracker> {
         PreciseTracker::build(self, Region::new(base, len)?, Some(store))
     }
 
@@ -127,11 +122,7 @@ pub(crate) fn probe_with(close_on_exec: bool) -> Result<UffdFeatures> {
 }
 
 /// Fails with the first feature of `required` that `supported` lacks.
-pub(crate) fn check_features(
-    supported: UffdFeatures,
-    required: UffdFeatures,
-    hint: &'static str,
-) -> Result<()> {
+pub(crate) fn check_features(supported: UffdFeatures, required: UffdFeatures, hint: &'static str) -> Result<()> {
     let missing = required.difference(supported);
     if missing.is_empty() {
         return Ok(());
@@ -168,8 +159,7 @@ mod tests {
 
     #[test]
     fn require_features_is_enforced() {
-        let b = TrackerBuilder::new(TrackMode::Precise)
-            .require_features(UffdFeatures::from_bits_retain(1 << 62));
+        let b = TrackerBuilder::new(TrackMode::Precise).require_features(UffdFeatures::from_bits_retain(1 << 62));
         let r = sys::TestRegion::memfd(4 * sys::page_size(), true).unwrap();
         let e = b.build(r.base(), r.len()).unwrap_err();
         assert!(matches!(e, TrackError::FeatureMissing { .. }), "{e}");

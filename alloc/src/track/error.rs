@@ -147,8 +147,7 @@ mod tests {
         }
         .to_string();
         assert!(m.contains("UFFD_FEATURE_WP_ASYNC") && m.contains(">= 6.7"), "{m}");
-        let m = TrackError::from_register(0x1000, 0x2000, io::Error::from_raw_os_error(libc::EINVAL))
-            .to_string();
+        let m = TrackError::from_register(0x1000, 0x2000, io::Error::from_raw_os_error(libc::EINVAL)).to_string();
         assert!(m.contains("TrackMode::Fast"), "{m}");
     }
 }

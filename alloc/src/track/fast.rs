@@ -98,13 +98,7 @@ impl FastTracker {
         loop {
             let (n, walk_end) = self
                 .pagemap
-                .scan(
-                    start,
-                    end,
-                    sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
-                    sys::PAGE_IS_WRITTEN,
-                    &mut vec,
-                )
+                .scan(start, end, sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC, sys::PAGE_IS_WRITTEN, &mut vec)
                 .map_err(TrackError::sys("PAGEMAP_SCAN"))?;
             for reg in &vec[..n] {
                 out.extend(r.page_of_clamped(reg.start)..r.page_of_clamped(reg.end));

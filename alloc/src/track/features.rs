@@ -155,10 +155,7 @@ mod tests {
         assert!(!f.contains(UffdFeatures::MOVE));
         assert_eq!(f.difference(UffdFeatures::WP_ASYNC), UffdFeatures::WP_UNPOPULATED);
         let names: Vec<_> = f.named().collect();
-        assert_eq!(
-            names,
-            [("UFFD_FEATURE_WP_UNPOPULATED", "6.4"), ("UFFD_FEATURE_WP_ASYNC", "6.7")]
-        );
+        assert_eq!(names, [("UFFD_FEATURE_WP_UNPOPULATED", "6.4"), ("UFFD_FEATURE_WP_ASYNC", "6.7")]);
         assert_eq!(
             format!("{:?}", f | UffdFeatures::from_bits_retain(1 << 40)),
             "{WP_UNPOPULATED, WP_ASYNC, 0x10000000000}"

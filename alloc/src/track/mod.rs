@@ -176,8 +176,8 @@ impl Region {
         let addr = base as usize;
         let ok = !base.is_null()
             && len > 0
-            && addr % page_size == 0
-            && len % page_size == 0
+            && addr & (page_size - 1) == 0
+            && len & (page_size - 1) == 0
             && addr.checked_add(len).is_some();
         if !ok {
             return Err(TrackError::Misaligned { base: addr, len, page_size });

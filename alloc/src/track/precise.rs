@@ -38,7 +38,8 @@ use super::{Region, TrackMode, Tracker};
 const MSG_BATCH: usize = 64;
 
 /// What the handler thread was doing when it failed (index of `Control::failed_op`).
-const OPS: [&str; 5] = ["", "poll(2) on the userfaultfd", "read(2) of fault events", "UFFDIO_WRITEPROTECT (un-protect)", "UFFDIO_WAKE"];
+const OPS: [&str; 5] =
+    ["", "poll(2) on the userfaultfd", "read(2) of fault events", "UFFDIO_WRITEPROTECT (un-protect)", "UFFDIO_WAKE"];
 const OP_POLL: u32 = 1;
 const OP_READ: u32 = 2;
 const OP_UNPROTECT: u32 = 3;
@@ -159,19 +160,14 @@ impl std::fmt::Debug for PreciseTracker {
 }
 
 impl PreciseTracker {
-    pub(crate) fn build(
-        b: &TrackerBuilder,
-        region: Region,
-        store: Option<Box<dyn WordStore>>,
-    ) -> Result<Self> {
+    pub(crate) fn build(b: &TrackerBuilder, region: Region, store: Option<Box<dyn WordStore>>) -> Result<Self> {
         let supported = probe_with(b.close_on_exec)?;
         check_features(
             supported,
             b.require,
             "choose TrackMode::Fast if it is available, or TrackMode::Off to opt out",
         )?;
-        let wanted = b.require
-            | (supported & (UffdFeatures::WP_HUGETLBFS_SHMEM | UffdFeatures::WP_UNPOPULATED));
+        let wanted = b.require | (supported & (UffdFeatures::WP_HUGETLBFS_SHMEM | UffdFeatures::WP_UNPOPULATED));
 
         let pages = region.pages();
         let dirty = match store {

@@ -144,8 +144,7 @@ pub(crate) struct UffdMsg {
 }
 
 impl UffdMsg {
-    pub(crate) const ZERO: Self =
-        Self { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] };
+    pub(crate) const ZERO: Self = Self { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] };
 
     /// `arg.pagefault.flags`.
     pub(crate) fn pagefault_flags(&self) -> u64 {
@@ -260,16 +259,11 @@ impl Uffd {
     }
 
     fn open_dev(flags: libc::c_int) -> io::Result<Self> {
-        let dev: File = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/userfaultfd")?;
+        let dev: File =
+            OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/userfaultfd")?;
         // SAFETY: USERFAULTFD_IOC_NEW takes the open flags as an integer
         // argument (not a pointer) and returns a new descriptor or -1.
-        let fd = cvt(unsafe {
-            libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags)
-        })?;
+        let fd = cvt(unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as libc::Ioctl, flags) })?;
         // SAFETY: the kernel just returned this descriptor; nothing else owns it.
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
@@ -290,11 +284,7 @@ impl Uffd {
     /// `UFFDIO_REGISTER` with `UFFDIO_REGISTER_MODE_WP`; returns the
     /// ioctls the kernel allows on the range.
     pub(crate) fn register_wp(&self, start: u64, len: u64) -> io::Result<u64> {
-        let mut r = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
+        let mut r = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
         ioctl_ptr(self.0.as_fd(), UFFDIO_REGISTER, &mut r)?;
         Ok(r.ioctls)
     }
@@ -334,9 +324,7 @@ impl Uffd {
         // SAFETY: read(2) writes at most size_of_val(buf) bytes into `buf`,
         // which is exclusively borrowed; UffdMsg is plain old data, so any
         // bytes the kernel writes form a valid value.
-        let n = unsafe {
-            libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(buf))
-        };
+        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(buf)) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -372,12 +360,7 @@ pub(crate) struct Pagemap(File);
 
 impl Pagemap {
     pub(crate) fn open_self() -> io::Result<Self> {
-        Ok(Self(
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open("/proc/self/pagemap")?,
-        ))
+        Ok(Self(OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open("/proc/self/pagemap")?))
     }
 
     /// One `PAGEMAP_SCAN` call over `[start, end)` selecting pages whose
@@ -413,9 +396,8 @@ impl Pagemap {
             // `arg.vec`, which is `vec`, exclusively borrowed for the call.
             // With PM_SCAN_WP_MATCHING it write-protects pages of this
             // process's async-registered ranges, which changes no memory.
-            let rc = unsafe {
-                libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN as libc::Ioctl, &mut arg as *mut PmScanArg)
-            };
+            let rc =
+                unsafe { libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN as libc::Ioctl, &mut arg as *mut PmScanArg) };
             if rc >= 0 {
                 return Ok(((rc as usize).min(vec.len()), arg.walk_end));
             }
@@ -596,9 +578,7 @@ impl TestRegion {
         let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a new mapping at an address the kernel chooses aliases no
         // existing Rust memory.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -625,7 +605,7 @@ impl TestRegion {
 
     /// The 8-byte word at byte `offset`.
     pub(crate) fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len, "offset {offset} out of the region");
+        assert!(offset & 7 == 0 && offset + 8 <= self.len, "offset {offset} out of the region");
         // SAFETY: in bounds and 8-aligned (checked above; the base is page
         // aligned); the mapping lives as long as `self` and is only ever
         // accessed through atomics, so shared references are sound.
@@ -715,8 +695,7 @@ mod tests {
         let pm = Pagemap::open_self().unwrap();
         let mut v = [PageRegion::default(); 4];
         let base = r.base() as u64;
-        let (n, walk_end) =
-            pm.scan(base, base + r.len() as u64, 0, PAGE_IS_WRITTEN, &mut v).expect("PAGEMAP_SCAN");
+        let (n, walk_end) = pm.scan(base, base + r.len() as u64, 0, PAGE_IS_WRITTEN, &mut v).expect("PAGEMAP_SCAN");
         // Not registered: no uffd-wp bit, so every present page reads as written.
         assert_eq!(n, 1);
         assert_eq!((v[0].start, v[0].end), (base, base + r.len() as u64));

@@ -127,9 +127,7 @@ fn precise_counts_faults_and_exposes_the_set() {
 fn precise_dirty_set_in_caller_storage() {
     let r = TestRegion::memfd(100 * ps(), true).unwrap();
     let words = OwnedWords::new(DirtyBitmap::words_for(100)).unwrap();
-    let t = TrackerBuilder::new(TrackMode::Precise)
-        .build_precise_in(r.base(), r.len(), Box::new(words))
-        .unwrap();
+    let t = TrackerBuilder::new(TrackMode::Precise).build_precise_in(r.base(), r.len(), Box::new(words)).unwrap();
     t.protect_all().unwrap();
     write(&r, 99, 1);
     assert_eq!(t.dirty_set().words()[1].load(Ordering::Relaxed), 1 << (99 - 64));
@@ -357,7 +355,11 @@ fn no_write_is_lost(mode: TrackMode, run_for: Duration) {
         copy[p as usize] = read0(&r, p);
     }
     for p in 0..PAGES {
-        assert_eq!(copy[p as usize], read0(&r, p), "{mode}: page {p} changed after its last harvest but was not reported");
+        assert_eq!(
+            copy[p as usize],
+            read0(&r, p),
+            "{mode}: page {p} changed after its last harvest but was not reported"
+        );
     }
     assert!(harvests > 10 && reported > 10, "{mode}: {harvests} harvests, {reported} pages");
 }
