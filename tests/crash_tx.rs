@@ -41,7 +41,7 @@ fn op(i: u64) -> (usize, Option<usize>) {
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 32;
     let key = (x % SLOTS as u64) as usize;
-    if x % 5 == 0 {
+    if x.is_multiple_of(5) {
         (key, None)
     } else {
         (key, Some(32 + (x >> 20) as usize % 3000))
