@@ -87,7 +87,7 @@ fn create_refuses_existing_and_open_refuses_garbage() {
     std::fs::write(&path, vec![7u8; 8192]).unwrap();
     assert!(matches!(Heap::create(&path, &HeapOptions::new(4 << 20)), Err(Error::Open(_))));
     let e = Heap::open(&path).unwrap_err();
-    assert!(e.to_string().contains("not a remem heap"), "{e}");
+    assert!(e.to_string().contains("not a usable remem baseline"), "{e}");
 }
 
 #[test]

@@ -20,14 +20,9 @@ pub enum Error {
     /// A pointer handed back to the heap was not acceptable.
     #[error(transparent)]
     Pointer(#[from] PointerError),
-    /// Writing the heap's image to its file failed; the previous file is intact.
-    #[error("saving the heap image to {path}: {source}")]
-    Save {
-        /// The heap's file.
-        path: PathBuf,
-        /// What the operating system said.
-        source: io::Error,
-    },
+    /// A flush to the baseline failed, or durability is poisoned.
+    #[error(transparent)]
+    Flush(#[from] crate::flush::FlushError),
 }
 
 /// Why a heap could not be created or opened.
@@ -43,7 +38,7 @@ pub enum OpenError {
         source: io::Error,
     },
     /// `create` was asked to make a heap at a path that already holds one.
-    #[error("{0} already exists; open it with Heap::open, or remove it to start afresh")]
+    #[error("{0} already exists; open it instead, or remove it to start afresh")]
     AlreadyExists(PathBuf),
     /// The requested size is outside what remem supports.
     #[error("heap size {size} bytes is not supported: it must be between {min} and {max} bytes")]
@@ -96,6 +91,17 @@ pub enum OpenError {
         /// Version this build reads.
         supported: u32,
     },
+    /// The baseline file could not be created, read or validated.
+    #[error("baseline {path}: {source}")]
+    Baseline {
+        /// The baseline file.
+        path: PathBuf,
+        /// What is wrong.
+        source: crate::baseline::BaselineError,
+    },
+    /// Dirty-page tracking could not be set up.
+    #[error(transparent)]
+    Track(#[from] crate::track::TrackError),
     /// Another process has the heap open.
     #[error("{0} is open in another process (its lock file is held); close it there first")]
     Locked(PathBuf),

@@ -85,11 +85,11 @@ pub enum Desc {
 }
 
 impl Desc {
-    const FREE: u64 = 0;
-    const LARGE: u64 = 1;
-    const SLAB: u64 = 2;
-    const CONT: u64 = 3;
-    const META: u64 = 4;
+    pub(crate) const FREE: u64 = 0;
+    pub(crate) const LARGE: u64 = 1;
+    pub(crate) const SLAB: u64 = 2;
+    pub(crate) const CONT: u64 = 3;
+    pub(crate) const META: u64 = 4;
 
     /// The descriptor's word.
     pub const fn encode(self) -> u64 {

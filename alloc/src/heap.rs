@@ -23,18 +23,21 @@
 //! - slabs and page runs: prepare, then store the head descriptor.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
+use crate::baseline::{Backend, Baseline, FileBackend};
 use crate::check::{CheckReport, LiveState};
+use crate::control::Control;
 use crate::error::{AllocError, Error, OpenError, PointerError, Result};
+use crate::flush::{Durability, FlushError, FlushStats};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
 use crate::lanes::{self, HasLanes, LaneSet};
 use crate::mem::Mem;
@@ -43,19 +46,23 @@ use crate::pages::PageIndex;
 use crate::recover::{recover, RecoveryReport};
 use crate::region::{self, Region};
 use crate::size_class::{class_for, CLASSES, NCLASSES, SLAB_PAGES};
+use crate::track::{TrackMode, TrackerBuilder};
 
-/// How to create a heap.
+/// How to create or open a heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeapOptions {
     size: u64,
     base: Option<u64>,
+    tracking: TrackMode,
+    flush_interval: Option<Duration>,
 }
 
 impl HeapOptions {
     /// A heap of `size` bytes (rounded up to 64 KiB; between 1 MiB and 64
-    /// GiB) at a base address remem chooses.
+    /// GiB) at a base address remem chooses, tracked in fast mode, flushed
+    /// every second.
     pub fn new(size: u64) -> HeapOptions {
-        HeapOptions { size, base: None }
+        HeapOptions { size, base: None, tracking: TrackMode::Fast, flush_interval: Some(Duration::from_secs(1)) }
     }
 
     /// Maps the heap at `base` (64 KiB aligned). Every process that opens
@@ -64,6 +71,39 @@ impl HeapOptions {
         self.base = Some(base);
         self
     }
+
+    /// How written pages are tracked ([`TrackMode::Fast`] by default;
+    /// [`TrackMode::Precise`] keeps the dirty lists complete at every
+    /// instant; [`TrackMode::Off`] flushes the whole image every time, for
+    /// machines without userfaultfd).
+    pub fn tracking(mut self, mode: TrackMode) -> HeapOptions {
+        self.tracking = mode;
+        self
+    }
+
+    /// How often the background flusher runs (`None`: only explicit
+    /// [`Heap::flush`] calls and `close`).
+    pub fn flush_interval(mut self, every: Option<Duration>) -> HeapOptions {
+        self.flush_interval = every;
+        self
+    }
+}
+
+/// The baseline a heap was opened from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BaselineInfo {
+    /// The last committed flush epoch.
+    pub epoch: u64,
+    /// When it committed.
+    pub committed_at: SystemTime,
+    /// How old it was when the heap was opened: updates younger than this
+    /// (made after the last flush by a process or host that is gone) are lost.
+    pub age: Duration,
+    /// Pages taken from the journal rather than the image area.
+    pub pages_from_journal: u64,
+    /// The heap's generation in the baseline.
+    pub generation: u64,
 }
 
 /// No current slab.
@@ -87,6 +127,12 @@ pub(crate) struct Inner {
     cur_slab: Box<[AtomicU64]>,
     lanes: LaneSet,
     root_lock: Mutex<()>,
+    /// Stops mutating calls while the flusher captures a cut.
+    gate: crate::gate::Gate,
+    /// Tracker, control region, baseline and flusher (heaps with a baseline).
+    durability: Option<Arc<Durability>>,
+    /// The baseline this heap was opened from.
+    opened_from: Option<BaselineInfo>,
     /// Per lane: the volatile part of its transaction.
     txv: Box<[Mutex<crate::tx::TxVolatile>]>,
     report: RecoveryReport,
@@ -166,23 +212,27 @@ fn take_lock(path: &Path) -> Result<File, OpenError> {
 }
 
 impl Heap {
-    /// Creates a new heap whose image lives at `path` (which must not exist).
+    /// Creates a new heap whose baseline file is `path` (which must not
+    /// exist; any filesystem, local or shared).
     pub fn create(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
         let path = path.as_ref();
-        region::check_page_size()?;
-        let size = opts.size.next_multiple_of(crate::format::HEAP_ALIGN);
-        if !(crate::format::MIN_HEAP..=crate::format::MAX_HEAP).contains(&size) {
-            return Err(OpenError::BadSize {
-                size: opts.size,
-                min: crate::format::MIN_HEAP,
-                max: crate::format::MAX_HEAP,
-            }
-            .into());
-        }
         if path.exists() {
             return Err(OpenError::AlreadyExists(path.to_owned()).into());
         }
         let lock = take_lock(path)?;
+        let backend = FileBackend::create(path).map_err(io(format!("creating baseline {}", path.display())))?;
+        Self::create_inner(Arc::new(backend), opts, Some((path.to_owned(), lock)))
+    }
+
+    /// [`Heap::create`] on a caller-provided baseline backend (for tests
+    /// with a fault-injecting backend, or storage that is not a file).
+    pub fn create_on(backend: Arc<dyn Backend>, opts: &HeapOptions) -> Result<Heap> {
+        Self::create_inner(backend, opts, None)
+    }
+
+    fn create_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+        region::check_page_size()?;
+        let size = Self::check_size(opts.size)?;
         let uuid = region::random_uuid()?;
         let base = match opts.base {
             Some(b) => {
@@ -199,52 +249,122 @@ impl Heap {
         for p in 0..header.layout.first_data_page() {
             meta.desc(p).store(Desc::Meta.encode(), Relaxed);
         }
-        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
-        let heap = Self::assemble(region, meta, header, Some(path.to_owned()), Some(lock), report, vol)?;
-        heap.save()?;
+        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
+        let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
+        let mut baseline = Baseline::create(backend, uuid, size, header.generation).map_err(bl_err)?;
+        // Epoch 1: the pages that hold data now (the metadata).
+        let ranges = region.data_ranges().map_err(io("finding data in the heap memfd"))?;
+        let pages: Vec<u64> =
+            ranges.iter().flat_map(|&(s, e)| s / PAGE_SIZE as u64..e.div_ceil(PAGE_SIZE as u64)).collect();
+        baseline.commit(1, pages.iter().map(|&p| (p, Self::page_bytes(&meta, p)))).map_err(bl_err)?;
+        if let Some((path, _)) = &file {
+            region::sync_parent(path).map_err(io(format!("syncing the directory of {}", path.display())))?;
+        }
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
+        let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
+        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), None)?;
+        heap.start_flusher(opts);
         Ok(heap)
     }
 
-    /// Opens the heap whose image is at `path`, maps it at its recorded
-    /// address and runs recovery ([`Heap::recovery_report`] says what it did).
+    fn page_bytes(meta: &Meta, p: u64) -> &[u8] {
+        // SAFETY: page `p` lies inside the mapping, which outlives `meta`'s
+        // users here; nobody else mutates the heap yet.
+        unsafe { std::slice::from_raw_parts(meta.mem.ptr(p as usize * PAGE_SIZE), PAGE_SIZE) }
+    }
+
+    fn check_size(size: u64) -> Result<u64, OpenError> {
+        let rounded = size.checked_next_multiple_of(crate::format::HEAP_ALIGN).unwrap_or(u64::MAX);
+        if !(crate::format::MIN_HEAP..=crate::format::MAX_HEAP).contains(&rounded) {
+            return Err(OpenError::BadSize { size, min: crate::format::MIN_HEAP, max: crate::format::MAX_HEAP });
+        }
+        Ok(rounded)
+    }
+
+    /// Builds the tracker (all pages clean: memory equals the baseline
+    /// now), the control region and the flusher state.
+    fn durability(
+        region: &Region,
+        header: &Header,
+        baseline: Baseline<Arc<dyn Backend>>,
+        mode: TrackMode,
+    ) -> Result<Arc<Durability>, OpenError> {
+        let npages = header.layout.npages();
+        let control = Control::create(&header.uuid, npages, mode)?;
+        let builder = TrackerBuilder::new(mode);
+        let tracker: Box<dyn crate::track::Tracker> = match mode {
+            TrackMode::Precise => {
+                Box::new(builder.build_precise_in(region.base(), region.len(), Box::new(control.current_words()))?)
+            }
+            _ => builder.build(region.base(), region.len())?,
+        };
+        tracker.protect_all()?;
+        Ok(Arc::new(Durability::new(baseline, tracker, control)?))
+    }
+
+    fn start_flusher(&mut self, opts: &HeapOptions) {
+        if let (Some(d), Some(every)) = (&self.inner.durability, opts.flush_interval) {
+            d.start(every, Arc::downgrade(&self.inner), Inner::flush);
+        }
+    }
+
+    /// Opens the heap whose baseline is at `path`: maps it at its recorded
+    /// address, loads the last committed flush, and runs recovery
+    /// ([`Heap::recovery_report`] says what it did and how old the baseline
+    /// was). Tracked in fast mode, flushed every second.
     pub fn open(path: impl AsRef<Path>) -> Result<Heap> {
+        Self::open_with(path, &HeapOptions::new(0))
+    }
+
+    /// [`Heap::open`] with options (`size` and `base` are ignored: the
+    /// baseline has them).
+    pub fn open_with(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
         let path = path.as_ref();
-        region::check_page_size()?;
         let lock = take_lock(path)?;
-        let mut file = File::open(path).map_err(io(format!("opening heap image {}", path.display())))?;
+        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
+        Self::open_inner(Arc::new(backend), opts, Some((path.to_owned(), lock)))
+    }
+
+    /// [`Heap::open_with`] on a caller-provided baseline backend.
+    pub fn open_on(backend: Arc<dyn Backend>, opts: &HeapOptions) -> Result<Heap> {
+        Self::open_inner(backend, opts, None)
+    }
+
+    fn open_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+        region::check_page_size()?;
+        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
+        let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
+        let baseline = Baseline::open(backend).map_err(bl_err)?;
         let mut first = vec![0u8; PAGE_SIZE];
-        file.read_exact(&mut first).map_err(|e| OpenError::Corrupt {
-            path: path.to_owned(),
-            reason: format!("cannot read the header page: {e}"),
-        })?;
+        baseline.read_page(0, &mut first).map_err(bl_err)?;
         let header = Header::decode(&first).map_err(|e| match e {
             HeaderError::Version(found) => {
-                OpenError::Version { path: path.to_owned(), found, supported: crate::format::VERSION }
+                OpenError::Version { path: name.clone(), found, supported: crate::format::VERSION }
             }
-            e => OpenError::Corrupt { path: path.to_owned(), reason: e.to_string() },
+            e => OpenError::Corrupt { path: name.clone(), reason: e.to_string() },
         })?;
+        baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
         let size = header.layout.size;
-        let flen = file.metadata().map_err(io("stat heap image"))?.len();
-        if flen != size {
-            return Err(OpenError::Corrupt {
-                path: path.to_owned(),
-                reason: format!("image is {flen} bytes, its header says {size}"),
-            }
-            .into());
-        }
         let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
         let region = Region::map(fd, header.base, size)?;
-        let mem = Self::meta_of(&region, &header).mem;
-        use std::os::fd::AsRawFd;
-        for (s, e) in region::data_ranges(file.as_raw_fd(), size).map_err(io("finding data in the heap image"))? {
-            // SAFETY: `[s, e)` is inside the fresh mapping (e <= size), which
-            // nothing else uses yet.
-            let dst = unsafe { std::slice::from_raw_parts_mut(mem.ptr(s as usize), (e - s) as usize) };
-            file.read_exact_at(dst, s).map_err(io(format!("reading heap image {}", path.display())))?;
-        }
+        // SAFETY: the fresh mapping is `size` bytes and nothing else uses it yet.
+        let dst = unsafe { std::slice::from_raw_parts_mut(region.base(), size as usize) };
+        let load = baseline.load_into(dst).map_err(bl_err)?;
+        let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(load.info.commit_unix_ns);
+        let from = BaselineInfo {
+            epoch: load.info.epoch,
+            committed_at,
+            age: committed_at.elapsed().unwrap_or_default(),
+            pages_from_journal: load.from_journal,
+            generation: load.info.generation,
+        };
+        // Track before recovering, so that recovery's repairs are flushed.
+        let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
         let meta = Self::meta_of(&region, &header);
-        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: path.to_owned(), reason })?;
-        Self::assemble(region, meta, header, Some(path.to_owned()), Some(lock), report, vol)
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
+        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), Some(from))?;
+        heap.start_flusher(opts);
+        Ok(heap)
     }
 
     /// Creates a heap that lives only in a memfd (no image file): its
@@ -252,15 +372,7 @@ impl Heap {
     /// memfd (see [`Heap::memfd`] and [`Heap::attach`]).
     pub fn create_memfd(opts: &HeapOptions) -> Result<Heap> {
         region::check_page_size()?;
-        let size = opts.size.next_multiple_of(crate::format::HEAP_ALIGN);
-        if !(crate::format::MIN_HEAP..=crate::format::MAX_HEAP).contains(&size) {
-            return Err(OpenError::BadSize {
-                size: opts.size,
-                min: crate::format::MIN_HEAP,
-                max: crate::format::MAX_HEAP,
-            }
-            .into());
-        }
+        let size = Self::check_size(opts.size)?;
         let uuid = region::random_uuid()?;
         let base = match opts.base {
             Some(b) => {
@@ -278,7 +390,7 @@ impl Heap {
             meta.desc(p).store(Desc::Meta.encode(), Relaxed);
         }
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: "<memfd>".into(), reason })?;
-        Self::assemble(region, meta, header, None, None, report, vol)
+        Self::assemble(region, meta, header, None, report, vol, None, None)
     }
 
     /// Maps a heap's memfd (handed over by another process, whose copy of
@@ -306,7 +418,7 @@ impl Heap {
         let region = Region::map(file.into(), header.base, header.layout.size)?;
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: "<memfd>".into(), reason })?;
-        Self::assemble(region, meta, header, None, None, report, vol)
+        Self::assemble(region, meta, header, None, report, vol, None, None)
     }
 
     fn meta_of(region: &Region, header: &Header) -> Meta {
@@ -316,15 +428,21 @@ impl Heap {
         Meta::new(mem, header)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         region: Region,
         meta: Meta,
         header: Header,
-        path: Option<PathBuf>,
-        lock: Option<File>,
+        file: Option<(PathBuf, File)>,
         report: RecoveryReport,
         vol: crate::recover::Volatile,
+        durability: Option<Arc<Durability>>,
+        opened_from: Option<BaselineInfo>,
     ) -> Result<Heap> {
+        let (path, lock) = match file {
+            Some((p, l)) => (Some(p), Some(l)),
+            None => (None, None),
+        };
         let npages = header.layout.npages() as usize;
         let listed: Box<[AtomicBool]> = (0..npages).map(|_| AtomicBool::new(false)).collect();
         for list in &vol.partial {
@@ -347,6 +465,9 @@ impl Heap {
             lanes: LaneSet::new(nlanes),
             root_lock: Mutex::new(()),
             txv: (0..nlanes).map(|_| Mutex::default()).collect(),
+            gate: crate::gate::Gate::new(nlanes),
+            durability,
+            opened_from,
             report,
             region,
         };
@@ -362,35 +483,89 @@ impl Heap {
         crate::HeapRef::new(self.inner.header.base)
     }
 
-    /// Writes the whole image to `path` crash-atomically: a temporary file,
-    /// fsync, rename, fsync of the directory. Only pages that hold data are
-    /// written. The caller makes sure no thread mutates the heap meanwhile.
-    fn save(&self) -> Result<()> {
-        let Some(path) = &self.inner.path else { return Ok(()) };
-        let err = |source| Error::Save { path: path.clone(), source };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let f = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp).map_err(err)?;
-        let size = self.inner.header.layout.size;
-        f.set_len(size).map_err(err)?;
-        let mem = self.inner.meta.mem;
-        for (s, e) in self.inner.region.data_ranges().map_err(err)? {
-            // SAFETY: `[s, e)` is inside the mapping; callers guarantee no
-            // concurrent mutation, so the bytes are a stable snapshot.
-            let src = unsafe { std::slice::from_raw_parts(mem.ptr(s as usize), (e - s) as usize) };
-            f.write_all_at(src, s).map_err(err)?;
-        }
-        f.sync_all().map_err(err)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(err)?;
-        region::sync_parent(path).map_err(err)
-    }
-
-    /// Saves the image and closes the heap.
+    /// Flushes what changed, compacts the baseline and stops the flusher:
+    /// after `close` returns `Ok`, the baseline holds everything. A
+    /// memfd-only heap is just unmapped.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.save()
+        self.finish()
+    }
+
+    fn finish(&self) -> Result<()> {
+        let Some(d) = &self.inner.durability else { return Ok(()) };
+        d.stop();
+        self.inner.flush()?;
+        d.apply()?;
+        d.mark_closed();
+        Ok(())
+    }
+
+    /// Writes every page changed since the last flush to the baseline and
+    /// returns the epoch that is now durable (see [`crate::flush`] for the
+    /// epoch switch and its pause).
+    pub fn flush(&self) -> Result<u64, FlushError> {
+        self.inner.flush()
+    }
+
+    /// Blocks until flush epoch `epoch` is durable in the baseline (or
+    /// fails because durability is poisoned).
+    pub fn wait_durable(&self, epoch: u64) -> Result<(), FlushError> {
+        self.inner.durability.as_ref().ok_or(FlushError::NoBaseline)?.wait_durable(epoch)
+    }
+
+    /// The epoch that writes made now belong to: durable once
+    /// `wait_durable(current_epoch())` returns.
+    pub fn current_epoch(&self) -> Result<u64, FlushError> {
+        Ok(self.inner.durability.as_ref().ok_or(FlushError::NoBaseline)?.current_epoch())
+    }
+
+    /// Durability statistics (`None` for a memfd-only heap).
+    pub fn flush_stats(&self) -> Option<FlushStats> {
+        self.inner.durability.as_ref().map(|d| d.stats())
+    }
+
+    /// The baseline this heap was loaded from (`None` when created, or memfd-only).
+    pub fn opened_from(&self) -> Option<BaselineInfo> {
+        self.inner.opened_from
+    }
+
+    /// The tracking mode (`None` for a memfd-only heap).
+    pub fn tracking(&self) -> Option<TrackMode> {
+        self.inner.durability.as_ref().map(|d| d.tracker.mode())
+    }
+
+    /// Pages that may differ from the baseline, as the dirty lists say:
+    /// the current set (precise mode) and the set of the flush in progress.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        if let Some(d) = &self.inner.durability {
+            d.dirty_pages(&mut out);
+        }
+        out
+    }
+
+    /// The control region's memfd (dirty lists and epochs, for the agent).
+    pub fn control_memfd(&self) -> Option<&std::os::fd::OwnedFd> {
+        self.inner.durability.as_ref().map(|d| d.control.fd())
+    }
+
+    /// Tells the tracker that `len` bytes at `ptr` were written by
+    /// something the page tables do not see (device DMA, `O_DIRECT` reads
+    /// into the heap, RDMA writes, io_uring fixed buffers).
+    pub fn mark_dirty(&self, ptr: *const u8, len: usize) -> Result<()> {
+        let off = self.offset_of(ptr).ok_or(PointerError::NotInHeap(ptr as usize))?;
+        if len == 0 {
+            return Ok(());
+        }
+        if off + len > self.size() as usize {
+            return Err(PointerError::NotInHeap(ptr as usize + len).into());
+        }
+        if let Some(d) = &self.inner.durability {
+            let first = (off / PAGE_SIZE) as u64;
+            let last = ((off + len - 1) / PAGE_SIZE) as u64;
+            d.tracker.mark_dirty(first, last - first + 1);
+        }
+        Ok(())
     }
 
     /// What recovery did when this heap was opened.
@@ -447,7 +622,7 @@ impl Heap {
     #[inline]
     fn with_lane<R>(&self, f: impl FnOnce(u32) -> R) -> R {
         match lanes::last(self.inner.id) {
-            Some(l) => f(l),
+            Some(l) => self.in_gate(l, f),
             None => self.with_lane_slow(f),
         }
     }
@@ -458,10 +633,25 @@ impl Heap {
         match lanes::acquire(self.inner.id, &home) {
             0 => {
                 let _g = self.inner.lanes.shared.lock();
-                f(0)
+                self.in_gate(0, f)
             }
-            l => f(l),
+            l => self.in_gate(l, f),
         }
+    }
+
+    /// Runs the mutating call `f` on lane `l` inside the flush gate.
+    #[inline(always)]
+    pub(crate) fn in_gate<R>(&self, l: u32, f: impl FnOnce(u32) -> R) -> R {
+        struct Exit<'a>(&'a crate::gate::Gate, u32);
+        impl Drop for Exit<'_> {
+            #[inline(always)]
+            fn drop(&mut self) {
+                self.0.exit(self.1);
+            }
+        }
+        self.inner.gate.enter(l);
+        let _exit = Exit(&self.inner.gate, l);
+        f(l)
     }
 
     /// Allocates `size` bytes (16-byte aligned).
@@ -501,11 +691,11 @@ impl Heap {
         }
         match class_for(size, align) {
             Some(c) => self.with_lane(|l| self.alloc_small(l, c)),
-            None => self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None),
+            None => self.with_lane(|_| self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None)),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn alloc_small(&self, l: u32, c: usize) -> Result<usize, AllocError> {
         let m = &self.inner.meta;
         let count = m.cache_count(l, c);
@@ -677,11 +867,24 @@ impl Heap {
     pub fn free(&self, ptr: NonNull<u8>) -> Result<()> {
         let p = ptr.as_ptr() as usize;
         let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
+        if let Some((slab, class, idx)) = self.inner.meta.block_at(off) {
+            return self.with_lane(|l| self.free_small(l, off, slab, class, idx)).map_err(Error::from);
+        }
+        self.free_slow(off, p)
+    }
+
+    #[cold]
+    fn free_slow(&self, off: usize, p: usize) -> Result<()> {
+        self.with_lane(|_| self.free_slow_in(off, p))
+    }
+
+    fn free_slow_in(&self, off: usize, p: usize) -> Result<()> {
         match self.inner.meta.locate(off) {
             Located::Block { slab, class, idx } => self.with_lane(|l| self.free_small(l, off, slab, class, idx)),
             Located::Large { page, npages } => self.free_large(page, npages, p),
             Located::Nothing
-                if off % PAGE_SIZE == 0 && self.inner.meta.desc_of((off / PAGE_SIZE) as u64) == Some(Desc::Free) =>
+                if off.is_multiple_of(PAGE_SIZE)
+                    && self.inner.meta.desc_of((off / PAGE_SIZE) as u64) == Some(Desc::Free) =>
             {
                 Err(PointerError::DoubleFree(p))
             }
@@ -690,7 +893,7 @@ impl Heap {
         .map_err(Error::from)
     }
 
-    #[inline]
+    #[inline(always)]
     fn free_small(&self, l: u32, off: usize, slab: u64, c: usize, idx: usize) -> Result<(), PointerError> {
         let m = &self.inner.meta;
         let word = m.slab_word(slab, idx / 64);
@@ -898,7 +1101,7 @@ impl Heap {
         if let Some(p) = ptr {
             self.usable_size(p)?;
         }
-        self.inner.meta.root().store(ptr.map_or(0, |p| p.as_ptr() as u64), Release);
+        self.with_lane(|_| self.inner.meta.root().store(ptr.map_or(0, |p| p.as_ptr() as u64), Release));
         Ok(())
     }
 
@@ -965,13 +1168,25 @@ impl Drop for Heap {
             OPEN.write().retain(|&(_, a)| a != addr);
         }
         if !self.closed {
-            if let Err(e) = self.save() {
+            if let Err(e) = self.finish() {
                 eprintln!(
-                    "remem: heap {} dropped without close(), and saving it failed: {e}",
+                    "remem: heap {} dropped without close(), and its final flush failed: {e}",
                     self.inner.path.as_deref().unwrap_or(Path::new("<memfd>")).display()
                 );
             }
+        } else if let Some(d) = &self.inner.durability {
+            d.stop();
         }
+    }
+}
+
+impl Inner {
+    fn flush(&self) -> Result<u64, FlushError> {
+        let d = self.durability.as_ref().ok_or(FlushError::NoBaseline)?;
+        d.flush(self.region.base(), |f| {
+            let _paused = self.gate.pause();
+            crate::flush::timed(f)
+        })
     }
 }
 

@@ -23,9 +23,13 @@
 //! ```
 
 mod api;
+pub mod baseline;
 mod check;
+mod control;
 mod error;
+pub mod flush;
 pub mod format;
+mod gate;
 mod heap;
 mod lanes;
 mod mem;
@@ -40,8 +44,11 @@ mod tx;
 
 pub use api::{GlobalHeap, HeapRef};
 pub use check::CheckReport;
+pub use control::ctl;
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
-pub use heap::{check_image, image_base, recover_image, Heap, HeapOptions, HeapStats};
+pub use flush::{FlushError, FlushStats};
+pub use heap::{check_image, image_base, recover_image, BaselineInfo, Heap, HeapOptions, HeapStats};
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;
+pub use track::TrackMode;
 pub use tx::{Tx, TxError};

@@ -98,6 +98,41 @@ impl Meta {
         (self.layout.first_data_page(), self.layout.npages())
     }
 
+    /// The fast path of [`Meta::locate`] for slab blocks: `(slab page,
+    /// class, block index)` when `off` is the start of a block of a live
+    /// slab, `None` otherwise (then ask `locate`).
+    #[inline(always)]
+    pub(crate) fn block_at(&self, off: usize) -> Option<(u64, usize, usize)> {
+        let (first, end) = self.data_pages();
+        let page = (off / PAGE_SIZE) as u64;
+        if page < first || page >= end {
+            return None;
+        }
+        let d = self.desc(page).load(std::sync::atomic::Ordering::Acquire);
+        let (head, hd) = match d & 0xff {
+            Desc::SLAB => (page, d),
+            Desc::CONT => {
+                let dist = d >> 8;
+                if dist == 0 || dist >= SLAB_PAGES as u64 || dist > page - first {
+                    return None;
+                }
+                (page - dist, self.desc(page - dist).load(std::sync::atomic::Ordering::Acquire))
+            }
+            _ => return None,
+        };
+        if hd & 0xff != Desc::SLAB {
+            return None;
+        }
+        let c = ((hd >> 8) & 0xff) as usize;
+        let info = CLASSES.get(c)?;
+        let rel = (off - Self::page_off(head)).wrapping_sub(info.data_start as usize);
+        if rel >= SLAB_BYTES {
+            return None;
+        }
+        let idx = crate::size_class::block_index(info, rel)?;
+        Some((head, c, idx))
+    }
+
     /// Where a byte offset lands, as the allocator sees it.
     pub(crate) fn locate(&self, off: usize) -> Located {
         let (first, end) = self.data_pages();

@@ -240,3 +240,74 @@ pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     };
     File::open(parent)?.sync_all()
 }
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+/// Registers this process for private expedited membarriers; false when
+/// the kernel does not offer them.
+pub(crate) fn membarrier_register() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // SAFETY: membarrier takes no pointers.
+        unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 }
+    })
+}
+
+/// A full memory barrier on every CPU that runs a thread of this process.
+pub(crate) fn membarrier() {
+    // SAFETY: membarrier takes no pointers; registration happened first.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
+    assert_eq!(r, 0, "membarrier failed after registration: {}", io::Error::last_os_error());
+}
+
+/// A memfd mapped shared wherever the kernel likes. Unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct AnyMapping {
+    fd: OwnedFd,
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain shared memory; users synchronise their accesses.
+unsafe impl Send for AnyMapping {}
+// SAFETY: as above.
+unsafe impl Sync for AnyMapping {}
+
+impl AnyMapping {
+    /// Maps `len` bytes of `fd`.
+    pub(crate) fn map(fd: OwnedFd, len: usize) -> Result<AnyMapping, OpenError> {
+        // SAFETY: a fresh mapping at an address the kernel chooses.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io_err("mapping a memfd")(io::Error::last_os_error()));
+        }
+        Ok(AnyMapping { fd, base: p.cast(), len })
+    }
+
+    /// First byte.
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// The memfd.
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+impl Drop for AnyMapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range and nothing uses it any more.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}

@@ -321,6 +321,12 @@ impl Heap {
         self.tx_alloc_lane(l, size, false)
     }
 
+    /// [`Tx::alloc_zeroed`] for the transaction running on this thread.
+    pub fn tx_alloc_zeroed(&self, size: usize) -> Result<NonNull<u8>, TxError> {
+        let l = self.tx_lane()?;
+        self.tx_alloc_lane(l, size, true)
+    }
+
     /// [`Tx::free`] for the transaction running on this thread.
     pub fn tx_free(&self, ptr: NonNull<u8>) -> Result<(), TxError> {
         let l = self.tx_lane()?;
@@ -359,6 +365,10 @@ impl Heap {
 
     fn tx_begin_lane(&self) -> Result<u32, TxError> {
         let l = self.private_lane().ok_or(TxError::NoLane(self.nlanes() - 1))?;
+        self.in_gate(l, |l| self.tx_begin_in(l))
+    }
+
+    fn tx_begin_in(&self, l: u32) -> Result<u32, TxError> {
         let m = self.meta();
         let mut v = self.txv(l).lock();
         if v.depth > 0 {
@@ -451,6 +461,10 @@ impl Heap {
     }
 
     pub(crate) fn tx_add_range_lane(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
+        self.in_gate(l, |l| self.tx_add_range_lane_in(l, ptr, len))
+    }
+
+    fn tx_add_range_lane_in(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
         let mut g = self.txv(l).lock();
         let v = self.live_tx(l, &mut g)?;
         let bad = TxError::OutOfHeap { ptr: ptr as usize, len };
@@ -458,8 +472,9 @@ impl Heap {
         if len == 0 {
             return Ok(());
         }
+        let end = off.checked_add(len).ok_or(bad.clone())?;
         match self.meta().containing(off) {
-            Some((s, n)) if off + len <= s + n => {}
+            Some((s, n)) if end <= s + n => {}
             _ => return Err(bad),
         }
         if v.logged.iter().any(|&(s, n)| s <= off && off + len <= s + n) {
@@ -470,7 +485,7 @@ impl Heap {
             let chunk = (off + len - at).min(log::MAX_UNDO);
             if let Err(e) = self.append(l, v, log::UNDO, at, chunk, true) {
                 drop(g);
-                let _ = self.tx_abort_lane(l);
+                self.fail_tx(l);
                 return Err(e);
             }
             at += chunk;
@@ -482,13 +497,17 @@ impl Heap {
     }
 
     pub(crate) fn tx_alloc_lane(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
+        self.in_gate(l, |l| self.tx_alloc_lane_in(l, size, zero))
+    }
+
+    fn tx_alloc_lane_in(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
         let mut g = self.txv(l).lock();
         let v = self.live_tx(l, &mut g)?;
         let rec = match self.append(l, v, log::ALLOC, 0, 0, false) {
             Ok(r) => r,
             Err(e) => {
                 drop(g);
-                let _ = self.tx_abort_lane(l);
+                self.fail_tx(l);
                 return Err(e);
             }
         };
@@ -497,6 +516,10 @@ impl Heap {
     }
 
     pub(crate) fn tx_free_lane(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
+        self.in_gate(l, |l| self.tx_free_lane_in(l, ptr))
+    }
+
+    fn tx_free_lane_in(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
         self.usable_size(ptr).map_err(|e| match e {
             crate::Error::Pointer(p) => TxError::Pointer(p),
             _ => TxError::Pointer(PointerError::NotABlock(ptr.as_ptr() as usize)),
@@ -517,6 +540,10 @@ impl Heap {
     }
 
     pub(crate) fn tx_commit_lane(&self, l: u32) -> Result<(), TxError> {
+        self.in_gate(l, |l| self.tx_commit_lane_in(l))
+    }
+
+    fn tx_commit_lane_in(&self, l: u32) -> Result<(), TxError> {
         let mut v = self.txv(l).lock();
         if v.depth == 0 {
             return Err(TxError::NoTransaction);
@@ -546,16 +573,35 @@ impl Heap {
     }
 
     pub(crate) fn tx_abort_lane(&self, l: u32) -> Result<(), TxError> {
+        self.in_gate(l, |l| self.tx_abort_lane_in(l))
+    }
+
+    fn tx_abort_lane_in(&self, l: u32) -> Result<(), TxError> {
         let mut v = self.txv(l).lock();
         if v.depth == 0 {
             return Err(TxError::NoTransaction);
         }
-        if v.aborted {
-            // Already rolled back by an inner level: end this level.
-            v.depth -= 1;
-            v.aborted = v.depth > 0;
-            return Ok(());
+        if !v.aborted {
+            self.rollback(l, &mut v);
         }
+        // This level ends; outer levels still have to end the transaction
+        // (their commit reports `Aborted`).
+        v.depth -= 1;
+        v.aborted = v.depth > 0;
+        Ok(())
+    }
+
+    /// Rolls the running transaction back and marks it aborted, leaving
+    /// the nesting depth alone (the caller's `abort` or `commit` ends it).
+    fn fail_tx(&self, l: u32) {
+        let mut v = self.txv(l).lock();
+        if v.depth > 0 && !v.aborted {
+            self.rollback(l, &mut v);
+            v.aborted = true;
+        }
+    }
+
+    fn rollback(&self, l: u32, v: &mut TxVolatile) {
         let m = self.meta();
         for rec in records(m, l).expect("own log is well formed").iter().rev() {
             match rec.kind {
@@ -572,12 +618,6 @@ impl Heap {
         v.freed.clear();
         v.logged.clear();
         v.has_frees = false;
-        // Outer levels still have to end the transaction.
-        v.depth -= 1;
-        if v.depth > 0 {
-            v.aborted = true;
-        }
-        Ok(())
     }
 
     /// Releases the block at `off` named by the record at `rec`, marking the

@@ -1,3 +1,34 @@
-//! remem's C ABI. The exported functions arrive with the C ABI issue; this
-//! crate exists so the workspace shows where they will live.
-#![forbid(unsafe_code)]
+//! remem's C ABI: `libremem.so` and `libremem.a`, described by the
+//! generated header `include/remem.h` (C) and wrapped by `include/remem.hpp`
+//! (C++ allocator adapters).
+//!
+//! - [`status`]: the status codes, the panic boundary every export runs
+//!   behind, and the thread-local last-error message;
+//! - [`handles`]: the registry of open heaps. A `remem_heap*` is not a
+//!   memory address but a key into it, so a closed, foreign or random
+//!   handle is reported, never dereferenced;
+//! - [`heap`]: create, open, close, memfd heaps, statistics and `check`;
+//! - [`alloc`]: allocation, the root object;
+//! - [`tx`]: undo-log transactions of the calling thread.
+//!
+//! Every exported function returns a [`status::remem_status`] and writes its
+//! results through out-parameters.
+#![deny(unsafe_op_in_unsafe_fn)]
+// The exported names are C names (`remem_heap`, `REMEM_OK`).
+#![allow(non_camel_case_types)]
+
+// The header lists the items in this order.
+pub mod status;
+
+pub mod handles;
+
+pub mod heap;
+
+pub mod alloc;
+
+pub mod tx;
+
+pub mod flush;
+
+#[cfg(test)]
+mod tests;

@@ -1,10 +1,10 @@
 //! The dirty set: one bit per page in `AtomicU64` words.
 //!
 //! The words live wherever a [`WordStore`] puts them: by default in a
-//! private anonymous mapping ([`OwnedWords`]), never in tracked memory; a
-//! later step places them in a shared memfd control region (so the agent
-//! and remote readers see them) by implementing [`WordStore`] for that
-//! mapping. Bit `p % 64` of word `p / 64` is page `p` of the region;
+//! private anonymous mapping ([`OwnedWords`]), never in tracked memory; or
+//! in memory the caller maps, given as a pointer and a length
+//! ([`RawWords`]): a shared memfd control region, so that the agent and
+//! remote readers see them. Bit `p % 64` of word `p / 64` is page `p` of the region;
 //! bits past the last page are always zero. The words are native-endian
 //! `u64`s in memory: a reader on the same host (or an RDMA reader of the
 //! same architecture) interprets them directly.
@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{Result, TrackError};
-pub use super::sys::OwnedWords;
+pub use super::sys::{OwnedWords, RawWords};
 
 /// Memory holding the words of a [`DirtyBitmap`].
 ///
@@ -28,6 +28,12 @@ pub trait WordStore: Send + Sync + 'static {
 }
 
 impl WordStore for OwnedWords {
+    fn words(&self) -> &[AtomicU64] {
+        self
+    }
+}
+
+impl WordStore for RawWords {
     fn words(&self) -> &[AtomicU64] {
         self
     }
@@ -154,6 +160,46 @@ impl DirtyBitmap {
             }
         }
     }
+
+    /// Moves the dirty pages into `dst` and appends them to `out`,
+    /// ascending: word by word, each bit is set in `dst` *before* it is
+    /// cleared here, so at every instant a page is in `self` or in `dst`
+    /// (for a reader that loads a word of `self` and then the same word of
+    /// `dst`). A bit set here concurrently is either moved now or kept.
+    /// Panics when `dst` covers a different number of pages.
+    pub fn move_into(&self, dst: &DirtyBitmap, out: &mut Vec<u64>) {
+        assert_eq!(dst.pages, self.pages, "move_into: bitmaps of different sizes");
+        for (i, (w, d)) in self.words().iter().zip(dst.words()).enumerate() {
+            let bits = w.load(Ordering::Acquire);
+            if bits != 0 {
+                d.fetch_or(bits, Ordering::Release);
+                // Only the bits loaded (and now in `dst`) are cleared.
+                w.fetch_and(!bits, Ordering::Release);
+                push_bits(out, i, bits);
+            }
+        }
+    }
+
+    /// Whether the words of `self` and `other` share memory.
+    pub fn overlaps(&self, other: &DirtyBitmap) -> bool {
+        let span = |b: &DirtyBitmap| {
+            let w = b.words().as_ptr_range();
+            (w.start as usize, w.end as usize)
+        };
+        let ((a0, a1), (b0, b1)) = (span(self), span(other));
+        a0 < b1 && b0 < a1
+    }
+
+    /// Where the words lie in a mapping at `base` of `len` bytes (e.g. the
+    /// control region the caller gave the store from): the byte offset of
+    /// word 0, when all [`words_for`](Self::words_for)`(pages)` words lie
+    /// inside it; `None` otherwise. Pure address arithmetic.
+    pub fn offset_in(&self, base: *const u8, len: usize) -> Option<usize> {
+        let w = self.words().as_ptr_range();
+        let (start, end) = (w.start as usize, w.end as usize);
+        let off = start.checked_sub(base as usize)?;
+        (end - base as usize <= len).then_some(off)
+    }
 }
 
 impl fmt::Debug for DirtyBitmap {
@@ -271,6 +317,32 @@ mod tests {
             DirtyBitmap::with_store(Box::new(small), 65),
             Err(TrackError::StorageTooSmall { have: 1, need: 2, pages: 65 })
         ));
+    }
+
+    #[test]
+    fn raw_storage_move_and_offsets() {
+        // A stand-in for a control region: 8 words, the bitmap at word 3.
+        let region: &'static [AtomicU64] = Box::leak((0..8).map(|_| AtomicU64::new(0)).collect());
+        let base = region.as_ptr().cast::<u8>();
+        let cur = DirtyBitmap::with_store(Box::new(super::super::sys::raw_words_of(&region[3..5])), 100).unwrap();
+        let closing = DirtyBitmap::with_store(Box::new(super::super::sys::raw_words_of(&region[5..8])), 100).unwrap();
+        assert_eq!(cur.offset_in(base, 64), Some(24));
+        assert_eq!(closing.offset_in(base, 64), Some(40));
+        assert_eq!(closing.offset_in(base, 55), None, "last word outside");
+        assert_eq!(cur.offset_in(base.wrapping_add(32), 32), None, "starts before");
+        assert!(!cur.overlaps(&closing) && cur.overlaps(&cur));
+        cur.set(1);
+        cur.set(99);
+        closing.set(5);
+        let mut v = vec![];
+        cur.move_into(&closing, &mut v);
+        assert_eq!(v, [1, 99]);
+        assert_eq!(cur.count(), 0);
+        v.clear();
+        closing.collect_into(&mut v);
+        assert_eq!(v, [1, 5, 99]);
+        assert_eq!(region[3].load(Ordering::Relaxed), 0);
+        assert_eq!(region[5].load(Ordering::Relaxed), (1 << 1) | (1 << 5));
     }
 
     proptest! {

@@ -93,9 +93,19 @@ impl TrackerBuilder {
     }
 
     /// A [`PreciseTracker`] whose dirty set lives in `store` (e.g. a shared
-    /// control region), which must hold at least
+    /// control region, given as [`RawWords`](super::RawWords)), which must
+    /// hold at least
     /// [`DirtyBitmap::words_for`](super::DirtyBitmap::words_for)`(pages)`
     /// words and must not be tracked memory. Its contents are overwritten.
+    ///
+    /// The current set is exactly the first `words_for(pages)` words of
+    /// `store` (bit `p % 64` of word `p / 64` is page `p`; extra words are
+    /// left alone) for the tracker's whole life: the owner of the control
+    /// region finds them at [`PreciseTracker::dirty_set`] /
+    /// [`Tracker::current_set`], and
+    /// [`DirtyBitmap::offset_in`](super::DirtyBitmap::offset_in) gives
+    /// their byte offset in the region. Pair it with a closing bitmap in
+    /// other words of the same region for [`Tracker::harvest_into`].
     pub fn build_precise_in(&self, base: *mut u8, len: usize, store: Box<dyn WordStore>) -> Result<PreciseTracker> {
         PreciseTracker::build(self, Region::new(base, len)?, Some(store))
     }

@@ -74,6 +74,20 @@ pub enum TrackError {
         pages: u64,
     },
 
+    /// The `closing` bitmap given to `harvest_into` covers another number of pages.
+    #[error("the closing dirty set covers {closing} pages but the tracked region has {pages}")]
+    ClosingSizeMismatch {
+        /// Pages the closing bitmap covers.
+        closing: u64,
+        /// Pages in the region.
+        pages: u64,
+    },
+
+    /// The `closing` bitmap given to `harvest_into` shares words with the
+    /// tracker's current dirty set (moving a page would then drop it).
+    #[error("the closing dirty set shares memory with the current dirty set; give them disjoint words")]
+    ClosingAliasesCurrent,
+
     /// A system call failed.
     #[error("{op} failed: {source}")]
     Sys {

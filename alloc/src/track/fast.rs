@@ -10,6 +10,13 @@
 //! The dirty set exists only in the page tables between harvests: once the
 //! process is gone, pages written since the last harvest are unknown (the
 //! agent must seal the lists, see DESIGN.md). No thread, no lock.
+//!
+//! [`Tracker::harvest_into`] moves each `PAGEMAP_SCAN` batch into the
+//! closing bitmap as soon as the ioctl returns, so a closing bitmap in a
+//! shared control region is complete once the call returns (for every
+//! write the scan passed); it cannot be complete at every instant, since
+//! the current set is in page tables no other process can read.
+//! [`FastTracker::peek_into`] reads the current set without taking it.
 
 use super::bitmap::DirtyBitmap;
 use super::builder::{check_features, probe_with, TrackerBuilder};
@@ -81,7 +88,9 @@ impl FastTracker {
         Ok(Self { region, uffd, pagemap, marked })
     }
 
-    /// One get-and-re-protect pass over the region, appending written pages.
+    /// One get-and-re-protect pass over the region: calls `f(first, end)`
+    /// for each run of written pages, batch by batch, as soon as each
+    /// `PAGEMAP_SCAN` call returns (before the next call).
     ///
     /// Why a racing write is never lost: `PM_SCAN_WP_MATCHING` tests a
     /// page's written state and write-protects it under the page-table lock
@@ -90,18 +99,20 @@ impl FastTracker {
     /// the page after this harvest; a write after it faults, and the
     /// kernel's async resolution marks the page written again, so the next
     /// harvest reports it.
-    fn scan_into(&self, out: &mut Vec<u64>) -> Result<()> {
+    fn scan_with(&self, protect: bool, mut f: impl FnMut(u64, u64)) -> Result<()> {
         let r = &self.region;
         let end = r.base + r.len;
+        let flags =
+            if protect { sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC } else { sys::PM_SCAN_CHECK_WPASYNC };
         let mut vec = [PageRegion::default(); SCAN_BATCH];
         let mut start = r.base;
         loop {
             let (n, walk_end) = self
                 .pagemap
-                .scan(start, end, sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC, sys::PAGE_IS_WRITTEN, &mut vec)
+                .scan(start, end, flags, sys::PAGE_IS_WRITTEN, &mut vec)
                 .map_err(TrackError::sys("PAGEMAP_SCAN"))?;
             for reg in &vec[..n] {
-                out.extend(r.page_of_clamped(reg.start)..r.page_of_clamped(reg.end));
+                f(r.page_of_clamped(reg.start), r.page_of_clamped(reg.end));
             }
             // A call that returns fewer regions than the buffer holds has
             // walked the whole range. Its walk_end can then be stale (an
@@ -120,6 +131,26 @@ impl FastTracker {
             start = next;
         }
     }
+
+    /// Replaces the contents of `out` with the current dirty set (pages
+    /// written since the last harvest, per the page tables, and pages
+    /// marked by [`Tracker::mark_dirty`]), ascending, without taking or
+    /// re-protecting anything: what the next harvest would report if no
+    /// page were written meanwhile.
+    pub fn peek_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        out.clear();
+        self.scan_with(false, |a, b| out.extend(a..b))?;
+        self.marked.collect_into(out);
+        sort_dedup(out);
+        Ok(())
+    }
+}
+
+fn sort_dedup(out: &mut Vec<u64>) {
+    if !out.windows(2).all(|w| w[0] < w[1]) {
+        out.sort_unstable();
+        out.dedup();
+    }
 }
 
 impl Tracker for FastTracker {
@@ -137,13 +168,30 @@ impl Tracker for FastTracker {
 
     fn harvest(&self, out: &mut Vec<u64>) -> Result<()> {
         out.clear();
-        self.scan_into(out)?;
+        self.scan_with(true, |a, b| out.extend(a..b))?;
         self.marked.take_into(out);
-        if !out.windows(2).all(|w| w[0] < w[1]) {
-            out.sort_unstable();
-            out.dedup();
-        }
+        sort_dedup(out);
         Ok(())
+    }
+
+    /// Each batch of runs goes into `closing` before the next
+    /// `PAGEMAP_SCAN` call (and before the batch buffer is reused or
+    /// dropped); marked pages are set in `closing` before their bits are
+    /// cleared ([`DirtyBitmap::move_into`]).
+    fn harvest_into(&self, closing: &DirtyBitmap, out: &mut Vec<u64>) -> Result<()> {
+        super::check_closing(closing, self.pages(), Some(&self.marked))?;
+        out.clear();
+        self.scan_with(true, |a, b| {
+            closing.set_range(a, b - a);
+            out.extend(a..b);
+        })?;
+        self.marked.move_into(closing, out);
+        sort_dedup(out);
+        Ok(())
+    }
+
+    fn current_set(&self) -> Option<&DirtyBitmap> {
+        None
     }
 
     fn protect_all(&self) -> Result<()> {

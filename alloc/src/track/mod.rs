@@ -7,7 +7,7 @@
 //! `userfaultfd` crate, whose build runs bindgen.
 //!
 //! ```text
-//!             Tracker (trait: mode, harvest, protect_all, mark_dirty)
+//!   Tracker (trait: mode, harvest, harvest_into, current_set, protect_all, mark_dirty)
 //!      ┌─────────────────────┬──────────────────────┬──────────────────┐
 //!  NoTracking (Off)    PreciseTracker (Precise)    FastTracker (Fast)
 //!  every page, every   sync WP faults → handler    WP_ASYNC: kernel resolves
@@ -16,9 +16,28 @@
 //!                      protects; harvest re-       written pages and re-
 //!                      protects, then clears       protects them atomically
 //!                             │
-//!                      DirtyBitmap over a WordStore (own mapping now; a
-//!                      shared memfd control region later, for the agent)
+//!                      DirtyBitmap over a WordStore (own mapping, or
+//!                      RawWords: caller memory such as a shared memfd
+//!                      control region, for the agent)
 //! ```
+//!
+//! ## Two epochs across a flush
+//!
+//! A flusher that must keep the dirty lists complete while it flushes
+//! (DESIGN.md, F2) keeps a second bitmap, the *closing* epoch, next to the
+//! tracker's *current* set, both in the shared control region:
+//!
+//! ```text
+//! loop {
+//!     tracker.harvest_into(&closing, &mut pages)?; // current -> closing, re-protected
+//!     copy, checksum and write `pages`; fsync; write the commit record;
+//!     closing.clear();                             // only once committed
+//! }
+//! ```
+//!
+//! In precise mode a page written since the last committed flush is, at
+//! every instant, in the current set or in `closing` (see
+//! [`Tracker::harvest_into`] for what holds in fast mode).
 //!
 //! Files: `sys.rs` (every `unsafe`: raw structs, ioctls, mappings),
 //! `features.rs` (feature bits and the kernels that have them),
@@ -39,7 +58,7 @@ mod sys;
 #[cfg(test)]
 mod tests;
 
-pub use bitmap::{DirtyBitmap, OwnedWords, WordStore};
+pub use bitmap::{DirtyBitmap, OwnedWords, RawWords, WordStore};
 pub use builder::{probe_features, TrackerBuilder};
 pub use error::{Result, TrackError};
 pub use fast::FastTracker;
@@ -102,6 +121,51 @@ pub trait Tracker: Send + Sync + fmt::Debug {
     /// the next harvest; never lost.
     fn harvest(&self, out: &mut Vec<u64>) -> Result<()>;
 
+    /// Like [`harvest`](Self::harvest), but every page it takes from the
+    /// current set is set in `closing` *before* it leaves the current set,
+    /// so that a flusher which clears `closing` only once its flush is
+    /// committed never has a page that was written since the last committed
+    /// flush in neither. `out` receives the pages taken by this call
+    /// (ascending, without duplicates); `closing` is only ever added to, so
+    /// after an uncommitted flush a second call accumulates into it and the
+    /// flush must write all of `closing` ([`DirtyBitmap::collect_into`]).
+    ///
+    /// What holds, by mode:
+    ///
+    /// - **Precise**: at every instant, including in the middle of this
+    ///   call, every page written since the last committed flush is in
+    ///   [`current_set`](Self::current_set) or in `closing` (and every
+    ///   writable page is in the current set). A reader that loads a word of
+    ///   the current set and then the same word of `closing` sees the page
+    ///   in one of them; so does anyone reading a frozen image of both.
+    /// - **Fast**: the current set is the kernel's page tables (plus the
+    ///   [`mark_dirty`](Self::mark_dirty) bitmap), which no other process
+    ///   can read. Each `PAGEMAP_SCAN` batch is set in `closing` as soon as
+    ///   the ioctl returns, before the next batch and before the results
+    ///   are dropped, so the pages pass only through the caller's stack.
+    ///   Once this call returns, `closing` holds every page written before
+    ///   the scan passed it; pages written after the scan, i.e. between
+    ///   harvests, are known only to the page tables and are lost with the
+    ///   process (the agent must seal the lists, DESIGN.md). `closing` is
+    ///   complete *after each harvest*, not at every instant.
+    /// - **Off**: sets every page in `closing` and reports every page.
+    ///
+    /// `closing` must cover [`pages`](Self::pages) pages
+    /// ([`TrackError::ClosingSizeMismatch`]), must not share words with the
+    /// current set ([`TrackError::ClosingAliasesCurrent`]), and must not be
+    /// in tracked memory (in precise mode it is written while the fault
+    /// handler is held off). On error the pages not yet taken stay in the
+    /// current set; some of them may already be in `closing` too.
+    fn harvest_into(&self, closing: &DirtyBitmap, out: &mut Vec<u64>) -> Result<()>;
+
+    /// The current dirty set, when it is a bitmap in memory: in precise
+    /// mode, the words of the [`WordStore`] given to
+    /// [`TrackerBuilder::build_precise_in`] (or of the tracker's own
+    /// mapping); [`DirtyBitmap::offset_in`] tells where they lie in a
+    /// control region. `None` in fast mode (the current set is in the page
+    /// tables) and when tracking is off.
+    fn current_set(&self) -> Option<&DirtyBitmap>;
+
     /// Write-protects every page and empties the dirty set: afterwards only
     /// pages written from now on are reported (writes before the call are
     /// forgotten; a write racing with it is either forgotten, i.e. it
@@ -149,6 +213,16 @@ impl Tracker for NoTracking {
         Ok(())
     }
 
+    fn harvest_into(&self, closing: &DirtyBitmap, out: &mut Vec<u64>) -> Result<()> {
+        check_closing(closing, self.pages, None)?;
+        closing.fill();
+        self.harvest(out)
+    }
+
+    fn current_set(&self) -> Option<&DirtyBitmap> {
+        None
+    }
+
     fn protect_all(&self) -> Result<()> {
         Ok(())
     }
@@ -160,6 +234,17 @@ impl Tracker for NoTracking {
             self.pages
         );
     }
+}
+
+/// Checks the `closing` bitmap given to `harvest_into`.
+pub(crate) fn check_closing(closing: &DirtyBitmap, pages: u64, current: Option<&DirtyBitmap>) -> Result<()> {
+    if closing.pages() != pages {
+        return Err(TrackError::ClosingSizeMismatch { closing: closing.pages(), pages });
+    }
+    if current.is_some_and(|c| c.overlaps(closing)) {
+        return Err(TrackError::ClosingAliasesCurrent);
+    }
+    Ok(())
 }
 
 /// A validated, page-aligned address range.

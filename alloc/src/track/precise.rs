@@ -226,7 +226,10 @@ impl PreciseTracker {
         self.uffd.as_ref().expect("userfaultfd is open until drop")
     }
 
-    /// The current dirty set (pages written since the last harvest).
+    /// The current dirty set (pages written since the last harvest): the
+    /// words of the store given to
+    /// [`TrackerBuilder::build_precise_in`](super::TrackerBuilder::build_precise_in),
+    /// if one was; same as [`Tracker::current_set`].
     pub fn dirty_set(&self) -> &DirtyBitmap {
         &self.shared.dirty
     }
@@ -234,6 +237,87 @@ impl PreciseTracker {
     /// Write-protect fault events handled so far.
     pub fn faults_handled(&self) -> u64 {
         self.shared.ctl.faults.load(Ordering::Relaxed)
+    }
+
+    /// Harvest, optionally moving the taken pages into `closing`.
+    ///
+    /// Why a write racing with this harvest is never lost. Take a page `p`
+    /// whose bit the harvest sees set (the harvest reports `p` and the
+    /// caller copies `p` after the harvest returns):
+    ///
+    /// 1. The harvest holds `fault_lock` from its first load to its last
+    ///    clear, so the handler can neither set bits nor un-protect pages
+    ///    in between: the bits it loads are the bits it clears.
+    /// 2. It write-protects `p` (the ioctl returns after the TLB flush), and
+    ///    only then clears `p`'s bit. A write to `p` that completes before
+    ///    the protection is in memory before the caller's copy. A write
+    ///    after it faults; its event waits for `fault_lock`, so the handler
+    ///    sets `p`'s bit only after the clear, and the page is reported by
+    ///    the next harvest. Had the bit been cleared first, a write in
+    ///    between would land with neither a bit nor a fault.
+    /// 3. A page whose bit was clear at the load is not touched: its bit,
+    ///    if set later (by a fault waiting for the lock, or by
+    ///    `mark_dirty`, which takes no lock), survives because only the
+    ///    loaded bits are cleared (`fetch_and`, not a store of 0).
+    ///
+    /// The invariant holds throughout: `p` is protected before its bit
+    /// goes, so a writable page always has its bit set.
+    ///
+    /// With `closing`: `p`'s bit is set in `closing` right after the load
+    /// (a `fetch_or`, so bits already there stay), i.e. before the
+    /// protection and before the clear. The clear is a `Release` RMW on the
+    /// current word, so a reader whose `Acquire` load of that word sees the
+    /// bit gone also sees it in `closing`: `p` is in one of the two at every
+    /// instant. If protecting fails half-way, the loaded bits stay in the
+    /// current set (nothing was cleared), and may also be in `closing`.
+    ///
+    /// `out` is filled after the locks are released, so it may live
+    /// anywhere, tracked memory included; `closing` must not (it is written
+    /// while the handler is held off).
+    fn take(&self, closing: Option<&DirtyBitmap>, out: &mut Vec<u64>) -> Result<()> {
+        out.clear();
+        let sh = &*self.shared;
+        let _serial = self.harvest_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        sh.check()?;
+        {
+            // Nothing below allocates or writes anything but the dirty set,
+            // `closing` and `snap`: the handler is blocked meanwhile, so a
+            // write to a tracked page here would deadlock.
+            let _faults = sh.lock_faults();
+            let words = sh.dirty.words();
+            let closing = closing.map(DirtyBitmap::words);
+            let mut runs = RunMerger::new();
+            for (i, (w, s)) in words.iter().zip(sh.snap.iter()).enumerate() {
+                let bits = w.load(Ordering::Acquire);
+                s.store(bits, Ordering::Relaxed);
+                if bits == 0 {
+                    continue;
+                }
+                if let Some(c) = closing {
+                    c[i].fetch_or(bits, Ordering::Release);
+                }
+                for (a, b) in word_runs(i, bits) {
+                    if let Some(run) = runs.push(a, b) {
+                        self.protect(run)?;
+                    }
+                }
+            }
+            if let Some(run) = runs.finish() {
+                self.protect(run)?;
+            }
+            // Every loaded page is protected (and in `closing`) now; clear
+            // exactly those bits.
+            for (w, s) in words.iter().zip(sh.snap.iter()) {
+                let bits = s.load(Ordering::Relaxed);
+                if bits != 0 {
+                    w.fetch_and(!bits, Ordering::Release);
+                }
+            }
+        }
+        for (i, s) in sh.snap.iter().enumerate() {
+            push_bits(out, i, s.load(Ordering::Relaxed));
+        }
+        Ok(())
     }
 
     fn protect(&self, (first, end): (u64, u64)) -> Result<()> {
@@ -257,66 +341,20 @@ impl Tracker for PreciseTracker {
         self.shared.region.page_size()
     }
 
-    /// Why a write racing with this harvest is never lost. Take a page `p`
-    /// whose bit the harvest sees set (the harvest reports `p` and the
-    /// caller copies `p` after the harvest returns):
-    ///
-    /// 1. The harvest holds `fault_lock` from its first load to its last
-    ///    clear, so the handler can neither set bits nor un-protect pages
-    ///    in between: the bits it loads are the bits it clears.
-    /// 2. It write-protects `p` (the ioctl returns after the TLB flush), and
-    ///    only then clears `p`'s bit. A write to `p` that completes before
-    ///    the protection is in memory before the caller's copy. A write
-    ///    after it faults; its event waits for `fault_lock`, so the handler
-    ///    sets `p`'s bit only after the clear, and the page is reported by
-    ///    the next harvest. Had the bit been cleared first, a write in
-    ///    between would land with neither a bit nor a fault.
-    /// 3. A page whose bit was clear at the load is not touched: its bit,
-    ///    if set later (by a fault waiting for the lock, or by
-    ///    `mark_dirty`, which takes no lock), survives because only the
-    ///    loaded bits are cleared (`fetch_and`, not a store of 0).
-    ///
-    /// The invariant holds throughout: `p` is protected before its bit
-    /// goes, so a writable page always has its bit set.
-    ///
-    /// `out` is filled after the locks are released, so it may live
-    /// anywhere, tracked memory included.
+    // Why a write racing with this harvest is never lost: see `take`.
     fn harvest(&self, out: &mut Vec<u64>) -> Result<()> {
-        out.clear();
-        let sh = &*self.shared;
-        let _serial = self.harvest_lock.lock().unwrap_or_else(PoisonError::into_inner);
-        sh.check()?;
-        {
-            // Nothing below allocates or writes anything but the dirty set
-            // and `snap`: the handler is blocked meanwhile, so a write to a
-            // tracked page here would deadlock.
-            let _faults = sh.lock_faults();
-            let words = sh.dirty.words();
-            let mut runs = RunMerger::new();
-            for (i, (w, s)) in words.iter().zip(sh.snap.iter()).enumerate() {
-                let bits = w.load(Ordering::Acquire);
-                s.store(bits, Ordering::Relaxed);
-                for (a, b) in word_runs(i, bits) {
-                    if let Some(run) = runs.push(a, b) {
-                        self.protect(run)?;
-                    }
-                }
-            }
-            if let Some(run) = runs.finish() {
-                self.protect(run)?;
-            }
-            // Every loaded page is protected now; clear exactly those bits.
-            for (w, s) in words.iter().zip(sh.snap.iter()) {
-                let bits = s.load(Ordering::Relaxed);
-                if bits != 0 {
-                    w.fetch_and(!bits, Ordering::Release);
-                }
-            }
-        }
-        for (i, s) in sh.snap.iter().enumerate() {
-            push_bits(out, i, s.load(Ordering::Relaxed));
-        }
-        Ok(())
+        self.take(None, out)
+    }
+
+    // `take` with a closing set: each taken page is set in `closing` before
+    // it is protected and before its current bit goes.
+    fn harvest_into(&self, closing: &DirtyBitmap, out: &mut Vec<u64>) -> Result<()> {
+        super::check_closing(closing, self.pages(), Some(&self.shared.dirty))?;
+        self.take(Some(closing), out)
+    }
+
+    fn current_set(&self) -> Option<&DirtyBitmap> {
+        Some(&self.shared.dirty)
     }
 
     fn protect_all(&self) -> Result<()> {

@@ -499,6 +499,84 @@ unsafe impl Send for OwnedWords {}
 // SAFETY: as above: shared access is only through atomics.
 unsafe impl Sync for OwnedWords {}
 
+/// `len` `AtomicU64` words at a raw address owned by someone else: the
+/// storage of a [`DirtyBitmap`](super::DirtyBitmap) placed in memory the
+/// caller maps, e.g. the shared memfd control region that the agent maps
+/// too and registers for remote reads.
+///
+/// It never maps, unmaps or frees anything; the words are only ever
+/// accessed atomically through `&[AtomicU64]`.
+pub struct RawWords {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+}
+
+impl RawWords {
+    /// Words `ptr[0..len]`.
+    ///
+    /// Panics when `ptr` is null or not 8-byte aligned.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the `RawWords` (and any `DirtyBitmap` or tracker
+    /// built over it) lives:
+    ///
+    /// - `ptr .. ptr + len` (`8 * len` bytes) is mapped readable and
+    ///   writable and stays mapped (not unmapped, not remapped read-only);
+    /// - nothing in this process accesses those bytes other than through
+    ///   atomics of the same size (no `&mut`, no plain reads or writes, no
+    ///   overlapping atomics of another width). Other processes (the agent)
+    ///   and devices (an RDMA NIC reading them) may access them.
+    ///
+    /// Not a safety condition, but a liveness one: the memory must not be
+    /// part of a tracked region (the precise fault handler and a harvest
+    /// write these words while writers of tracked pages wait for them).
+    pub unsafe fn new(ptr: *const AtomicU64, len: usize) -> Self {
+        let ptr = NonNull::new(ptr.cast_mut()).expect("RawWords: null pointer");
+        assert!(ptr.as_ptr().is_aligned(), "RawWords: {ptr:p} is not 8-byte aligned");
+        Self { ptr, len }
+    }
+
+    /// The first word's address.
+    pub fn as_ptr(&self) -> *const AtomicU64 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Deref for RawWords {
+    type Target = [AtomicU64];
+
+    fn deref(&self) -> &[AtomicU64] {
+        // SAFETY: `new`'s contract: `ptr` is non-null and aligned (checked
+        // there), `len` words are mapped for as long as `self` lives, and
+        // they are only accessed atomically, so a shared slice of atomics
+        // over them is sound (AtomicU64 allows mutation through `&`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for RawWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawWords").field("ptr", &self.ptr).field("len", &self.len).finish()
+    }
+}
+
+// SAFETY: RawWords exposes its memory only as `&[AtomicU64]` (Send and
+// Sync), and `new`'s contract keeps the memory alive and atomic-only from
+// any thread.
+unsafe impl Send for RawWords {}
+// SAFETY: as above: shared access is only through atomics.
+unsafe impl Sync for RawWords {}
+
+/// Test helper: `RawWords` over words that live for ever (a leaked
+/// mapping standing in for a control region), so tests need no `unsafe`.
+#[cfg(test)]
+pub(crate) fn raw_words_of(words: &'static [AtomicU64]) -> RawWords {
+    // SAFETY: a `'static` slice of atomics is mapped, aligned, and only
+    // accessed atomically for the rest of the process.
+    unsafe { RawWords::new(words.as_ptr(), words.len()) }
+}
+
 /// A `Box` whose memory comes from its own anonymous mapping: for state
 /// the fault handler writes (its lock and counters).
 pub(crate) struct MmapBox<T> {
@@ -700,6 +778,29 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!((v[0].start, v[0].end), (base, base + r.len() as u64));
         assert_eq!(walk_end, base + r.len() as u64);
+    }
+
+    #[test]
+    fn raw_words_alias_the_memory_they_are_given() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let backing = OwnedWords::new(8).unwrap();
+        {
+            // SAFETY: `backing` outlives `raw` and is only used atomically.
+            let raw = unsafe { RawWords::new(backing[2..].as_ptr(), 5) };
+            assert_eq!((raw.len(), raw.as_ptr()), (5, backing[2..].as_ptr()));
+            raw[4].store(9, Relaxed);
+            assert_eq!(backing[6].load(Relaxed), 9);
+        }
+        assert_eq!(backing[6].load(Relaxed), 9, "RawWords frees nothing");
+    }
+
+    #[test]
+    #[should_panic(expected = "not 8-byte aligned")]
+    fn raw_words_reject_misaligned_pointers() {
+        let backing = OwnedWords::new(2).unwrap();
+        let odd = backing.as_ptr().cast::<u8>().wrapping_add(4).cast::<AtomicU64>();
+        // SAFETY: never dereferenced: the constructor panics first.
+        let _ = unsafe { RawWords::new(odd, 1) };
     }
 
     #[test]

@@ -1,0 +1,705 @@
+//! [`Baseline`]: create/open, commit, apply, fence and load over a [`Backend`].
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::backend::Backend;
+use super::error::{BaselineError, PageSource, Result};
+use super::format::{
+    decode_table, encode_table, zero_page_crc, Layout, SegEntry, SegHeader, SlotError, Superblock, MAX_JOURNAL_LEN,
+    PAGE, PAGE_SIZE, SEG_HEADER, SEG_MAX_BYTES, SEG_MAX_PAGES, SLOT_SIZE, TABLE_OFF, VERSION,
+};
+
+/// Pages per read or write of the image area and CRC table (the I/O buffer is one
+/// full segment, just under 1 MiB).
+const RUN_PAGES: usize = SEG_MAX_BYTES / PAGE_SIZE;
+/// CRC table entries per table page.
+const TABLE_PER_PAGE: u64 = PAGE / 4;
+/// How often `fence` re-reads and re-writes when a racing commit overwrote its superblock.
+const FENCE_ATTEMPTS: usize = 3;
+
+/// The committed state as the superblock describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Fencing generation in the superblock.
+    pub generation: u64,
+    /// Superblock sequence number.
+    pub seq: u64,
+    /// Epoch of the last committed flush (0 = none yet).
+    pub epoch: u64,
+    /// Wall-clock time of the last committed flush (or of creation), ns since the Unix epoch.
+    pub commit_unix_ns: u64,
+    /// Bytes of committed journal (0 right after `apply`).
+    pub journal_len: u64,
+    /// Distinct pages in the committed journal.
+    pub journal_pages: u64,
+}
+
+/// What `load_into` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Pages loaded (every page of the heap).
+    pub pages: u64,
+    /// Pages taken from the journal rather than the image area.
+    pub from_journal: u64,
+    /// Bytes read from the backend.
+    pub bytes_read: u64,
+    /// The state loaded.
+    pub info: CommitInfo,
+}
+
+/// Where a committed journal page is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JEntry {
+    /// File offset of the page.
+    off: u64,
+    /// CRC32 of the page.
+    crc: u32,
+}
+
+/// The committed state read back from a backend.
+struct Committed {
+    sb: Superblock,
+    table: Vec<u32>,
+    journal: BTreeMap<u64, JEntry>,
+}
+
+/// The crash-atomic, durable copy of a heap: see the [module documentation](super).
+///
+/// Writers (`commit`, `apply`, `fence`) take `&mut self`; readers (`load_into`,
+/// `read_page`, `page_crc`) take `&self` and see the last state this instance
+/// committed or opened.
+pub struct Baseline<B: Backend> {
+    backend: B,
+    layout: Layout,
+    /// The superblock this instance last wrote or read (what it believes is on disk).
+    sb: Superblock,
+    /// The CRC table as on disk (as of the last apply).
+    table: Vec<u32>,
+    /// The committed journal, newest entry per page.
+    journal: BTreeMap<u64, JEntry>,
+    /// I/O buffer: one segment (header + 254 pages), also used for image and table runs.
+    buf: Vec<u8>,
+    /// Why writes are refused, after a failed write or sync.
+    poisoned: Option<String>,
+}
+
+impl<B: Backend> std::fmt::Debug for Baseline<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Baseline")
+            .field("uuid", &uuid_string(&self.sb.uuid))
+            .field("heap_size", &self.sb.heap_size)
+            .field("info", &self.info())
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn io_err(op: String) -> impl FnOnce(io::Error) -> BaselineError {
+    move |source| BaselineError::Io { op, source }
+}
+
+fn corrupt(what: String) -> BaselineError {
+    BaselineError::Corrupt { what }
+}
+
+fn backend_len<B: Backend>(backend: &B) -> Result<u64> {
+    backend.len().map_err(io_err("reading the baseline's length".into()))
+}
+
+fn read_at<B: Backend>(backend: &B, off: u64, buf: &mut [u8], what: &str) -> Result<()> {
+    backend.read_at(off, buf).map_err(io_err(format!("reading {what} ({} bytes at offset {off})", buf.len())))
+}
+
+/// Reads both superblock slots and returns the valid one with the highest `seq`.
+fn read_superblock<B: Backend>(backend: &B) -> Result<Superblock> {
+    let len = backend_len(backend)?;
+    if len < TABLE_OFF {
+        let why = format!("the file is {len} bytes, too short to hold the two {SLOT_SIZE}-byte superblock slots");
+        return Err(BaselineError::NoSuperblock { slot0: why.clone(), slot1: why });
+    }
+    let mut b = vec![0u8; TABLE_OFF as usize];
+    read_at(backend, 0, &mut b, "the superblock slots")?;
+    let decode = |slot: u64| {
+        let s = Superblock::decode(&b[(slot * SLOT_SIZE) as usize..])?;
+        if s.slot() != slot {
+            return Err(SlotError::Invalid(format!("seq {} does not belong in slot {slot}", s.seq)));
+        }
+        Ok(s)
+    };
+    match (decode(0), decode(1)) {
+        (Ok(a), Ok(b)) if a.seq == b.seq => Err(corrupt(format!("both superblock slots claim seq {}", a.seq))),
+        (Ok(a), Ok(b)) => Ok(if a.seq > b.seq { a } else { b }),
+        // Never fall back to an older slot past a newer format: refuse instead.
+        (Err(SlotError::Version(found)), _) | (_, Err(SlotError::Version(found))) => {
+            Err(BaselineError::Version { found, supported: VERSION })
+        }
+        (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(s),
+        (Err(e0), Err(e1)) => Err(BaselineError::NoSuperblock { slot0: e0.to_string(), slot1: e1.to_string() }),
+    }
+}
+
+/// Reads the committed state: superblock, CRC table, journal index. Reads every
+/// segment header of the committed journal, not the pages.
+fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
+    let sb = read_superblock(backend)?;
+    let layout = sb.layout();
+    let len = backend_len(backend)?;
+    let need = layout.journal_off + sb.journal_len;
+    if len < need {
+        return Err(corrupt(format!(
+            "the file is {len} bytes, but superblock seq {} needs {need} (image area up to {} and {} bytes of \
+             committed journal)",
+            sb.seq, layout.journal_off, sb.journal_len
+        )));
+    }
+    let mut table = Vec::with_capacity(layout.npages as usize);
+    let mut chunk = vec![0u8; SEG_MAX_BYTES.min(layout.table_len as usize)];
+    let mut off = 0;
+    while off < layout.table_len {
+        let n = chunk.len().min((layout.table_len - off) as usize);
+        read_at(backend, TABLE_OFF + off, &mut chunk[..n], "the page CRC table")?;
+        table.extend(decode_table(&chunk[..n], layout.npages - table.len() as u64));
+        off += n as u64;
+    }
+    let journal = read_journal(backend, &sb, &layout)?;
+    Ok(Committed { sb, table, journal })
+}
+
+/// Indexes the committed journal: the newest entry per page.
+fn read_journal<B: Backend>(backend: &B, sb: &Superblock, layout: &Layout) -> Result<BTreeMap<u64, JEntry>> {
+    let mut journal = BTreeMap::new();
+    let mut hdr = vec![0u8; SEG_HEADER];
+    let (mut off, mut prev_seq, mut prev_epoch) = (0u64, 0u64, 0u64);
+    while off < sb.journal_len {
+        let at = layout.journal_off + off;
+        let bad = |what: String| corrupt(format!("journal segment at journal offset {off} (file offset {at}): {what}"));
+        if sb.journal_len - off < (SEG_HEADER + PAGE_SIZE) as u64 {
+            return Err(bad(format!("only {} bytes left before the committed end", sb.journal_len - off)));
+        }
+        read_at(backend, at, &mut hdr, "a journal segment header")?;
+        let h = SegHeader::decode(&hdr, layout.npages).map_err(bad)?;
+        if h.seq <= sb.journal_base_seq || h.seq > sb.seq || h.seq < prev_seq {
+            return Err(bad(format!(
+                "seq {} out of order (previous segment {prev_seq}, journal started after seq {}, superblock seq {}): \
+                 a stale or misplaced segment",
+                h.seq, sb.journal_base_seq, sb.seq
+            )));
+        }
+        if h.epoch > sb.epoch || h.epoch < prev_epoch {
+            return Err(bad(format!(
+                "epoch {} out of order (previous segment {prev_epoch}, superblock {})",
+                h.epoch, sb.epoch
+            )));
+        }
+        if h.bytes() > sb.journal_len - off {
+            return Err(bad(format!("{} bytes run past the committed journal end {}", h.bytes(), sb.journal_len)));
+        }
+        for (i, e) in h.entries.iter().enumerate() {
+            journal.insert(e.page, JEntry { off: at + ((1 + i) * PAGE_SIZE) as u64, crc: e.crc });
+        }
+        (prev_seq, prev_epoch) = (h.seq, h.epoch);
+        off += h.bytes();
+    }
+    Ok(journal)
+}
+
+/// Reads journal pages into `out` (page `k` of `entries` at `out[k*4096..]`), coalescing
+/// reads of adjacent pages, and checks every page's CRC.
+fn read_journal_pages<B: Backend>(backend: &B, entries: &[(u64, JEntry)], out: &mut [u8]) -> Result<()> {
+    let mut k = 0;
+    while k < entries.len() {
+        let mut l = k + 1;
+        while l < entries.len() && entries[l].1.off == entries[l - 1].1.off + PAGE {
+            l += 1;
+        }
+        read_at(backend, entries[k].1.off, &mut out[k * PAGE_SIZE..l * PAGE_SIZE], "journal pages")?;
+        k = l;
+    }
+    for (k, &(page, e)) in entries.iter().enumerate() {
+        let found = crc32fast::hash(&out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+        if found != e.crc {
+            let source_area = PageSource::Journal;
+            return Err(BaselineError::PageCrc { page, source_area, offset: e.off, expected: e.crc, found });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `found` (just read from disk) is the superblock this writer expects.
+fn compare(expected: &Superblock, found: &Superblock) -> Result<()> {
+    if found.generation > expected.generation {
+        return Err(BaselineError::Fenced { ours: expected.generation, found: found.generation });
+    }
+    if found != expected {
+        return Err(BaselineError::Diverged {
+            ours_generation: expected.generation,
+            ours_seq: expected.seq,
+            found_generation: found.generation,
+            found_seq: found.seq,
+        });
+    }
+    Ok(())
+}
+
+impl<B: Backend> Baseline<B> {
+    /// Creates a baseline of an all-zero heap of `heap_size` bytes in an empty backend,
+    /// with fencing generation `generation`, and syncs it.
+    pub fn create(backend: B, uuid: [u8; 16], heap_size: u64, generation: u64) -> Result<Self> {
+        let layout = Layout::for_heap(heap_size).map_err(|_| BaselineError::BadHeapSize(heap_size))?;
+        let len = backend_len(&backend)?;
+        if len != 0 {
+            return Err(BaselineError::NotEmpty { len });
+        }
+        let table = vec![zero_page_crc(); layout.npages as usize];
+        let mut this = Baseline {
+            backend,
+            layout,
+            sb: Superblock {
+                uuid,
+                heap_size,
+                generation,
+                seq: 1,
+                epoch: 0,
+                commit_unix_ns: now_unix_ns(),
+                journal_len: 0,
+                journal_base_seq: 1,
+            },
+            table,
+            journal: BTreeMap::new(),
+            buf: vec![0u8; SEG_MAX_BYTES],
+            poisoned: None,
+        };
+        let r = this.backend.set_len(layout.journal_off);
+        this.check_io(r, || format!("extending the new baseline to {} bytes", layout.journal_off))?;
+        this.write_table_pages(0, layout.table_len / PAGE)?;
+        let r = this.backend.sync_data();
+        this.check_io(r, || "syncing the new baseline's CRC table".into())?;
+        let sb = this.sb;
+        this.write_superblock_unchecked(&sb)?;
+        Ok(this)
+    }
+
+    /// Opens a baseline: picks the superblock, validates the layout, the file length and
+    /// every committed segment header (page data is checked by `load_into`).
+    pub fn open(backend: B) -> Result<Self> {
+        let c = read_committed(&backend)?;
+        Ok(Baseline {
+            backend,
+            layout: c.sb.layout(),
+            sb: c.sb,
+            table: c.table,
+            journal: c.journal,
+            buf: vec![0u8; SEG_MAX_BYTES],
+            poisoned: None,
+        })
+    }
+
+    /// The committed state this instance knows.
+    pub fn info(&self) -> CommitInfo {
+        CommitInfo {
+            generation: self.sb.generation,
+            seq: self.sb.seq,
+            epoch: self.sb.epoch,
+            commit_unix_ns: self.sb.commit_unix_ns,
+            journal_len: self.sb.journal_len,
+            journal_pages: self.journal.len() as u64,
+        }
+    }
+
+    /// UUID of the heap.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.sb.uuid
+    }
+
+    /// Heap size in bytes.
+    pub fn heap_size(&self) -> u64 {
+        self.sb.heap_size
+    }
+
+    /// Pages in the heap.
+    pub fn npages(&self) -> u64 {
+        self.layout.npages
+    }
+
+    /// The file layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Gives the backend back.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
+    /// Whether a failed write or sync has poisoned this baseline.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// The failure that poisoned this baseline, if any.
+    pub fn poison_cause(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// Checks that this baseline belongs to heap `uuid` of `heap_size` bytes.
+    pub fn check_heap(&self, uuid: [u8; 16], heap_size: u64) -> Result<()> {
+        if uuid != self.sb.uuid || heap_size != self.sb.heap_size {
+            return Err(BaselineError::WrongHeap {
+                expected: uuid_string(&uuid),
+                expected_size: heap_size,
+                found: uuid_string(&self.sb.uuid),
+                found_size: self.sb.heap_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The committed CRC32 of `page` (the journal's, else the table's).
+    pub fn page_crc(&self, page: u64) -> Result<u32> {
+        if page >= self.layout.npages {
+            return Err(BaselineError::PageOutOfRange { page, npages: self.layout.npages });
+        }
+        Ok(self.journal.get(&page).map_or(self.table[page as usize], |e| e.crc))
+    }
+
+    /// The committed CRC32 of every page.
+    pub fn crc_table(&self) -> Vec<u32> {
+        let mut t = self.table.clone();
+        for (&p, e) in &self.journal {
+            t[p as usize] = e.crc;
+        }
+        t
+    }
+
+    /// Re-reads the superblock and checks that it is still the one this instance
+    /// committed or read: `Fenced` if a newer generation took over, `Diverged` if it
+    /// changed otherwise. A failover host calls it after loading, to learn whether
+    /// its fence survived (see the module documentation on the race window).
+    pub fn check_fence(&self) -> Result<CommitInfo> {
+        compare(&self.sb, &read_superblock(&self.backend)?)?;
+        Ok(self.info())
+    }
+
+    /// Commits flush epoch `epoch` (newer than the last committed one): appends `pages`
+    /// (page index, 4096 bytes) to the journal in segments of up to 254 pages, one write
+    /// per segment, syncs, then writes and syncs the next superblock: the commit point.
+    /// A page given twice keeps its last bytes. The CRCs are taken from the copy that is
+    /// written, so a page changing under the call is committed consistently (as some
+    /// version of its bytes). Sorted pages make `apply` read the journal sequentially.
+    ///
+    /// On `Err`, nothing new is committed, except after `Fenced`/`Diverged` from the
+    /// check that follows the superblock write, or an `Io` error from the final
+    /// superblock write or sync: then the new state may be on disk (the file holds
+    /// either the old or the new state, never a mix).
+    pub fn commit<'p, I>(&mut self, epoch: u64, pages: I) -> Result<CommitInfo>
+    where
+        I: IntoIterator<Item = (u64, &'p [u8])>,
+    {
+        self.writable()?;
+        if epoch <= self.sb.epoch {
+            return Err(BaselineError::EpochOrder { last: self.sb.epoch, given: epoch });
+        }
+        self.check_fence()?;
+        let seq = self.sb.seq + 1;
+        let npages = self.layout.npages;
+        let mut end = self.sb.journal_len;
+        let mut staged: Vec<(u64, JEntry)> = Vec::new();
+        let mut entries: Vec<SegEntry> = Vec::with_capacity(SEG_MAX_PAGES);
+        let mut pages = pages.into_iter();
+        loop {
+            entries.clear();
+            for (page, bytes) in pages.by_ref() {
+                if page >= npages {
+                    return Err(BaselineError::PageOutOfRange { page, npages });
+                }
+                if bytes.len() != PAGE_SIZE {
+                    return Err(BaselineError::SizeMismatch {
+                        what: format!("page {page} given to commit"),
+                        expected: PAGE,
+                        found: bytes.len() as u64,
+                    });
+                }
+                let at = SEG_HEADER + entries.len() * PAGE_SIZE;
+                let copy = &mut self.buf[at..at + PAGE_SIZE];
+                copy.copy_from_slice(bytes);
+                entries.push(SegEntry { page, crc: crc32fast::hash(copy) });
+                if entries.len() == SEG_MAX_PAGES {
+                    break;
+                }
+            }
+            if entries.is_empty() {
+                break;
+            }
+            SegHeader::encode_into(seq, epoch, &entries, &mut self.buf);
+            let n = SEG_HEADER + entries.len() * PAGE_SIZE;
+            if end + n as u64 > MAX_JOURNAL_LEN {
+                return Err(BaselineError::JournalFull { len: end, max: MAX_JOURNAL_LEN });
+            }
+            let off = self.layout.journal_off + end;
+            let r = self.backend.write_at(off, &self.buf[..n]);
+            self.check_io(r, || format!("appending a {}-page journal segment at offset {off}", entries.len()))?;
+            for (i, e) in entries.iter().enumerate() {
+                staged.push((e.page, JEntry { off: off + ((1 + i) * PAGE_SIZE) as u64, crc: e.crc }));
+            }
+            end += n as u64;
+            if entries.len() < SEG_MAX_PAGES {
+                break;
+            }
+        }
+        if end > self.sb.journal_len {
+            let r = self.backend.sync_data();
+            self.check_io(r, || format!("syncing the journal segments of epoch {epoch}"))?;
+        }
+        let new = Superblock { seq, epoch, commit_unix_ns: now_unix_ns(), journal_len: end, ..self.sb };
+        self.write_superblock(&new)?;
+        self.sb = new;
+        self.journal.extend(staged);
+        Ok(self.info())
+    }
+
+    /// Applies (compacts) the journal: copies the current superblock into the other slot
+    /// and syncs (so both slots describe the current state), copies the newest version of
+    /// every journal page into the image area and its CRC into the table (sorted by
+    /// offset, in runs of up to 1 MiB), syncs, then writes and syncs a superblock with an
+    /// empty journal. A crash at any point leaves a file that loads the same heap. Does
+    /// nothing when the journal is empty. The file keeps its length (the journal space
+    /// is reused).
+    pub fn apply(&mut self) -> Result<()> {
+        self.writable()?;
+        if self.sb.journal_len == 0 {
+            return Ok(());
+        }
+        // Both slots describe the current state before the image area changes, so that
+        // whichever slot survives describes an intact state.
+        let dup = Superblock { seq: self.sb.seq + 1, ..self.sb };
+        self.write_superblock(&dup)?;
+        self.sb = dup;
+        let entries: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i + 1;
+            while j < entries.len() && j - i < RUN_PAGES && entries[j].0 == entries[j - 1].0 + 1 {
+                j += 1;
+            }
+            read_journal_pages(&self.backend, &entries[i..j], &mut self.buf)?;
+            let off = self.layout.image_page(entries[i].0);
+            let r = self.backend.write_at(off, &self.buf[..(j - i) * PAGE_SIZE]);
+            self.check_io(r, || format!("applying {} journal pages to the image at offset {off}", j - i))?;
+            i = j;
+        }
+        // The table pages that hold a changed CRC, in runs of adjacent table pages.
+        let mut chunks: Vec<u64> = entries.iter().map(|&(p, _)| p / TABLE_PER_PAGE).collect();
+        chunks.dedup();
+        let mut k = 0;
+        while k < chunks.len() {
+            let mut l = k + 1;
+            while l < chunks.len() && l - k < RUN_PAGES && chunks[l] == chunks[l - 1] + 1 {
+                l += 1;
+            }
+            self.write_table_pages_with(chunks[k], (l - k) as u64, &entries)?;
+            k = l;
+        }
+        let r = self.backend.sync_data();
+        self.check_io(r, || "syncing the applied image and CRC table".into())?;
+        let seq = self.sb.seq + 1;
+        let new = Superblock { seq, journal_len: 0, journal_base_seq: seq, ..self.sb };
+        self.write_superblock(&new)?;
+        for (p, e) in entries {
+            self.table[p as usize] = e.crc;
+        }
+        self.journal.clear();
+        self.sb = new;
+        Ok(())
+    }
+
+    /// Fences older writers: re-reads the committed state from the backend (adopting
+    /// commits this instance has not seen), then writes and syncs a superblock with
+    /// `new_generation` (which must be newer). From then on, a writer holding an older
+    /// generation gets [`BaselineError::Fenced`] at its next commit or apply. If a racing
+    /// commit overwrites the fence before it is confirmed, `fence` re-reads and fences
+    /// again (a few times). See the module documentation for the window it cannot close.
+    pub fn fence(&mut self, new_generation: u64) -> Result<CommitInfo> {
+        self.writable()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let c = read_committed(&self.backend)?;
+            if c.sb.uuid != self.sb.uuid || c.sb.heap_size != self.sb.heap_size {
+                return Err(BaselineError::WrongHeap {
+                    expected: uuid_string(&self.sb.uuid),
+                    expected_size: self.sb.heap_size,
+                    found: uuid_string(&c.sb.uuid),
+                    found_size: c.sb.heap_size,
+                });
+            }
+            if new_generation <= c.sb.generation {
+                return Err(BaselineError::StaleGeneration { requested: new_generation, current: c.sb.generation });
+            }
+            (self.sb, self.table, self.journal) = (c.sb, c.table, c.journal);
+            let new = Superblock { generation: new_generation, seq: self.sb.seq + 1, ..self.sb };
+            match self.write_superblock(&new) {
+                Ok(()) => {
+                    self.sb = new;
+                    return Ok(self.info());
+                }
+                Err(BaselineError::Diverged { .. }) if attempt < FENCE_ATTEMPTS => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Loads the committed heap into `dst` (`heap_size` bytes): the image area, then the
+    /// newest journal version of each journal page; every page's CRC is checked.
+    pub fn load_into(&self, dst: &mut [u8]) -> Result<LoadReport> {
+        if dst.len() as u64 != self.sb.heap_size {
+            return Err(BaselineError::SizeMismatch {
+                what: "the load_into destination".into(),
+                expected: self.sb.heap_size,
+                found: dst.len() as u64,
+            });
+        }
+        let npages = self.layout.npages;
+        let mut in_journal = self.journal.keys().copied().peekable();
+        let mut start = 0;
+        while start < npages {
+            let end = (start + RUN_PAGES as u64).min(npages);
+            let d = &mut dst[(start * PAGE) as usize..(end * PAGE) as usize];
+            read_at(&self.backend, self.layout.image_page(start), d, "the image area")?;
+            for p in start..end {
+                if in_journal.next_if_eq(&p).is_some() {
+                    continue;
+                }
+                let at = ((p - start) * PAGE) as usize;
+                let found = crc32fast::hash(&d[at..at + PAGE_SIZE]);
+                let expected = self.table[p as usize];
+                if found != expected {
+                    let (source_area, offset) = (PageSource::Image, self.layout.image_page(p));
+                    return Err(BaselineError::PageCrc { page: p, source_area, offset, expected, found });
+                }
+            }
+            start = end;
+        }
+        let mut by_off: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+        by_off.sort_unstable_by_key(|&(_, e)| e.off);
+        let mut tmp = vec![0u8; RUN_PAGES * PAGE_SIZE];
+        for group in by_off.chunks(RUN_PAGES) {
+            read_journal_pages(&self.backend, group, &mut tmp)?;
+            for (k, &(p, _)) in group.iter().enumerate() {
+                dst[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
+                    .copy_from_slice(&tmp[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            }
+        }
+        Ok(LoadReport {
+            pages: npages,
+            from_journal: by_off.len() as u64,
+            bytes_read: self.sb.heap_size + by_off.len() as u64 * PAGE,
+            info: self.info(),
+        })
+    }
+
+    /// Reads the committed bytes of one page into `out` (4096 bytes), checking its CRC.
+    pub fn read_page(&self, page: u64, out: &mut [u8]) -> Result<()> {
+        let expected = self.page_crc(page)?;
+        if out.len() != PAGE_SIZE {
+            return Err(BaselineError::SizeMismatch {
+                what: "the read_page buffer".into(),
+                expected: PAGE,
+                found: out.len() as u64,
+            });
+        }
+        if let Some(&e) = self.journal.get(&page) {
+            return read_journal_pages(&self.backend, &[(page, e)], out);
+        }
+        let offset = self.layout.image_page(page);
+        read_at(&self.backend, offset, out, "an image page")?;
+        let found = crc32fast::hash(out);
+        if found != expected {
+            return Err(BaselineError::PageCrc { page, source_area: PageSource::Image, offset, expected, found });
+        }
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(BaselineError::Poisoned { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Turns a failed write or sync into an `Io` error and poisons the baseline.
+    fn check_io(&mut self, r: io::Result<()>, op: impl FnOnce() -> String) -> Result<()> {
+        r.map_err(|source| {
+            let op = op();
+            self.poisoned = Some(format!("{op}: {source}"));
+            BaselineError::Io { op, source }
+        })
+    }
+
+    /// Writes table pages `first..first+n` from the in-memory table.
+    fn write_table_pages(&mut self, first: u64, n: u64) -> Result<()> {
+        let mut done = 0;
+        while done < n {
+            let m = (n - done).min(RUN_PAGES as u64);
+            self.write_table_pages_with(first + done, m, &[])?;
+            done += m;
+        }
+        Ok(())
+    }
+
+    /// Writes table pages `first..first+n` (at most a buffer's worth) from the in-memory
+    /// table overridden by `entries` (sorted by page; those outside the range are skipped).
+    fn write_table_pages_with(&mut self, first: u64, n: u64, entries: &[(u64, JEntry)]) -> Result<()> {
+        let bytes = (n * PAGE) as usize;
+        let (lo, hi) = (first * TABLE_PER_PAGE, (first + n) * TABLE_PER_PAGE);
+        let out = &mut self.buf[..bytes];
+        encode_table(&self.table, lo as usize, out);
+        let from = entries.partition_point(|&(p, _)| p < lo);
+        for &(p, e) in entries[from..].iter().take_while(|&&(p, _)| p < hi) {
+            let at = ((p - lo) * 4) as usize;
+            out[at..at + 4].copy_from_slice(&e.crc.to_le_bytes());
+        }
+        let off = TABLE_OFF + first * PAGE;
+        let r = self.backend.write_at(off, &self.buf[..bytes]);
+        self.check_io(r, || format!("writing {n} CRC table pages at offset {off}"))
+    }
+
+    /// The commit point: checks the fence, writes `new` to its slot, syncs, and checks
+    /// that it is the superblock the file now holds.
+    fn write_superblock(&mut self, new: &Superblock) -> Result<()> {
+        self.check_fence()?;
+        self.write_superblock_unchecked(new)?;
+        match read_superblock(&self.backend) {
+            Ok(found) => compare(new, &found),
+            Err(e) => {
+                self.poisoned = Some(format!("confirming superblock seq {} after syncing it: {e}", new.seq));
+                Err(e)
+            }
+        }
+    }
+
+    fn write_superblock_unchecked(&mut self, new: &Superblock) -> Result<()> {
+        let mut slot = [0u8; SLOT_SIZE as usize];
+        new.encode_into(&mut slot);
+        let off = new.slot() * SLOT_SIZE;
+        let r = self.backend.write_at(off, &slot);
+        self.check_io(r, || format!("writing superblock seq {} to slot {}", new.seq, new.slot()))?;
+        let r = self.backend.sync_data();
+        self.check_io(r, || format!("syncing superblock seq {}", new.seq))
+    }
+}

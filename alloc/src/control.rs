@@ -1,0 +1,144 @@
+//! The control region: a small memfd, separate from the heap, that holds
+//! the dirty-page lists, so that another process (the agent) can map it and
+//! read them after the database process is gone.
+//!
+//! ```text
+//!  0        4096                     4096 + W·8 (rounded to 4096)
+//!  ┌────────┬────────────────────────┬────────────────────────┐
+//!  │ header │ current set: W words,  │ closing set: W words,  │
+//!  │        │ bit p = page p written │ pages of the flush in  │
+//!  │        │ (precise mode only)    │ progress (all modes)   │
+//!  └────────┴────────────────────────┴────────────────────────┘
+//!  W = ceil(npages / 64); bit p is bit p % 64 of word p / 64.
+//! ```
+//!
+//! Header (little-endian): 0 magic `"REMEMCTL"`, 8 version u32 (1), 12 mode
+//! u32 (0 off, 1 precise, 2 fast), 16 heap uuid, 32 npages u64, 40 words
+//! u64, 48 current_off u64, 56 closing_off u64, 64 current epoch u64 (the
+//! epoch writes land in now), 72 committed epoch u64 (last epoch durable in
+//! the baseline), 80 owner pid u64, 88 state u64 (0 open, 1 closed cleanly,
+//! 2 durability poisoned). The words after offset 64 change at run time,
+//! with atomic stores.
+//!
+//! A page differs from the baseline only if it is in the current set or the
+//! closing set: at every instant in precise mode, and as of the last
+//! harvest in fast mode (pages written since are known only to the page
+//! tables; the agent seals the lists by comparing page CRCs with the
+//! baseline's).
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::OpenError;
+use crate::format::PAGE_SIZE;
+use crate::mem::Mem;
+use crate::region::{self, AnyMapping};
+use crate::track::{DirtyBitmap, RawWords, TrackMode};
+
+/// Header field offsets.
+pub mod ctl {
+    /// `[u8; 8]` magic.
+    pub const MAGIC: usize = 0;
+    /// `u32` version.
+    pub const VERSION: usize = 8;
+    /// `u32` tracking mode.
+    pub const MODE: usize = 12;
+    /// `[u8; 16]` heap UUID.
+    pub const UUID: usize = 16;
+    /// `u64` pages in the heap.
+    pub const NPAGES: usize = 32;
+    /// `u64` words per set.
+    pub const WORDS: usize = 40;
+    /// `u64` offset of the current set.
+    pub const CURRENT_OFF: usize = 48;
+    /// `u64` offset of the closing set.
+    pub const CLOSING_OFF: usize = 56;
+    /// `u64` the epoch writes land in now.
+    pub const CURRENT_EPOCH: usize = 64;
+    /// `u64` the last epoch durable in the baseline.
+    pub const COMMITTED_EPOCH: usize = 72;
+    /// `u64` pid of the process that owns the heap.
+    pub const OWNER_PID: usize = 80;
+    /// `u64` 0 open, 1 closed cleanly, 2 durability poisoned.
+    pub const STATE: usize = 88;
+    /// Magic value.
+    pub const MAGIC_BYTES: [u8; 8] = *b"REMEMCTL";
+    /// State: open.
+    pub const OPEN: u64 = 0;
+    /// State: closed cleanly.
+    pub const CLOSED: u64 = 1;
+    /// State: a flush failed; the baseline is stale.
+    pub const POISONED: u64 = 2;
+}
+
+/// A control region, mapped in this process.
+pub(crate) struct Control {
+    map: AnyMapping,
+    mem: Mem,
+    words: usize,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("words", &self.words).finish()
+    }
+}
+
+impl Control {
+    /// Creates the control region of a heap of `npages` pages.
+    pub(crate) fn create(uuid: &[u8; 16], npages: u64, mode: TrackMode) -> Result<Control, OpenError> {
+        let words = DirtyBitmap::words_for(npages);
+        let set_bytes = (words * 8).next_multiple_of(PAGE_SIZE);
+        let len = PAGE_SIZE + 2 * set_bytes;
+        let fd = region::memfd(&format!("remem-ctl:{}", crate::format::uuid_string(uuid)), len as u64)?;
+        let map = AnyMapping::map(fd, len)?;
+        // SAFETY: the mapping is `len` bytes, page aligned, and lives in
+        // `Control` as long as `mem` is used.
+        let mem = unsafe { Mem::new(map.base(), len) };
+        let mut h = [0u8; 64];
+        h[ctl::MAGIC..ctl::MAGIC + 8].copy_from_slice(&ctl::MAGIC_BYTES);
+        h[ctl::VERSION..ctl::VERSION + 4].copy_from_slice(&1u32.to_le_bytes());
+        let m: u32 = match mode {
+            TrackMode::Precise => 1,
+            TrackMode::Fast => 2,
+            _ => 0,
+        };
+        h[ctl::MODE..ctl::MODE + 4].copy_from_slice(&m.to_le_bytes());
+        h[ctl::UUID..ctl::UUID + 16].copy_from_slice(uuid);
+        h[ctl::NPAGES..ctl::NPAGES + 8].copy_from_slice(&npages.to_le_bytes());
+        h[ctl::WORDS..ctl::WORDS + 8].copy_from_slice(&(words as u64).to_le_bytes());
+        h[ctl::CURRENT_OFF..ctl::CURRENT_OFF + 8].copy_from_slice(&(PAGE_SIZE as u64).to_le_bytes());
+        h[ctl::CLOSING_OFF..ctl::CLOSING_OFF + 8].copy_from_slice(&((PAGE_SIZE + set_bytes) as u64).to_le_bytes());
+        mem.write(0, &h);
+        mem.u64(ctl::OWNER_PID).store(u64::from(std::process::id()), Ordering::Release);
+        Ok(Control { map, mem, words })
+    }
+
+    fn set(&self, off: usize) -> RawWords {
+        // SAFETY: `words` u64s at `off` lie inside the mapping (see
+        // `create`), which outlives every bitmap made here because the heap
+        // drops its tracker and bitmaps before its control region; they are
+        // only accessed atomically, and are not part of the tracked heap.
+        unsafe { RawWords::new(self.mem.ptr(off).cast::<AtomicU64>(), self.words) }
+    }
+
+    /// The current set's words (the precise tracker's store).
+    pub(crate) fn current_words(&self) -> RawWords {
+        self.set(PAGE_SIZE)
+    }
+
+    /// The closing set.
+    pub(crate) fn closing_words(&self) -> RawWords {
+        self.set(PAGE_SIZE + (self.words * 8).next_multiple_of(PAGE_SIZE))
+    }
+
+    /// A header word.
+    pub(crate) fn word(&self, field: usize) -> &AtomicU64 {
+        self.mem.u64(field)
+    }
+
+    /// The memfd (for the agent).
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        self.map.fd()
+    }
+}

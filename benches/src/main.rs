@@ -1,0 +1,102 @@
+//! `remem-bench`: runs remem and its peers (glibc, jemalloc, mimalloc, PMDK)
+//! in one process run and prints each figure beside a ratio against remem.
+//!
+//! ```text
+//! cargo run --release -p remem-bench -- alloc          # table with ratios
+//! cargo run --release -p remem-bench -- alloc --json   # one JSON object per line
+//! ```
+//!
+//! Layout: `peers/` wraps each system behind the narrow [`peers::Peer`]
+//! trait, `suites/` holds one file per suite, `report.rs` turns
+//! [`report::Measurement`]s into JSON lines or a table. A new suite is a
+//! variant of [`Suite`] and a module under `suites/`.
+
+mod peers;
+mod report;
+mod suites;
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::peers::SystemName;
+use crate::suites::Config;
+
+/// The suites this binary knows. Later ones (`tx`, `track`, `flush`, `pull`)
+/// slot in here and under `suites/`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// Allocation and free: 64 B pairs and a mixed 16 B–4 KiB working set.
+    Alloc,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "remem-bench",
+    about = "Benchmarks remem against glibc, jemalloc, mimalloc and PMDK in one run and prints ratios"
+)]
+struct Cli {
+    /// Suites to run, in order (none given: alloc).
+    #[arg(value_enum)]
+    suites: Vec<Suite>,
+
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Repetitions per figure; the best (minimum) is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+
+    /// Length of one repetition, in milliseconds.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    rep_ms: u64,
+
+    /// Thread counts to run each case on (each thread runs its own loop).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+    threads: Vec<usize>,
+
+    /// Systems to run, comma-separated (none given: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    systems: Vec<SystemName>,
+}
+
+fn main() -> anyhow::Result<()> {
+    // libpmemobj decides at pool creation whether the pool is persistent
+    // memory; a pool on /dev/shm is not, and would msync on every persist.
+    // Set before any thread starts (set_var races with getenv on other threads).
+    if std::env::var_os("PMEM_IS_PMEM_FORCE").is_none() {
+        std::env::set_var("PMEM_IS_PMEM_FORCE", "1");
+    }
+
+    let cli = Cli::parse();
+    if cli.threads.contains(&0) {
+        anyhow::bail!("--threads: thread counts must be at least 1");
+    }
+    let suites = if cli.suites.is_empty() { vec![Suite::Alloc] } else { cli.suites.clone() };
+    let systems = if cli.systems.is_empty() { SystemName::ALL.to_vec() } else { cli.systems.clone() };
+    let config = Config { reps: cli.reps, rep_time: Duration::from_millis(cli.rep_ms), threads: cli.threads.clone() };
+
+    // Peers that cannot start (no /dev/shm, ...) are reported on stderr and
+    // skipped; the others run.
+    let systems = peers::open(&systems);
+    if systems.is_empty() {
+        anyhow::bail!("no system could be started; see the messages above");
+    }
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for suite in suites {
+        let report = match suite {
+            Suite::Alloc => suites::alloc::run(&systems, &config),
+        };
+        if cli.json {
+            report::write_json(&mut out, &report.measurements)?;
+        } else {
+            report::write_table(&mut out, &report)?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
