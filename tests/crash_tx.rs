@@ -17,70 +17,8 @@ use std::time::Duration;
 use remem::alloc::TxError;
 use remem::{Heap, HeapOptions};
 
-const SLOTS: usize = 1024;
-const MAGIC: u64 = 0x7265_6d65_6d5f_7478;
-
-/// The root object: a commit counter and a table of slots.
-#[repr(C)]
-struct Root {
-    counter: u64,
-    slots: [Slot; SLOTS],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Slot {
-    value: *mut u8,
-    version: u64,
-}
-
-/// What transaction `i` does: `(key, Some(value size))` to upsert, `(key, None)` to delete.
-fn op(i: u64) -> (usize, Option<usize>) {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555;
-    x ^= x >> 29;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 32;
-    let key = (x % SLOTS as u64) as usize;
-    if x.is_multiple_of(5) {
-        (key, None)
-    } else {
-        (key, Some(32 + (x >> 20) as usize % 3000))
-    }
-}
-
-/// Writes value `version` of `key` into a block: a header and a pattern.
-fn fill(p: NonNull<u8>, key: usize, version: u64, size: usize) {
-    // SAFETY: `p` is a block of at least `size` (>= 32) bytes that we own.
-    unsafe {
-        let w = p.cast::<u64>().as_ptr();
-        w.write(MAGIC);
-        w.add(1).write(key as u64);
-        w.add(2).write(version);
-        w.add(3).write(size as u64);
-        std::ptr::write_bytes(p.as_ptr().add(32), version as u8, size - 32);
-    }
-}
-
-/// Checks a value block; `Err` says what is wrong.
-fn verify_value(p: *const u8, key: usize, version: Option<u64>) -> Result<u64, String> {
-    // SAFETY: `p` is an allocated block of the attached heap (check_live
-    // verified that) of at least 32 bytes.
-    unsafe {
-        let w = p.cast::<u64>();
-        if w.read() != MAGIC || w.add(1).read() != key as u64 {
-            return Err(format!("value block {p:?} of key {key} has a bad header"));
-        }
-        let v = w.add(2).read();
-        if version.is_some_and(|want| want != v) {
-            return Err(format!("key {key}: value block says version {v}, slot says {version:?}"));
-        }
-        let size = w.add(3).read() as usize;
-        if std::slice::from_raw_parts(p.add(32), size - 32).iter().any(|&b| b != v as u8) {
-            return Err(format!("key {key}: value of version {v} is torn"));
-        }
-        Ok(v)
-    }
-}
+mod common;
+use common::{fill, op, verify_value, Root, Slot, SLOTS};
 
 fn child_fd() -> Option<OwnedFd> {
     let fd: i32 = std::env::var("REMEM_FD").ok()?.parse().ok()?;
@@ -88,9 +26,7 @@ fn child_fd() -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn root(heap: &Heap) -> *mut Root {
-    heap.root_or_alloc(std::mem::size_of::<Root>()).unwrap().0.cast::<Root>().as_ptr()
-}
+use common::root;
 
 /// Child: the transactional workload.
 #[test]
