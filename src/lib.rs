@@ -3,3 +3,4 @@
 
 pub use remem_alloc as alloc;
 pub use remem_alloc::{Heap, HeapOptions, PPtr};
+pub use remem_recovery as recovery;

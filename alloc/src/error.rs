@@ -99,6 +99,15 @@ pub enum OpenError {
         /// What is wrong.
         source: crate::baseline::BaselineError,
     },
+    /// The hook that patches a loaded image (pages pulled from a failed
+    /// host) failed; the baseline is unchanged.
+    #[error("recovering {path}: {reason}")]
+    Patch {
+        /// The baseline file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// Dirty-page tracking could not be set up.
     #[error(transparent)]
     Track(#[from] crate::track::TrackError),

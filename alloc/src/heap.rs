@@ -106,6 +106,18 @@ pub struct BaselineInfo {
     pub generation: u64,
 }
 
+/// A hook that patches a loaded heap image: gets the header and the
+/// bytes, returns the pages it changed (see [`Heap::open_patched`]).
+pub type PatchHook<'a> = dyn FnMut(&Header, &mut [u8]) -> std::result::Result<Vec<u64>, String> + 'a;
+
+/// How the memory of a heap being opened is filled.
+enum Fill<'a> {
+    /// Load the baseline, then let the hook patch the image.
+    Load(Option<&'a mut PatchHook<'a>>),
+    /// Map a surviving memfd; the pages that may differ from the baseline.
+    Memfd(std::os::fd::OwnedFd, Vec<u64>),
+}
+
 /// No current slab.
 const NO_SLAB: u64 = u64::MAX;
 
@@ -331,12 +343,61 @@ impl Heap {
     }
 
     fn open_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+        Self::open_filled(backend, opts, file, Fill::Load(None))
+    }
+
+    /// [`Heap::open_with`], with a hook that patches the image after the
+    /// baseline is loaded and before anything else sees it: it gets the
+    /// heap's header and its bytes, and returns the pages it changed (they
+    /// are flushed by the next flush). An `Err` from the hook fails the open
+    /// and leaves the baseline as it was. `remem recover` uses this to lay
+    /// the pages pulled from a failed host over the baseline.
+    pub fn open_patched(
+        path: impl AsRef<Path>,
+        opts: &HeapOptions,
+        hook: &mut PatchHook<'_>,
+    ) -> Result<Heap> {
+        let path = path.as_ref();
+        let lock = take_lock(path)?;
+        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
+        Self::open_filled(Arc::new(backend), opts, Some((path.to_owned(), lock)), Fill::Load(Some(hook)))
+    }
+
+    /// Same-host restart: maps the heap's surviving memfd (kept by the
+    /// agent after the database process died) at its address, with no
+    /// copy, and continues flushing to the baseline at `path`. `dirty` names
+    /// the pages that may differ from the baseline (the agent's sealed
+    /// lists); they go into the next flush.
+    pub fn attach_durable(
+        memfd: std::os::fd::OwnedFd,
+        path: impl AsRef<Path>,
+        opts: &HeapOptions,
+        dirty: &[u64],
+    ) -> Result<Heap> {
+        let path = path.as_ref();
+        let lock = take_lock(path)?;
+        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
+        Self::open_filled(Arc::new(backend), opts, Some((path.to_owned(), lock)), Fill::Memfd(memfd, dirty.to_vec()))
+    }
+
+    fn open_filled(
+        backend: Arc<dyn Backend>,
+        opts: &HeapOptions,
+        file: Option<(PathBuf, File)>,
+        fill: Fill<'_>,
+    ) -> Result<Heap> {
         region::check_page_size()?;
         let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
         let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
         let baseline = Baseline::open(backend).map_err(bl_err)?;
         let mut first = vec![0u8; PAGE_SIZE];
-        baseline.read_page(0, &mut first).map_err(bl_err)?;
+        match &fill {
+            Fill::Load(_) => baseline.read_page(0, &mut first).map_err(bl_err)?,
+            Fill::Memfd(fd, _) => {
+                let f = File::from(fd.try_clone().map_err(io("dup memfd"))?);
+                f.read_exact_at(&mut first, 0).map_err(io("reading the heap header from the memfd"))?;
+            }
+        }
         let header = Header::decode(&first).map_err(|e| match e {
             HeaderError::Version(found) => {
                 OpenError::Version { path: name.clone(), found, supported: crate::format::VERSION }
@@ -345,21 +406,35 @@ impl Heap {
         })?;
         baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
         let size = header.layout.size;
-        let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
-        let region = Region::map(fd, header.base, size)?;
-        // SAFETY: the fresh mapping is `size` bytes and nothing else uses it yet.
-        let dst = unsafe { std::slice::from_raw_parts_mut(region.base(), size as usize) };
-        let load = baseline.load_into(dst).map_err(bl_err)?;
-        let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(load.info.commit_unix_ns);
+        let info = baseline.info();
+        let (region, dirty, from_journal) = match fill {
+            Fill::Load(hook) => {
+                let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
+                let region = Region::map(fd, header.base, size)?;
+                // SAFETY: the fresh mapping is `size` bytes and nothing else uses it yet.
+                let dst = unsafe { std::slice::from_raw_parts_mut(region.base(), size as usize) };
+                let load = baseline.load_into(dst).map_err(bl_err)?;
+                let dirty = match hook {
+                    Some(h) => h(&header, dst).map_err(|reason| OpenError::Patch { path: name.clone(), reason })?,
+                    None => Vec::new(),
+                };
+                (region, dirty, load.from_journal)
+            }
+            Fill::Memfd(fd, dirty) => (Region::map(fd, header.base, size)?, dirty, 0),
+        };
+        let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(info.commit_unix_ns);
         let from = BaselineInfo {
-            epoch: load.info.epoch,
+            epoch: info.epoch,
             committed_at,
             age: committed_at.elapsed().unwrap_or_default(),
-            pages_from_journal: load.from_journal,
-            generation: load.info.generation,
+            pages_from_journal: from_journal,
+            generation: info.generation,
         };
         // Track before recovering, so that recovery's repairs are flushed.
         let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
+        for &p in dirty.iter().filter(|&&p| p < header.layout.npages()) {
+            dur.tracker.mark_dirty(p, 1);
+        }
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
         let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), Some(from))?;

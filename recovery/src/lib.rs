@@ -2,6 +2,12 @@
 //! the database process dies, the transports that pull pages from it, and
 //! the recovery that rebuilds a heap on another host. Filled in by the
 //! recovery issues; today it re-exports the heap's own crash recovery.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
-pub use remem_alloc::{RecoveryReport, Heap};
+pub use remem_alloc::{Heap, RecoveryReport};
+
+pub mod agent;
+pub mod recover;
+#[allow(unsafe_code)]
+mod sys;
+pub mod transport;

@@ -1,5 +1,6 @@
 //! The seam between the baseline and its storage: five methods (redb's
-//! `StorageBackend` shape), a file implementation, and impls for shared handles.
+//! `StorageBackend` shape) plus an optional sparseness query, a file
+//! implementation, and impls for shared handles.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -34,6 +35,17 @@ pub trait Backend: Send + Sync {
 
     /// Makes every completed write and resize durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
+
+    /// Where `off..off + len` may hold non-zero bytes: sorted, disjoint, non-empty
+    /// half-open byte ranges `(start, end)` inside it. Every byte of `off..off + len`
+    /// outside the returned ranges must read as zero (a hole of a sparse file, or
+    /// bytes past the end); the ranges may over-approximate (a written page of zeros
+    /// may be reported as data). `Ok(None)`: unknown, treat everything as data (the
+    /// default). Loading uses it to skip holes instead of reading zeros.
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let _ = (off, len);
+        Ok(None)
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
@@ -51,6 +63,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn sync_data(&self) -> io::Result<()> {
         (**self).sync_data()
+    }
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        (**self).data_ranges(off, len)
     }
 }
 
@@ -70,9 +85,13 @@ impl<B: Backend + ?Sized> Backend for &B {
     fn sync_data(&self) -> io::Result<()> {
         (**self).sync_data()
     }
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        (**self).data_ranges(off, len)
+    }
 }
 
-/// A baseline in a file on any filesystem: `pread`, `pwrite`, `ftruncate`, `fdatasync`.
+/// A baseline in a file on any filesystem: `pread`, `pwrite`, `ftruncate`, `fdatasync`,
+/// and `lseek(SEEK_DATA / SEEK_HOLE)` to find the holes of the sparse image area.
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
@@ -123,4 +142,70 @@ impl Backend for FileBackend {
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+    /// `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)` pairs from `off`. These move the file
+    /// position of the open file (shared with clones of [`FileBackend::file`]); the
+    /// baseline itself only uses positioned I/O. `None` when the filesystem or kernel
+    /// does not support them (`EINVAL`, `EOPNOTSUPP`); filesystems without real hole
+    /// tracking report the whole file as data, which is also correct.
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let end = off.saturating_add(len);
+        let mut out = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let data = match seek(&self.file, pos, Whence::Data) {
+                Ok(Some(d)) => d,
+                // ENXIO: no data at or after `pos` (the rest is a hole or past the end).
+                Ok(None) => break,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if data >= end {
+                break;
+            }
+            // The end of the file counts as a hole, so this only finds nothing if the
+            // file shrank under us: then the rest reads as nothing, report it as data.
+            let hole = seek(&self.file, data, Whence::Hole)?.unwrap_or(end).min(end);
+            if hole <= data {
+                // Only if the file changed between the two calls: give up on sparseness.
+                return Ok(None);
+            }
+            out.push((data, hole));
+            pos = hole;
+        }
+        Ok(Some(out))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Whence {
+    Data,
+    Hole,
+}
+
+/// `lseek(fd, off, SEEK_DATA or SEEK_HOLE)`: the offset found, or `None` for `ENXIO`
+/// (no data, or no hole, at or after `off`: `off` is at or past the end of the file,
+/// or for `SEEK_DATA` only holes follow). An offset that does not fit `off_t` is
+/// `EINVAL` (reported as unsupported by the caller).
+#[allow(unsafe_code)]
+fn seek(file: &File, off: u64, whence: Whence) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(off) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let whence = match whence {
+        Whence::Data => libc::SEEK_DATA,
+        Whence::Hole => libc::SEEK_HOLE,
+    };
+    // SAFETY: `lseek` takes no pointers; the descriptor is owned by `file`, which
+    // the borrow keeps open for the duration of the call.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        // `r` is a non-negative `off_t`, so it fits a `u64`.
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        return Ok(None);
+    }
+    Err(e)
 }

@@ -191,6 +191,10 @@ impl FaultyBackend {
     }
 }
 
+/// Granularity of [`FaultyBackend`]'s holes: a sector, finer than a page, so that
+/// loaders must round the ranges to pages themselves.
+const HOLE_GRAIN: u64 = 512;
+
 impl Backend for FaultyBackend {
     fn len(&self) -> io::Result<u64> {
         let s = self.state.lock();
@@ -228,6 +232,29 @@ impl Backend for FaultyBackend {
         s.live.resize(len as usize, 0);
         s.pending.push(Pending::SetLen(len));
         Ok(())
+    }
+
+    /// The runs of 512-byte sectors of the live image that hold a non-zero byte
+    /// (clipped to `off..off + len`): every zero sector counts as a hole, as on a file
+    /// system that punched out every zero block.
+    fn data_ranges(&self, off: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let s = self.state.lock();
+        s.check()?;
+        let end = off.saturating_add(len).min(s.live.len() as u64);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = off - off % HOLE_GRAIN;
+        while at < end {
+            let next = (at + HOLE_GRAIN).min(end);
+            let lo = at.max(off);
+            if s.live[lo as usize..next as usize].iter().any(|&b| b != 0) {
+                match out.last_mut() {
+                    Some(r) if r.1 == lo => r.1 = next,
+                    _ => out.push((lo, next)),
+                }
+            }
+            at = next;
+        }
+        Ok(Some(out))
     }
 
     fn sync_data(&self) -> io::Result<()> {

@@ -14,6 +14,11 @@ use super::format::{
 /// Pages per read or write of the image area and CRC table (the I/O buffer is one
 /// full segment, just under 1 MiB).
 const RUN_PAGES: usize = SEG_MAX_BYTES / PAGE_SIZE;
+/// Image pages per read when loading into a zeroed destination (1 MiB).
+const LOAD_RUN_PAGES: u64 = 256;
+/// Image pages per [`Backend::data_ranges`] query when loading (1 GiB): bounds the
+/// ranges held at once.
+const DATA_WINDOW_PAGES: u64 = 1 << 18;
 /// CRC table entries per table page.
 const TABLE_PER_PAGE: u64 = PAGE / 4;
 /// How often `fence` re-reads and re-writes when a racing commit overwrote its superblock.
@@ -36,7 +41,7 @@ pub struct CommitInfo {
     pub journal_pages: u64,
 }
 
-/// What `load_into` did.
+/// What `load_into` or `load_into_zeroed` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadReport {
     /// Pages loaded (every page of the heap).
@@ -45,6 +50,12 @@ pub struct LoadReport {
     pub from_journal: u64,
     /// Bytes read from the backend.
     pub bytes_read: u64,
+    /// Image-area pages not read because the backend reported them as holes
+    /// (`load_into_zeroed` only; `load_into` reads every page).
+    pub hole_pages: u64,
+    /// Pages not written to the destination because they are all zero
+    /// (`load_into_zeroed` only).
+    pub zero_pages: u64,
     /// The state loaded.
     pub info: CommitInfo,
 }
@@ -103,6 +114,11 @@ fn now_unix_ns() -> u64 {
 fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Whether `b` is all zero bytes (vectorizes: no early exit inside a 64-byte chunk).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(64).all(|c| c.iter().fold(0, |acc, &x| acc | x) == 0)
 }
 
 fn io_err(op: String) -> impl FnOnce(io::Error) -> BaselineError {
@@ -565,15 +581,11 @@ impl<B: Backend> Baseline<B> {
     }
 
     /// Loads the committed heap into `dst` (`heap_size` bytes): the image area, then the
-    /// newest journal version of each journal page; every page's CRC is checked.
+    /// newest journal version of each journal page; every page's CRC is checked. Writes
+    /// every byte of `dst`; reads every byte of the image area, holes included (see
+    /// [`Baseline::load_into_zeroed`] for the fast path into zeroed memory).
     pub fn load_into(&self, dst: &mut [u8]) -> Result<LoadReport> {
-        if dst.len() as u64 != self.sb.heap_size {
-            return Err(BaselineError::SizeMismatch {
-                what: "the load_into destination".into(),
-                expected: self.sb.heap_size,
-                found: dst.len() as u64,
-            });
-        }
+        self.check_dst(dst, "the load_into destination")?;
         let npages = self.layout.npages;
         let mut in_journal = self.journal.keys().copied().peekable();
         let mut start = 0;
@@ -586,31 +598,175 @@ impl<B: Backend> Baseline<B> {
                     continue;
                 }
                 let at = ((p - start) * PAGE) as usize;
-                let found = crc32fast::hash(&d[at..at + PAGE_SIZE]);
-                let expected = self.table[p as usize];
-                if found != expected {
-                    let (source_area, offset) = (PageSource::Image, self.layout.image_page(p));
-                    return Err(BaselineError::PageCrc { page: p, source_area, offset, expected, found });
-                }
+                self.check_image_page(p, &d[at..at + PAGE_SIZE])?;
             }
             start = end;
         }
+        let (from_journal, _) = self.load_journal(dst, false)?;
+        Ok(LoadReport {
+            pages: npages,
+            from_journal,
+            bytes_read: self.sb.heap_size + from_journal * PAGE,
+            hole_pages: 0,
+            zero_pages: 0,
+            info: self.info(),
+        })
+    }
+
+    /// Loads the committed heap into `dst` (`heap_size` bytes), which **must already be
+    /// all zero** (a fresh memfd or anonymous mapping): the result is then the same as
+    /// [`Baseline::load_into`]'s, with the same CRC checks and the same errors, but
+    ///
+    /// * image-area pages that the backend reports as holes
+    ///   ([`Backend::data_ranges`]) are not read: their table CRC is compared with the
+    ///   CRC of a zero page instead (a mismatch is [`BaselineError::PageCrc`] with
+    ///   `found` = that CRC, as `load_into` would report after reading the zeros);
+    /// * the data is read in sequential runs of up to 1 MiB, each page checked against
+    ///   its CRC, and only pages that are not all zero are written to `dst` (journal
+    ///   pages too), so the destination's untouched pages are never populated.
+    ///
+    /// If `dst` is not zeroed, the pages skipped keep their old bytes: memory-safe, but
+    /// not the committed heap. With a backend that cannot tell holes
+    /// (`data_ranges` returns `None`), every page is read, and still only non-zero
+    /// pages are written.
+    pub fn load_into_zeroed(&self, dst: &mut [u8]) -> Result<LoadReport> {
+        self.check_dst(dst, "the load_into_zeroed destination")?;
+        let npages = self.layout.npages;
+        let zero_crc = zero_page_crc();
+        let mut journal = self.journal.keys().copied().peekable();
+        // Pages are asked for in increasing order.
+        let mut in_journal = |p: u64| {
+            while journal.next_if(|&j| j < p).is_some() {}
+            journal.peek() == Some(&p)
+        };
+        let mut buf = vec![0u8; LOAD_RUN_PAGES as usize * PAGE_SIZE];
+        let (mut bytes_read, mut hole_pages, mut zero_pages) = (0u64, 0u64, 0u64);
+        let mut window = 0;
+        while window < npages {
+            let window_end = (window + DATA_WINDOW_PAGES).min(npages);
+            let mut next = window;
+            for (first, end) in self.image_data_runs(window, window_end)?.into_iter().chain([(window_end, window_end)]) {
+                // Pages next..first are holes: they read as zeros.
+                self.check_hole_pages(next, first)?;
+                hole_pages += first - next;
+                let mut at = first;
+                while at < end {
+                    let run_end = (at + LOAD_RUN_PAGES).min(end);
+                    let b = &mut buf[..((run_end - at) * PAGE) as usize];
+                    read_at(&self.backend, self.layout.image_page(at), b, "the image area")?;
+                    bytes_read += b.len() as u64;
+                    for (p, page) in (at..run_end).zip(b.chunks_exact(PAGE_SIZE)) {
+                        if in_journal(p) {
+                            continue;
+                        }
+                        if self.check_image_page(p, page)? == zero_crc && is_zero(page) {
+                            zero_pages += 1;
+                        } else {
+                            dst[(p * PAGE) as usize..((p + 1) * PAGE) as usize].copy_from_slice(page);
+                        }
+                    }
+                    at = run_end;
+                }
+                next = end;
+            }
+            window = window_end;
+        }
+        let (from_journal, zero_in_journal) = self.load_journal(dst, true)?;
+        Ok(LoadReport {
+            pages: npages,
+            from_journal,
+            bytes_read: bytes_read + from_journal * PAGE,
+            hole_pages,
+            zero_pages: zero_pages + zero_in_journal,
+            info: self.info(),
+        })
+    }
+
+    fn check_dst(&self, dst: &[u8], what: &str) -> Result<()> {
+        if dst.len() as u64 != self.sb.heap_size {
+            return Err(BaselineError::SizeMismatch {
+                what: what.into(),
+                expected: self.sb.heap_size,
+                found: dst.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks image page `p`, read as `bytes`, against the table; returns its CRC.
+    fn check_image_page(&self, p: u64, bytes: &[u8]) -> Result<u32> {
+        let found = crc32fast::hash(bytes);
+        let expected = self.table[p as usize];
+        if found != expected {
+            let (source_area, offset) = (PageSource::Image, self.layout.image_page(p));
+            return Err(BaselineError::PageCrc { page: p, source_area, offset, expected, found });
+        }
+        Ok(found)
+    }
+
+    /// Checks image pages `first..end`, holes in the image area (all zero), against the
+    /// table without reading them; pages in the journal are not checked.
+    fn check_hole_pages(&self, first: u64, end: u64) -> Result<()> {
+        let zero_crc = zero_page_crc();
+        let table = &self.table[first as usize..end as usize];
+        for (p, &expected) in (first..end).zip(table) {
+            if expected != zero_crc && !self.journal.contains_key(&p) {
+                let (source_area, offset) = (PageSource::Image, self.layout.image_page(p));
+                return Err(BaselineError::PageCrc { page: p, source_area, offset, expected, found: zero_crc });
+            }
+        }
+        Ok(())
+    }
+
+    /// The runs of image pages in `first..end` that may hold data, as sorted, disjoint,
+    /// non-adjacent page ranges: the backend's [`Backend::data_ranges`] rounded out to
+    /// whole pages, or all of `first..end` if it cannot tell.
+    fn image_data_runs(&self, first: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let (off, len) = (self.layout.image_page(first), (end - first) * PAGE);
+        let ranges = self
+            .backend
+            .data_ranges(off, len)
+            .map_err(io_err(format!("finding the data in the image area ({len} bytes at offset {off})")))?;
+        let Some(ranges) = ranges else {
+            return Ok(vec![(first, end)]);
+        };
+        // Do not trust the backend's order or bounds: clip, round out, sort, merge.
+        let mut runs: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .map(|(s, e)| (s.max(off), e.min(off + len)))
+            .filter(|&(s, e)| s < e)
+            .map(|(s, e)| (first + (s - off) / PAGE, first + (e - off).div_ceil(PAGE)))
+            .collect();
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (a, b) in runs {
+            match merged.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Copies the newest journal version of each journal page into `dst` (reading in
+    /// file order, checking each page's CRC); with `skip_zero`, all-zero pages are not
+    /// written (`dst` holds zeros there). Returns the journal pages and those skipped.
+    fn load_journal(&self, dst: &mut [u8], skip_zero: bool) -> Result<(u64, u64)> {
         let mut by_off: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
         by_off.sort_unstable_by_key(|&(_, e)| e.off);
+        let mut skipped = 0;
         let mut tmp = vec![0u8; RUN_PAGES * PAGE_SIZE];
         for group in by_off.chunks(RUN_PAGES) {
             read_journal_pages(&self.backend, group, &mut tmp)?;
-            for (k, &(p, _)) in group.iter().enumerate() {
-                dst[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
-                    .copy_from_slice(&tmp[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            for (&(p, e), page) in group.iter().zip(tmp.chunks_exact(PAGE_SIZE)) {
+                if skip_zero && e.crc == zero_page_crc() && is_zero(page) {
+                    skipped += 1;
+                } else {
+                    dst[(p * PAGE) as usize..((p + 1) * PAGE) as usize].copy_from_slice(page);
+                }
             }
         }
-        Ok(LoadReport {
-            pages: npages,
-            from_journal: by_off.len() as u64,
-            bytes_read: self.sb.heap_size + by_off.len() as u64 * PAGE,
-            info: self.info(),
-        })
+        Ok((by_off.len() as u64, skipped))
     }
 
     /// Reads the committed bytes of one page into `out` (4096 bytes), checking its CRC.

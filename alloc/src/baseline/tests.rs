@@ -28,11 +28,29 @@ fn page_of(heap: &[u8], page: u64) -> &[u8] {
     &heap[(page * PAGE) as usize..((page + 1) * PAGE) as usize]
 }
 
+/// Loads with `load_into` (over garbage) and with `load_into_zeroed` (over zeros), and
+/// checks that both give the same heap.
 fn load<B: Backend>(bl: &Baseline<B>) -> Vec<u8> {
     let mut v = vec![0xA5; bl.heap_size() as usize];
     let r = bl.load_into(&mut v).unwrap();
     assert_eq!((r.pages, r.from_journal, r.info), (bl.npages(), r.info.journal_pages, bl.info()));
+    assert_eq!((r.hole_pages, r.zero_pages, r.bytes_read), (0, 0, bl.heap_size() + r.from_journal * PAGE));
+    let mut z = vec![0; bl.heap_size() as usize];
+    let rz = bl.load_into_zeroed(&mut z).unwrap();
+    assert_eq!((rz.pages, rz.from_journal, rz.info), (r.pages, r.from_journal, r.info));
+    assert!(rz.bytes_read + rz.hole_pages * PAGE <= r.bytes_read, "{rz:?} reads more than {r:?}");
+    assert!(z == v, "load_into_zeroed differs from load_into");
     v
+}
+
+/// Both loads fail, with the same error; returns it.
+fn load_err<B: Backend>(bl: &Baseline<B>) -> BaselineError {
+    let mut v = vec![0xA5; bl.heap_size() as usize];
+    let e = bl.load_into(&mut v).unwrap_err();
+    let mut z = vec![0; bl.heap_size() as usize];
+    let ez = bl.load_into_zeroed(&mut z).unwrap_err();
+    assert_eq!(e.to_string(), ez.to_string());
+    e
 }
 
 /// Opens an image as a rebooted machine would, and loads it.
@@ -439,6 +457,7 @@ fn argument_errors_do_not_poison() {
     bl.commit(2, [(1, &p[..])]).unwrap();
     assert!(matches!(bl.commit(2, []), Err(BaselineError::EpochOrder { last: 2, given: 2 })));
     assert!(matches!(bl.load_into(&mut [0; 10]), Err(BaselineError::SizeMismatch { .. })));
+    assert!(matches!(bl.load_into_zeroed(&mut [0; 10]), Err(BaselineError::SizeMismatch { .. })));
     assert!(matches!(bl.page_crc(64), Err(BaselineError::PageOutOfRange { .. })));
     assert!(!bl.is_poisoned());
     let (_, got) = open_image(fb.durable_image());
@@ -566,10 +585,9 @@ fn damaged_pages_and_table_entries_name_the_page() {
     let bl = Baseline::open(fb.clone()).unwrap();
     let l = bl.layout();
     let j = l.journal_off;
-    let mut buf = vec![0; heap.len()];
     // Journal copy of page 5 (second page after the header).
     let b = Baseline::open(damaged(&fb, j + 2 * PAGE + 100, 1)).unwrap();
-    let e = b.load_into(&mut buf).unwrap_err();
+    let e = load_err(&b);
     assert!(matches!(e, BaselineError::PageCrc { page: 5, source_area: PageSource::Journal, .. }), "{e}");
     assert!(e.to_string().contains("page 5 read from the journal"), "{e}");
     assert!(matches!(b.read_page(5, &mut [0; PAGE_SIZE]), Err(BaselineError::PageCrc { page: 5, .. })));
@@ -578,20 +596,133 @@ fn damaged_pages_and_table_entries_name_the_page() {
     assert!(!b.is_poisoned());
     // Image copy of page 1.
     let b = Baseline::open(damaged(&fb, l.image_page(1) + 7, 1)).unwrap();
-    let e = b.load_into(&mut buf).unwrap_err();
+    let e = load_err(&b);
     assert!(matches!(e, BaselineError::PageCrc { page: 1, source_area: PageSource::Image, .. }), "{e}");
     // A never-written page of the image area.
     let b = Baseline::open(damaged(&fb, l.image_page(40), 1)).unwrap();
-    assert!(matches!(b.load_into(&mut buf), Err(BaselineError::PageCrc { page: 40, .. })));
+    assert!(matches!(load_err(&b), BaselineError::PageCrc { page: 40, .. }));
     // The table entry of page 3.
     let b = Baseline::open(damaged(&fb, TABLE_OFF + 4 * 3, 1)).unwrap();
-    assert!(matches!(
-        b.load_into(&mut buf),
-        Err(BaselineError::PageCrc { page: 3, source_area: PageSource::Image, .. })
-    ));
-    // The table entry of page 2 is overridden by the journal: not read.
-    let b = Baseline::open(damaged(&fb, TABLE_OFF + 4 * 2, 1)).unwrap();
-    assert_eq!(load(&b), heap);
+    assert!(matches!(load_err(&b), BaselineError::PageCrc { page: 3, source_area: PageSource::Image, .. }));
+    // The table entry of a hole (page 40, never written): the zeroed load does not read
+    // the hole, and still reports the mismatch, as the full load does after reading zeros.
+    let b = Baseline::open(damaged(&fb, TABLE_OFF + 4 * 40, 1)).unwrap();
+    let e = load_err(&b);
+    let (off, zero) = (l.image_page(40), format::zero_page_crc());
+    match e {
+        BaselineError::PageCrc { page: 40, source_area: PageSource::Image, offset, expected, found } => {
+            assert_eq!((offset, expected, found), (off, zero ^ 1, zero))
+        }
+        e => panic!("{e}"),
+    }
+    // The table entries of page 2 (applied, then in the journal) and page 5 (a hole in
+    // the image, in the journal) are overridden by the journal: not read.
+    for p in [2, 5] {
+        let b = Baseline::open(damaged(&fb, TABLE_OFF + 4 * p, 1)).unwrap();
+        assert_eq!(load(&b), heap);
+    }
+}
+
+/// A backend that cannot tell holes (the default `data_ranges`).
+struct NoHoles<B>(B);
+
+impl<B: Backend> Backend for NoHoles<B> {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(off, buf)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// A backend whose `data_ranges` are unsorted, overlapping, unaligned and out of bounds
+/// (over-approximating the inner backend's): the loader must cope.
+struct MessyRanges<B>(B);
+
+impl<B: Backend> Backend for MessyRanges<B> {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(off, buf)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn data_ranges(&self, off: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        let Some(mut r) = self.0.data_ranges(off, len)? else { return Ok(None) };
+        let widened: Vec<(u64, u64)> = r.iter().map(|&(s, e)| (s.saturating_sub(100), e + 3)).collect();
+        r.extend(widened);
+        r.push((0, 1));
+        r.push((off + len + 10, u64::MAX));
+        r.push((off + 5, off + 5));
+        r.reverse();
+        Ok(Some(r))
+    }
+}
+
+#[test]
+fn zeroed_loads_skip_holes_and_zero_pages() {
+    let (fb, _, mut heap) = small();
+    let mut bl = Baseline::open(fb.clone()).unwrap();
+    // Page 3 becomes a written page of zeros (data in the image after apply), page 1
+    // a zero page in the journal.
+    heap[3 * PAGE_SIZE..4 * PAGE_SIZE].fill(0);
+    bl.commit(3, [(3, page_of(&heap, 3))]).unwrap();
+    bl.apply().unwrap();
+    heap[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
+    bl.commit(4, [(1, page_of(&heap, 1))]).unwrap();
+    let info = bl.info();
+    let image = fb.durable_image();
+    let full = load(&bl);
+    assert_eq!(full, heap);
+    let l = bl.layout();
+    // The zeroed load writes only non-zero pages: over garbage, the rest stays garbage.
+    // Image data: pages 1 (stale: in the journal), 2, 3 (zeros) and 5. The faulty
+    // backend reports zero sectors as holes (page 3 too); the messy one widens every
+    // range into the neighbouring pages (0..7); without holes, all 64 pages are read.
+    // Expected: (hole pages, zero pages not written, pages read incl. 1 journal page).
+    let n = l.npages;
+    type Counts = (u64, u64, u64);
+    let cases: [(Arc<dyn Backend>, Counts); 3] = [
+        (Arc::new(FaultyBackend::from_image(image.clone())), (n - 3, 1, 4)),
+        (Arc::new(MessyRanges(FaultyBackend::from_image(image.clone()))), (n - 7, 5, 8)),
+        (Arc::new(NoHoles(FaultyBackend::from_image(image.clone()))), (0, n - 2, n + 1)),
+    ];
+    for (backend, (holes, zeros, pages_read)) in cases {
+        let b = Baseline::open(backend).unwrap();
+        assert_eq!(b.info(), info);
+        let mut z = vec![0xA5; heap.len()];
+        let r = b.load_into_zeroed(&mut z).unwrap();
+        for p in 0..n {
+            let want = page_of(&heap, p);
+            let got = page_of(&z, p);
+            if want.iter().any(|&x| x != 0) {
+                assert_eq!(got, want, "page {p}");
+            } else {
+                assert!(got.iter().all(|&x| x == 0xA5), "page {p}, all zero, was written");
+            }
+        }
+        assert_eq!((r.hole_pages, r.zero_pages, r.bytes_read / PAGE, r.from_journal), (holes, zeros, pages_read, 1));
+        let mut zeroed = vec![0; heap.len()];
+        b.load_into_zeroed(&mut zeroed).unwrap();
+        assert!(zeroed == heap);
+    }
 }
 
 #[test]
@@ -825,6 +956,88 @@ fn file_backend_round_trip() {
     let bl = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
     assert_eq!((bl.info().epoch, bl.info().generation, bl.info().journal_pages), (2, 7, 1));
     assert_eq!(load(&bl), heap);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn file_backend_reports_holes() {
+    let dir = scratch_dir("holes");
+    let path = dir.join("sparse");
+    let fb = FileBackend::create(&path).unwrap();
+    fb.set_len(4 << 20).unwrap();
+    fb.write_at(1 << 20, &[1; 8192]).unwrap();
+    let r = fb.data_ranges(0, 4 << 20).unwrap();
+    assert_eq!(fb.data_ranges(8 << 20, 4096).unwrap().map(|v| v.is_empty()), r.as_ref().map(|_| true), "past the end");
+    match r {
+        None => eprintln!("file_backend_reports_holes: the filesystem cannot report holes (lseek SEEK_DATA)"),
+        Some(r) => {
+            assert!(r.windows(2).all(|w| w[0].1 < w[1].0) && r.iter().all(|&(s, e)| s < e && e <= 4 << 20), "{r:?}");
+            let covered = |o: u64| r.iter().any(|&(s, e)| s <= o && o < e);
+            assert!(covered(1 << 20) && covered((1 << 20) + 8191), "{r:?}");
+            if r.len() == 1 && r[0] == (0, 4 << 20) {
+                eprintln!("file_backend_reports_holes: the filesystem reports no holes");
+            } else {
+                assert!(!covered(0) && !covered((4 << 20) - 1), "{r:?}");
+            }
+            // A window inside the data, and one inside a hole.
+            assert_eq!(fb.data_ranges((1 << 20) + 100, 200).unwrap(), Some(vec![((1 << 20) + 100, (1 << 20) + 300)]));
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A sparse baseline file: the zeroed load (holes skipped) gives exactly what the full
+/// load gives, and a hole whose table CRC is not a zero page's is corruption.
+#[test]
+fn sparse_file_loads_match_full_loads() {
+    let dir = scratch_dir("sparse-load");
+    let path = dir.join("heap.baseline");
+    let npages = 16384; // 64 MiB: several 1 MiB runs and holes between them
+    let mut heap = vec![0; npages * PAGE_SIZE];
+    {
+        let mut bl = Baseline::create(FileBackend::create(&path).unwrap(), UUID, npages as u64 * PAGE, 1).unwrap();
+        let first: Vec<u64> = (0..700).chain([1000, 1002, 5000]).chain(9000..9600).chain([16383]).collect();
+        first.iter().for_each(|&p| set_page(&mut heap, p, 1));
+        heap[1002 * PAGE_SIZE..1003 * PAGE_SIZE].fill(0); // a written page of zeros
+        bl.commit(1, first.iter().map(|&p| (p, page_of(&heap, p)))).unwrap();
+        bl.apply().unwrap();
+        // The journal: over data, over holes, and a zero page over data.
+        let second: Vec<u64> = (650..760).chain([3000, 9001]).collect();
+        second.iter().for_each(|&p| set_page(&mut heap, p, 2));
+        heap[9001 * PAGE_SIZE..9002 * PAGE_SIZE].fill(0);
+        bl.commit(2, second.iter().map(|&p| (p, page_of(&heap, p)))).unwrap();
+    }
+    let bl = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+    assert_eq!(load(&bl), heap);
+    let mut z = vec![0; heap.len()];
+    let r = bl.load_into_zeroed(&mut z).unwrap();
+    assert!(z == heap);
+    assert_eq!(r.from_journal, 112);
+    let l = bl.layout();
+    let sparse = bl.backend().data_ranges(l.image_off, l.journal_off - l.image_off).unwrap();
+    if sparse.as_ref().is_some_and(|v| v.iter().map(|&(s, e)| e - s).sum::<u64>() < l.journal_off - l.image_off) {
+        assert!(r.hole_pages > 10000 && r.bytes_read < 8 << 20, "{r:?}");
+    } else {
+        eprintln!("sparse_file_loads_match_full_loads: the filesystem reports no holes: {r:?}");
+    }
+    drop(bl);
+    // A hole's table entry (page 12000) damaged: corruption, without reading the hole.
+    let f = FileBackend::open(&path).unwrap();
+    let zero = format::zero_page_crc();
+    f.write_at(TABLE_OFF + 4 * 12000, &(zero ^ 0x10).to_le_bytes()).unwrap();
+    let b = Baseline::open(f).unwrap();
+    match load_err(&b) {
+        BaselineError::PageCrc { page: 12000, source_area: PageSource::Image, offset, expected, found } => {
+            assert_eq!((offset, expected, found), (l.image_page(12000), zero ^ 0x10, zero))
+        }
+        e => panic!("{e}"),
+    }
+    // Restored, and a byte of a data page flipped instead.
+    let f = b.into_backend();
+    f.write_at(TABLE_OFF + 4 * 12000, &zero.to_le_bytes()).unwrap();
+    f.write_at(l.image_page(9500) + 17, &[0xFF]).unwrap();
+    let b = Baseline::open(f).unwrap();
+    assert!(matches!(load_err(&b), BaselineError::PageCrc { page: 9500, source_area: PageSource::Image, .. }));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -1,0 +1,9 @@
+//! The TCP transport: runs anywhere, with the semantics of an RDMA reliable
+//! connection (see the [parent module](crate::transport)). The target's
+//! threads answer the reads; the wire format is in `wire.rs`.
+
+mod initiator;
+mod target;
+
+pub use initiator::TcpInitiator;
+pub use target::TcpTarget;
