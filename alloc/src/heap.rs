@@ -352,11 +352,7 @@ impl Heap {
     /// are flushed by the next flush). An `Err` from the hook fails the open
     /// and leaves the baseline as it was. `remem recover` uses this to lay
     /// the pages pulled from a failed host over the baseline.
-    pub fn open_patched(
-        path: impl AsRef<Path>,
-        opts: &HeapOptions,
-        hook: &mut PatchHook<'_>,
-    ) -> Result<Heap> {
+    pub fn open_patched(path: impl AsRef<Path>, opts: &HeapOptions, hook: &mut PatchHook<'_>) -> Result<Heap> {
         let path = path.as_ref();
         let lock = take_lock(path)?;
         let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
@@ -413,7 +409,7 @@ impl Heap {
                 let region = Region::map(fd, header.base, size)?;
                 // SAFETY: the fresh mapping is `size` bytes and nothing else uses it yet.
                 let dst = unsafe { std::slice::from_raw_parts_mut(region.base(), size as usize) };
-                let load = baseline.load_into(dst).map_err(bl_err)?;
+                let load = baseline.load_into_zeroed(dst).map_err(bl_err)?;
                 let dirty = match hook {
                     Some(h) => h(&header, dst).map_err(|reason| OpenError::Patch { path: name.clone(), reason })?,
                     None => Vec::new(),

@@ -11,3 +11,6 @@ pub mod recover;
 #[allow(unsafe_code)]
 mod sys;
 pub mod transport;
+// The workload plays the database: it reads and writes heap memory through raw pointers.
+#[allow(unsafe_code)]
+pub mod workload;

@@ -63,7 +63,13 @@
 //!   table (pages in the journal excepted), then read each journal page's
 //!   newest version checking it against its segment entry. A mismatch is
 //!   [`BaselineError::PageCrc`], naming the page, where it was read and the
-//!   two CRCs.
+//!   two CRCs. [`Baseline::load_into`] reads and writes every page;
+//!   [`Baseline::load_into_zeroed`] (into memory that is already zero) asks the
+//!   backend where the image area has data ([`Backend::data_ranges`]: `lseek`
+//!   `SEEK_DATA`/`SEEK_HOLE` for a file), checks hole pages by comparing their
+//!   table entry with the CRC of a zero page instead of reading them, reads the
+//!   data in sequential runs of up to 1 MiB, and writes only the pages that
+//!   are not all zero. Same result, and the same error for a damaged page.
 //!
 //! **Why a crash never mixes states.** Before a commit's superblock is
 //! durable, the only bytes written lie past the committed journal end, which
@@ -143,7 +149,12 @@
 //! time, in place; run it when the journal passes a threshold (and at
 //! close), off the flush path. `open` reads the CRC table (4 bytes per
 //! page) and every segment header; memory use is the table plus one index
-//! entry per journal page and a 1 MiB buffer.
+//! entry per journal page and a 1 MiB buffer. Loading a mostly empty heap
+//! with `load_into` costs the whole heap size (the kernel zero-fills every
+//! hole it reads, and every destination page gets populated);
+//! `load_into_zeroed` costs the data: a 1 GiB heap holding 164 MB of image
+//! data loads into a fresh memfd in about 0.2–0.35 s instead of 1–5 s (on
+//! a busy 2-core VM, file in the page cache).
 //!
 //! Files: `format.rs` (pure encoding), `backend.rs` (the [`Backend`] trait,
 //! [`FileBackend`]), `faulty.rs` ([`FaultyBackend`] for crash tests),

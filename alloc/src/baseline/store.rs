@@ -615,7 +615,8 @@ impl<B: Backend> Baseline<B> {
 
     /// Loads the committed heap into `dst` (`heap_size` bytes), which **must already be
     /// all zero** (a fresh memfd or anonymous mapping): the result is then the same as
-    /// [`Baseline::load_into`]'s, with the same CRC checks and the same errors, but
+    /// [`Baseline::load_into`]'s, with the same CRC checks and the same error for a
+    /// damaged page (I/O errors name different offsets), but
     ///
     /// * image-area pages that the backend reports as holes
     ///   ([`Backend::data_ranges`]) are not read: their table CRC is compared with the
@@ -645,7 +646,8 @@ impl<B: Backend> Baseline<B> {
         while window < npages {
             let window_end = (window + DATA_WINDOW_PAGES).min(npages);
             let mut next = window;
-            for (first, end) in self.image_data_runs(window, window_end)?.into_iter().chain([(window_end, window_end)]) {
+            for (first, end) in self.image_data_runs(window, window_end)?.into_iter().chain([(window_end, window_end)])
+            {
                 // Pages next..first are holes: they read as zeros.
                 self.check_hole_pages(next, first)?;
                 hole_pages += first - next;
