@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("check: {report}");
     let t = Instant::now();
     heap.close()?;
-    println!("closed (image saved) in {:.2?}", t.elapsed());
+    println!("closed (flushed to the baseline) in {:.2?}", t.elapsed());
 
     let t = Instant::now();
     let heap = Heap::open(&path)?;

@@ -22,6 +22,6 @@ int main(int argc, char **argv) {
   snprintf(r->note, 32, "run number %llu", (unsigned long long)r->runs);
   TRY(remem_tx_commit(h));
   printf("%s\n", r->note);
-  TRY(remem_close(h));                                        /* saves the image */
+  TRY(remem_close(h));                                        /* flushes to the baseline */
   return 0;
 }
