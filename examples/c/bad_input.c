@@ -84,6 +84,11 @@ int main(int argc, char **argv) {
 
   printf("# NULL arguments\n");
   EXPECT(remem_create(NULL, 16 << 20, 0, &x), REMEM_NULL_PARAMETER);
+  EXPECT(remem_recover(NULL, NULL, 0, &x, NULL), REMEM_NULL_PARAMETER);
+  EXPECT(remem_recover("/nonexistent/remem.baseline", NULL, 0, &x, NULL), REMEM_BAD_ARGUMENT); /* no agent, no data loss allowed */
+  EXPECT(remem_recover("/nonexistent/remem.baseline", "not an address", 0, &x, NULL), REMEM_BAD_ARGUMENT);
+  EXPECT(remem_recover("/nonexistent/remem.baseline", NULL, 1, &x, NULL), REMEM_IO); /* no such baseline */
+  EXPECT(remem_flush(NULL, NULL), REMEM_NULL_PARAMETER);
   TRUTH(x == NULL);
   EXPECT(remem_create(path, 16 << 20, 0, NULL), REMEM_NULL_PARAMETER);
   EXPECT(remem_open(NULL, &x), REMEM_NULL_PARAMETER);

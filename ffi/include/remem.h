@@ -314,6 +314,44 @@ typedef struct {
   uint8_t poisoned;
 } remem_flush_stats;
 
+/**
+ * What remem_recover() did.
+ */
+typedef struct {
+  /**
+   * Pages loaded from the baseline.
+   */
+  uint64_t pages_from_baseline;
+  /**
+   * Pages pulled from the failed host's agent.
+   */
+  uint64_t pages_pulled;
+  /**
+   * Transactions in flight rolled back.
+   */
+  uint64_t txs_rolled_back;
+  /**
+   * Epoch of the commit that holds the recovered heap.
+   */
+  uint64_t committed_epoch;
+  /**
+   * Generation the old owner was fenced with.
+   */
+  uint64_t generation;
+  /**
+   * Nanoseconds of updates that may be lost (0 when the pages were pulled).
+   */
+  uint64_t rpo_ns;
+  /**
+   * 1 when the heap came from the baseline alone.
+   */
+  uint8_t baseline_only;
+  /**
+   * 1 when the recovered image equalled the agent's memory (BLAKE3).
+   */
+  uint8_t image_identical;
+} remem_recover_report;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -831,6 +869,33 @@ remem_status remem_current_epoch(remem_heap *heap, uint64_t *epoch);
  * `out` must be NULL or valid for writing a remem_flush_stats.
  */
 remem_status remem_durability(remem_heap *heap, remem_flush_stats *out);
+
+/**
+ * Rebuilds the heap whose baseline is `baseline` on this host: loads the
+ * baseline, pulls the pages newer than it from the failed host's agent at
+ * `agent` ("host:port"; the token comes from the REMEM_TOKEN environment
+ * variable), fences the old owner, rolls back transactions in flight,
+ * commits the result to the baseline, and returns the open heap in `*out`.
+ * With `agent` NULL (or unreachable), recovery from the baseline alone
+ * happens only when `allow_data_loss` is non-zero; `report->rpo_ns` then
+ * says how old it was.
+ *
+ * NULL: `baseline` or `out` NULL is REMEM_NULL_PARAMETER; `agent` NULL means
+ * no agent; `report` NULL means no report. Ownership: strings are only
+ * read; the caller owns the handle and must remem_close() it.
+ * REMEM_TX_ABORTED: the database still runs on the source host.
+ *
+ * # Safety
+ *
+ * `baseline` and `agent` must be NULL or NUL-terminated strings; `out` NULL
+ * or valid for writing a pointer; `report` NULL or valid for writing a
+ * remem_recover_report.
+ */
+remem_status remem_recover(const char *baseline,
+                           const char *agent,
+                           int32_t allow_data_loss,
+                           remem_heap **out,
+                           remem_recover_report *report);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -85,7 +85,7 @@ pub struct remem_recovery_report {
 /// # Safety
 ///
 /// `path`, when not NULL, must point to a NUL-terminated string.
-unsafe fn path_arg<'a>(path: *const c_char) -> FfiResult<&'a Path> {
+pub(crate) unsafe fn path_arg<'a>(path: *const c_char) -> FfiResult<&'a Path> {
     let path = non_null_const(path, "path")?;
     // SAFETY: not NULL; the caller guarantees a NUL-terminated string that
     // outlives the call.
@@ -113,7 +113,7 @@ fn options(size: u64, base: u64) -> FfiResult<HeapOptions> {
 /// # Safety
 ///
 /// `out` must be valid for writing a pointer (checked for NULL).
-unsafe fn open_with(out: *mut *mut remem_heap, open: impl FnOnce() -> FfiResult<Heap>) -> FfiResult {
+pub(crate) unsafe fn open_with(out: *mut *mut remem_heap, open: impl FnOnce() -> FfiResult<Heap>) -> FfiResult {
     // SAFETY: forwarded from the caller.
     let out = unsafe { clear_out(out, "out") }?;
     let heap = open()?;

@@ -30,5 +30,7 @@ pub mod tx;
 
 pub mod flush;
 
+pub mod recover;
+
 #[cfg(test)]
 mod tests;
