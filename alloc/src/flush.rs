@@ -95,7 +95,10 @@ struct State {
 
 /// The durability machinery of a heap with a baseline.
 pub(crate) struct Durability {
-    baseline: Mutex<Baseline<Arc<dyn Backend>>>,
+    /// The baseline, and the copy buffer reused by every flush (already
+    /// faulted in, so the pause does not pay for fresh memory). The mutex
+    /// is the flush lock.
+    baseline: Mutex<(Baseline<Arc<dyn Backend>>, Vec<u8>)>,
     pub(crate) tracker: Box<dyn Tracker>,
     closing: DirtyBitmap,
     pub(crate) control: Control,
@@ -136,7 +139,7 @@ impl Durability {
                 pauses: Vec::new(),
                 stop: false,
             }),
-            baseline: Mutex::new(baseline),
+            baseline: Mutex::new((baseline, Vec::new())),
             tracker,
             closing,
             control,
@@ -160,14 +163,15 @@ impl Durability {
         mem: *const u8,
         pause: impl FnOnce(&mut dyn FnMut()) -> Duration,
     ) -> Result<u64, FlushError> {
-        let mut baseline = self.baseline.lock();
+        let mut guard = self.baseline.lock();
+        let (baseline, buf) = &mut *guard;
         if let Some(p) = &self.state.lock().poisoned {
             return Err(FlushError::Poisoned(p.clone()));
         }
         let epoch = self.state.lock().current;
         let mut harvested = Vec::new();
         let mut pages = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
+        buf.clear();
         let mut result = Ok(());
         let paused_for = pause(&mut || {
             result = self.tracker.harvest_into(&self.closing, &mut harvested);
@@ -177,7 +181,7 @@ impl Durability {
             // The closing set also holds the pages of a flush that failed
             // before its commit.
             self.closing.collect_into(&mut pages);
-            buf.reserve_exact(pages.len() * PAGE_SIZE);
+            buf.reserve(pages.len() * PAGE_SIZE);
             for &p in &pages {
                 // SAFETY: `p` < npages, so the page lies inside the heap
                 // mapping that `mem` starts; mutating calls are paused.
@@ -196,6 +200,15 @@ impl Durability {
             st.pauses.push(paused_for);
         }
         result.map_err(|e| FlushError::Track(e.to_string()))?;
+        if pages.is_empty() {
+            // Nothing changed: the epoch is durable without a write.
+            let mut st = self.state.lock();
+            st.committed = epoch;
+            st.last_commit = SystemTime::now();
+            self.control.word(ctl::COMMITTED_EPOCH).store(epoch, Release);
+            self.cond.notify_all();
+            return Ok(epoch);
+        }
         let commit = baseline.commit(epoch, pages.iter().copied().zip(buf.chunks_exact(PAGE_SIZE)));
         let info = match commit {
             Ok(info) => info,
@@ -223,7 +236,8 @@ impl Durability {
 
     /// Compacts the journal into the image (at close).
     pub(crate) fn apply(&self) -> Result<(), FlushError> {
-        let mut baseline = self.baseline.lock();
+        let mut guard = self.baseline.lock();
+        let baseline = &mut guard.0;
         if let Some(p) = &self.state.lock().poisoned {
             return Err(FlushError::Poisoned(p.clone()));
         }

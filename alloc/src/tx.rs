@@ -358,7 +358,9 @@ impl Heap {
 
     fn tx_lane(&self) -> Result<u32, TxError> {
         match self.current_lane() {
-            Some(l) if l != 0 && self.txv(l).lock().depth > 0 => Ok(l),
+            // The `_in` functions check (under their one lock) that a
+            // transaction is running.
+            Some(l) if l != 0 => Ok(l),
             _ => Err(TxError::NoTransaction),
         }
     }

@@ -4,18 +4,27 @@
 //! ```text
 //! cargo run --release -p remem-bench -- alloc          # table with ratios
 //! cargo run --release -p remem-bench -- alloc --json   # one JSON object per line
+//! cargo run --release -p remem-bench -- tx track flush # several suites, in order
 //! ```
 //!
 //! Layout: `peers/` wraps each system behind the narrow [`peers::Peer`]
-//! trait, `suites/` holds one file per suite, `report.rs` turns
-//! [`report::Measurement`]s into JSON lines or a table. A new suite is a
-//! variant of [`Suite`] and a module under `suites/`.
+//! trait (and [`peers::TxPeer`] for the systems with transactions),
+//! `suites/` holds one file per suite, `report.rs` turns
+//! [`report::Measurement`]s into JSON lines or a table, `scratch.rs` makes
+//! and removes the run's directories. A new suite is a variant of [`Suite`]
+//! and a module under `suites/`. `alloc` and `tx` run the peers chosen with
+//! `--systems`; `track` and `flush` compare variants of remem (and a raw
+//! file write) that they start themselves. Each suite starts what it needs
+//! and stops it before the next suite runs, so that no heap's background
+//! flusher runs during another suite.
 
 mod peers;
 mod report;
+mod scratch;
 mod suites;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -23,12 +32,18 @@ use clap::{Parser, ValueEnum};
 use crate::peers::SystemName;
 use crate::suites::Config;
 
-/// The suites this binary knows. Later ones (`tx`, `track`, `flush`, `pull`)
-/// slot in here and under `suites/`.
+/// The suites this binary knows. Later ones (`pull`) slot in here and
+/// under `suites/`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {
     /// Allocation and free: 64 B pairs and a mixed 16 B–4 KiB working set.
     Alloc,
+    /// Undo-log transactions, remem against PMDK: 64 B update, 64 B allocation.
+    Tx,
+    /// Dirty-page tracking: first write to a protected page; hot 64 B updates under a 100 ms flusher.
+    Track,
+    /// Flushing 10 % of a 1 GiB heap against pwrite+fdatasync of the same pages.
+    Flush,
 }
 
 #[derive(Parser, Debug)]
@@ -57,9 +72,19 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
     threads: Vec<usize>,
 
-    /// Systems to run, comma-separated (none given: all).
+    /// Systems to run in alloc and tx, comma-separated (none given: all; tx
+    /// runs remem and pmdk only). track and flush run all their variants.
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<SystemName>,
+
+    /// Directory for heap files and flush's raw-write file (default: the
+    /// temp dir); the run makes and removes directories of its own inside.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+
+    /// Length of one repetition of track's hot_update, in milliseconds.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
+    hot_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,20 +101,43 @@ fn main() -> anyhow::Result<()> {
     }
     let suites = if cli.suites.is_empty() { vec![Suite::Alloc] } else { cli.suites.clone() };
     let systems = if cli.systems.is_empty() { SystemName::ALL.to_vec() } else { cli.systems.clone() };
-    let config = Config { reps: cli.reps, rep_time: Duration::from_millis(cli.rep_ms), threads: cli.threads.clone() };
-
-    // Peers that cannot start (no /dev/shm, ...) are reported on stderr and
-    // skipped; the others run.
-    let systems = peers::open(&systems);
-    if systems.is_empty() {
-        anyhow::bail!("no system could be started; see the messages above");
+    let config = Config {
+        reps: cli.reps,
+        rep_time: Duration::from_millis(cli.rep_ms),
+        threads: cli.threads.clone(),
+        dir: cli.dir.clone().unwrap_or_else(std::env::temp_dir),
+        hot_time: Duration::from_millis(cli.hot_ms),
+    };
+    if !config.dir.is_dir() {
+        anyhow::bail!("--dir {}: not a directory", config.dir.display());
     }
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for suite in suites {
+        // Peers that cannot start (no /dev/shm, ...) are reported on stderr
+        // and skipped; the others run. They are stopped (their files
+        // removed) at the end of their suite.
         let report = match suite {
-            Suite::Alloc => suites::alloc::run(&systems, &config),
+            Suite::Alloc => {
+                let systems = peers::open(&systems, &config.dir);
+                if systems.is_empty() {
+                    anyhow::bail!("alloc: no system could be started; see the messages above");
+                }
+                suites::alloc::run(&systems, &config)
+            }
+            Suite::Tx => {
+                let systems = peers::open_tx(&systems, &config.dir);
+                if systems.is_empty() {
+                    anyhow::bail!(
+                        "tx: no system could be started (tx runs remem and pmdk, if --systems names them); \
+                         see the messages above"
+                    );
+                }
+                suites::tx::run(&systems, &config)
+            }
+            Suite::Track => suites::track::run(&config)?,
+            Suite::Flush => suites::flush::run(&config)?,
         };
         if cli.json {
             report::write_json(&mut out, &report.measurements)?;

@@ -10,6 +10,8 @@ mod mimalloc;
 mod pmdk;
 mod remem;
 
+use std::path::Path;
+
 use clap::ValueEnum;
 
 pub use self::glibc::Glibc;
@@ -41,6 +43,29 @@ pub unsafe trait Peer: Sync {
     /// `p` came from `self.alloc(size)` with this same `size` and has not been
     /// freed since.
     unsafe fn free(&self, p: *mut u8, size: usize);
+}
+
+/// A system with undo-log transactions (remem and PMDK), for the `tx` suite.
+///
+/// # Safety
+///
+/// Implementations return from `tx_alloc` a pointer to at least `size`
+/// writable bytes that no other live allocation overlaps, which
+/// [`Peer::free`] takes back with the same `size`.
+pub unsafe trait TxPeer: Peer {
+    /// One transaction: begin, log the `len` bytes at `p` (inside one live
+    /// block of this system), overwrite them with `byte`, commit. Panics if
+    /// any step fails (the figure would be void).
+    ///
+    /// # Safety
+    ///
+    /// `p..p + len` lies inside a live block from `self.alloc` that no other
+    /// thread uses.
+    unsafe fn tx_update(&self, p: *mut u8, len: usize, byte: u8);
+
+    /// One transaction: begin, allocate `size` bytes inside it, commit; the
+    /// block stays allocated. Panics if any step fails.
+    fn tx_alloc(&self, size: usize) -> *mut u8;
 }
 
 /// Runs generic code on a concrete peer; see [`System::visit`].
@@ -122,17 +147,72 @@ impl System {
     }
 }
 
-/// Starts the named systems, in the order given. One that cannot start is
+/// Starts the named systems, in the order given; remem's heap file goes
+/// in a directory of its own under `dir`. One that cannot start is
 /// reported on stderr, with the fix, and left out.
-pub fn open(names: &[SystemName]) -> Vec<System> {
+pub fn open(names: &[SystemName], dir: &Path) -> Vec<System> {
     let mut systems = Vec::new();
     for &name in names {
         let started = match name {
-            SystemName::Remem => Remem::open().map(System::Remem),
+            SystemName::Remem => Remem::open(dir).map(System::Remem),
             SystemName::Glibc => Ok(System::Glibc(Glibc)),
             SystemName::Jemalloc => Ok(System::Jemalloc(Jemalloc)),
             SystemName::Mimalloc => Ok(System::Mimalloc(Mimalloc)),
             SystemName::Pmdk => Pmdk::open().map(System::Pmdk),
+        };
+        match started {
+            Ok(system) => systems.push(system),
+            Err(why) => eprintln!("remem-bench: skipping {}: {why}", name.as_str()),
+        }
+    }
+    systems
+}
+
+/// Runs generic code on a concrete transactional peer; see [`TxSystem::visit`].
+pub trait TxVisitor {
+    /// What the visit returns.
+    type Output;
+    /// Called with the concrete peer.
+    fn visit<P: TxPeer>(&mut self, peer: &P) -> Self::Output;
+}
+
+/// A started system of the `tx` suite. Dropping it closes it and removes
+/// its files.
+pub enum TxSystem {
+    /// remem, never flushed during the run (see [`Remem::open_for_tx`]).
+    Remem(Remem),
+    /// PMDK.
+    Pmdk(Pmdk),
+}
+
+impl TxSystem {
+    /// Calls `visitor` with the concrete peer inside.
+    pub fn visit<V: TxVisitor>(&self, visitor: &mut V) -> V::Output {
+        match self {
+            TxSystem::Remem(p) => visitor.visit(p),
+            TxSystem::Pmdk(p) => visitor.visit(p),
+        }
+    }
+
+    /// Name in the report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TxSystem::Remem(p) => p.name(),
+            TxSystem::Pmdk(p) => p.name(),
+        }
+    }
+}
+
+/// Starts the named systems that have transactions (remem, PMDK), in the
+/// order given; the others are not applicable and are left out silently.
+/// One that cannot start is reported on stderr and left out.
+pub fn open_tx(names: &[SystemName], dir: &Path) -> Vec<TxSystem> {
+    let mut systems = Vec::new();
+    for &name in names {
+        let started = match name {
+            SystemName::Remem => Remem::open_for_tx(dir).map(TxSystem::Remem),
+            SystemName::Pmdk => Pmdk::open().map(TxSystem::Pmdk),
+            SystemName::Glibc | SystemName::Jemalloc | SystemName::Mimalloc => continue,
         };
         match started {
             Ok(system) => systems.push(system),

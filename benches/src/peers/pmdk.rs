@@ -1,5 +1,9 @@
 //! PMDK's libpmemobj (Debian's `libpmemobj-dev`, 1.12): a pool on /dev/shm,
-//! persistent allocations through `pmemobj_alloc` / `pmemobj_free`.
+//! persistent allocations through `pmemobj_alloc` / `pmemobj_free`, and
+//! transactions through the functions under the `TX_BEGIN`/`TX_END` macros
+//! (`pmemobj_tx_begin` with a NULL `jmp_buf`, so a failing call aborts the
+//! transaction and returns an error instead of jumping; `pmemobj_tx_commit`;
+//! `pmemobj_tx_end`).
 //!
 //! The pool is treated as persistent memory because `main` sets
 //! `PMEM_IS_PMEM_FORCE=1` before any thread starts (without it every persist
@@ -10,7 +14,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::ptr;
 
-use super::Peer;
+use super::{Peer, TxPeer};
 
 /// Size of the pool: room for both threads' working sets many times over.
 const POOL_SIZE: usize = 256 << 20;
@@ -52,7 +56,20 @@ extern "C" {
     ) -> c_int;
     fn pmemobj_free(oidp: *mut PmemOid);
     fn pmemobj_errormsg() -> *const c_char;
+    // `jmp_buf env` decays to a pointer; the variadic part is a list of
+    // `enum pobj_tx_param` (C `int`) arguments ending with TX_PARAM_NONE.
+    fn pmemobj_tx_begin(pop: *mut PmemObjPool, env: *mut c_void, ...) -> c_int;
+    fn pmemobj_tx_add_range(oid: PmemOid, off: u64, size: usize) -> c_int;
+    fn pmemobj_tx_alloc(size: usize, type_num: u64) -> PmemOid;
+    fn pmemobj_tx_commit();
+    fn pmemobj_tx_end() -> c_int;
+    fn pmemobj_tx_stage() -> c_int;
 }
+
+/// `TX_PARAM_NONE` of `enum pobj_tx_param`: ends `pmemobj_tx_begin`'s list.
+const TX_PARAM_NONE: c_int = 0;
+/// `TX_STAGE_ONCOMMIT` of `enum pobj_tx_stage`.
+const TX_STAGE_ONCOMMIT: c_int = 2;
 
 /// libpmemobj's last error message on this thread.
 fn errormsg() -> String {
@@ -106,6 +123,8 @@ impl Pmdk {
             ));
         }
         let mut pmdk = Pmdk { pop, uuid_lo: 0, path };
+        // (From here on, an early return drops `pmdk`, which closes the pool
+        // and removes its file.)
         // Learn the pool's uuid_lo from one allocation.
         let mut oid = PmemOid { pool_uuid_lo: 0, off: 0 };
         // SAFETY: `pop` is an open pool; `oid` is a valid destination.
@@ -118,6 +137,67 @@ impl Pmdk {
         unsafe { pmemobj_free(&mut oid) };
         Ok(pmdk)
     }
+}
+
+impl Pmdk {
+    /// The `PMEMoid` of the object at `p` (what pmemobj_oid computes).
+    #[inline]
+    fn oid_of(&self, p: *mut u8) -> PmemOid {
+        PmemOid { pool_uuid_lo: self.uuid_lo, off: (p as usize - self.pop as usize) as u64 }
+    }
+
+    /// Begins a transaction on this thread's pool lane; panics on failure.
+    #[inline]
+    fn tx_begin(&self) {
+        // SAFETY: `pop` is open until drop; a NULL `jmp_buf` makes failures
+        // return instead of jumping; the parameter list is terminated.
+        let rc = unsafe { pmemobj_tx_begin(self.pop, ptr::null_mut(), TX_PARAM_NONE) };
+        if rc != 0 {
+            tx_failed("pmemobj_tx_begin", rc);
+        }
+    }
+
+    /// Commits and ends the running transaction; panics if it did not commit.
+    #[inline]
+    fn tx_commit_end(&self) {
+        // SAFETY: a transaction begun by `tx_begin` is in TX_STAGE_WORK on
+        // this thread (every failing step before this one panics after
+        // ending it).
+        let stage = unsafe {
+            pmemobj_tx_commit();
+            pmemobj_tx_stage()
+        };
+        // SAFETY: the transaction is past TX_STAGE_WORK, as pmemobj_tx_end needs.
+        let rc = unsafe { pmemobj_tx_end() };
+        if stage != TX_STAGE_ONCOMMIT || rc != 0 {
+            commit_failed(stage, rc);
+        }
+    }
+}
+
+/// Ends the transaction a failed step aborted, then panics.
+#[cold]
+#[inline(never)]
+fn tx_abort_and_fail(step: &str, rc: c_int) -> ! {
+    // SAFETY: the failed step moved the transaction to TX_STAGE_ONABORT (a
+    // NULL jmp_buf makes it return), where pmemobj_tx_end is allowed.
+    unsafe { pmemobj_tx_end() };
+    tx_failed(step, rc)
+}
+
+#[cold]
+#[inline(never)]
+fn commit_failed(stage: c_int, rc: c_int) -> ! {
+    panic!(
+        "pmdk transaction did not commit (stage after pmemobj_tx_commit: {stage}, pmemobj_tx_end: {rc}): {}",
+        errormsg()
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn tx_failed(step: &str, rc: c_int) -> ! {
+    panic!("pmdk {step} failed ({rc}): {}; the figures would be void", errormsg())
 }
 
 impl Drop for Pmdk {
@@ -157,10 +237,42 @@ unsafe impl Peer for Pmdk {
 
     #[inline]
     unsafe fn free(&self, p: *mut u8, _size: usize) {
-        // The inverse of `alloc`'s translation (what pmemobj_oid computes).
-        let mut oid = PmemOid { pool_uuid_lo: self.uuid_lo, off: (p as usize - self.pop as usize) as u64 };
+        // The inverse of `alloc`'s translation.
+        let mut oid = self.oid_of(p);
         // SAFETY: the caller guarantees `p` came from `alloc` and is live, so
         // `oid` names a live object of this pool.
         unsafe { pmemobj_free(&mut oid) };
+    }
+}
+
+// SAFETY: pmemobj_tx_alloc returns the OID of a fresh object of at least
+// `size` bytes inside the pool, published when the transaction commits and
+// freed by pmemobj_free like any other.
+unsafe impl TxPeer for Pmdk {
+    #[inline]
+    unsafe fn tx_update(&self, p: *mut u8, len: usize, byte: u8) {
+        self.tx_begin();
+        // SAFETY: in TX_STAGE_WORK; the caller guarantees `p..p + len` is
+        // inside a live object of this pool.
+        let rc = unsafe { pmemobj_tx_add_range(self.oid_of(p), 0, len) };
+        if rc != 0 {
+            tx_abort_and_fail("pmemobj_tx_add_range", rc);
+        }
+        // SAFETY: the caller guarantees `p..p + len` is inside a live object
+        // that only this thread uses; it is logged now.
+        unsafe { ptr::write_bytes(p, byte, len) };
+        self.tx_commit_end();
+    }
+
+    #[inline]
+    fn tx_alloc(&self, size: usize) -> *mut u8 {
+        self.tx_begin();
+        // SAFETY: in TX_STAGE_WORK on this thread.
+        let oid = unsafe { pmemobj_tx_alloc(size, 0) };
+        if oid.off == 0 {
+            tx_abort_and_fail("pmemobj_tx_alloc", -1);
+        }
+        self.tx_commit_end();
+        self.pop.cast::<u8>().wrapping_add(oid.off as usize)
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::Config;
 use crate::peers::{Peer, PeerVisitor, System};
-use crate::report::{Measurement, SuiteReport};
+use crate::report::{Extra, Measurement, SuiteReport, BASELINE};
 
 /// Suite name on the command line and in the report.
 pub const SUITE: &str = "alloc";
@@ -92,6 +92,7 @@ pub fn run(systems: &[System], config: &Config) -> SuiteReport {
                     ns_per_op,
                     threads,
                     reps: config.reps,
+                    extra: Extra::default(),
                 });
             }
         }
@@ -102,7 +103,7 @@ pub fn run(systems: &[System], config: &Config) -> SuiteReport {
         config.reps,
         config.rep_time.as_millis()
     ));
-    SuiteReport { suite: SUITE, legend, measurements }
+    SuiteReport { suite: SUITE, baseline: BASELINE, legend, measurements }
 }
 
 /// One repetition of one case on one system: ns per op per thread.

@@ -1,0 +1,431 @@
+//! `track`: what dirty-page tracking costs the writes it watches.
+//!
+//! - `first_write`: a 256 MiB memfd mapped `MAP_SHARED`, every page written
+//!   once beforehand (so the page cache is populated and no allocation is
+//!   timed). Per repetition and system, untimed: a tracker is built with
+//!   `TrackerBuilder::new(mode).build(base, len)` and `protect_all()`ed;
+//!   timed: one byte written to each page, in ascending order; untimed: a
+//!   harvest checks that the tracker saw every page (a mismatch is reported
+//!   on stderr and in the `pages_seen` field). One op is one first write to
+//!   a write-protected page. `untracked` writes the same bytes with no
+//!   tracker; each system has its own region, so no tracker ever touched
+//!   the `untracked` pages.
+//! - `hot_update`: a hot set of [`HOT_PAGES`] pages, one large block of a
+//!   1 GiB heap, all written once before the clock starts (dirty in the
+//!   current epoch); timed: 64 B writes (`memset`) at random 64 B-aligned
+//!   offsets of the hot set (xorshift, fixed seed), for `--hot-ms`. One op
+//!   is one 64 B update. `untracked`: `Heap::create_memfd` (no tracking,
+//!   no flushing). `fast`: `Heap::create` with `TrackMode::Fast` and
+//!   `flush_interval(Some(100 ms))`, so the background flusher harvests
+//!   (re-protecting the hot pages, whose next write faults again), copies
+//!   and writes the hot set every 100 ms while the updates run. A fresh heap
+//!   per repetition and system; its flush figures (`flushes`,
+//!   `pause_p50_us`, `pause_p99_us` from `Heap::flush_stats`) are those of
+//!   the best repetition. `cpu_ns_per_op` is the writing thread's own CPU
+//!   time (`CLOCK_THREAD_CPUTIME_ID`, user + system, so its page faults
+//!   included) per update: on a machine with few cores the flusher and
+//!   other processes take the writer's core away, which the wall-clock
+//!   figure counts and this one does not. `minor_faults` is the writer's
+//!   minor page faults during the run (`getrusage(RUSAGE_THREAD)`): in fast
+//!   mode, one per hot page written after each harvest re-protected it.
+//!
+//! Single-threaded (the flusher is remem's own thread); `--threads` does
+//! not apply. Each repetition runs every system in turn; the figure is the
+//! best repetition.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::ptr::{self, NonNull};
+use std::time::{Duration, Instant};
+
+use remem_alloc::track::{Tracker, TrackerBuilder};
+use remem_alloc::{Heap, HeapOptions, TrackMode};
+
+use super::{progress, Config, Rng};
+use crate::report::{Extra, Measurement, SuiteReport};
+use crate::scratch::ScratchDir;
+
+/// Suite name on the command line and in the report.
+pub const SUITE: &str = "track";
+/// The system the others are compared with.
+pub const BASELINE: &str = "untracked";
+/// Size of `first_write`'s region.
+pub const FIRST_WRITE_BYTES: usize = 256 << 20;
+/// Pages in `hot_update`'s hot set (a power of two).
+pub const HOT_PAGES: usize = 4096;
+/// Size of the heaps of `hot_update`.
+const HOT_HEAP_SIZE: u64 = 1 << 30;
+/// Background flush interval of `hot_update`'s `fast` heap.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Bytes per update in `hot_update`.
+const UPDATE: usize = 64;
+/// Updates between two looks at the clock.
+const BATCH: u64 = 256;
+/// Seed of the update offsets.
+const SEED: u64 = 0x2545_F491_4F6C_DD1D;
+
+/// Runs both cases.
+pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
+    let mut measurements = first_write(config)?;
+    let dir = ScratchDir::new(&config.dir, "track").map_err(anyhow::Error::msg)?;
+    measurements.extend(hot_update(config, &dir)?);
+    let mut legend = vec![
+        format!(
+            "first_write: one op = the first write (1 byte) to a write-protected page of a {} MiB \
+             memfd mapped MAP_SHARED and populated beforehand; tracker built and protect_all()ed \
+             per rep, untimed; untracked = the same writes, no tracker",
+            FIRST_WRITE_BYTES >> 20
+        ),
+        format!(
+            "hot_update: one op = a {UPDATE} B write at a random {UPDATE} B-aligned offset of a hot set \
+             of {HOT_PAGES} pages ({} MiB) already dirty in the epoch, for {} ms per rep; untracked = \
+             Heap::create_memfd (no tracking, no flush); fast = Heap::create, TrackMode::Fast, \
+             background flush every {} ms; heaps of {} MiB, files in {}; flushes, pause_* = \
+             Heap::flush_stats of the best rep",
+            (HOT_PAGES * page_size()) >> 20,
+            config.hot_time.as_millis(),
+            FLUSH_EVERY.as_millis(),
+            HOT_HEAP_SIZE >> 20,
+            dir.describe()
+        ),
+        format!("ns/op, 1 thread, best of {} reps", config.reps),
+    ];
+    legend.extend(verdict(&measurements));
+    Ok(SuiteReport { suite: SUITE, baseline: BASELINE, legend, measurements })
+}
+
+/// "fast is 4.1 % slower than untracked on hot_update: target <= 10 % met".
+fn verdict(ms: &[Measurement]) -> Option<String> {
+    let find = |system| ms.iter().find(|m| m.case == "hot_update" && m.system == system);
+    let (u, f) = (find(BASELINE)?, find("fast")?);
+    let over = (f.ns_per_op / u.ns_per_op - 1.0) * 100.0;
+    let cpu = |m: &Measurement| m.extra.0.iter().find(|(k, _)| *k == "cpu_ns_per_op").map(|&(_, v)| v);
+    let cpu_over = match (cpu(u), cpu(f)) {
+        (Some(a), Some(b)) => format!("; writer CPU time per update {:+.1} %", (b / a - 1.0) * 100.0),
+        _ => String::new(),
+    };
+    Some(format!(
+        "target fast within 10 % of untracked on hot_update: fast is {over:+.1} % ({}){cpu_over}",
+        if over <= 10.0 { "met" } else { "NOT met" }
+    ))
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(ps).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+// ---------------------------------------------------------------- first_write
+
+/// A memfd of `len` bytes mapped shared, every page written once.
+struct SharedRegion {
+    base: NonNull<u8>,
+    len: usize,
+    fd: libc::c_int,
+}
+
+impl SharedRegion {
+    fn new(len: usize) -> anyhow::Result<SharedRegion> {
+        // SAFETY: the name is NUL-terminated; flags are valid.
+        let fd = unsafe { libc::memfd_create(c"remem-bench-track".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            anyhow::bail!("memfd_create: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is our open memfd.
+        if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: `fd` is ours and closed once.
+            unsafe { libc::close(fd) };
+            anyhow::bail!("ftruncate(memfd, {len}): {e}");
+        }
+        // SAFETY: a fresh shared mapping of our memfd at an address the
+        // kernel chooses; nothing else uses that range.
+        let p =
+            unsafe { libc::mmap(ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: `fd` is ours and closed once.
+            unsafe { libc::close(fd) };
+            anyhow::bail!("mmap(memfd, {len}): {e}");
+        }
+        let region = SharedRegion { base: NonNull::new(p.cast()).expect("mmap never maps at 0"), len, fd };
+        let ps = page_size();
+        for off in (0..len).step_by(ps) {
+            // SAFETY: `off < len`: inside our mapping.
+            unsafe { region.base.as_ptr().add(off).write_volatile(1) };
+        }
+        Ok(region)
+    }
+
+    fn pages(&self) -> usize {
+        self.len / page_size()
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping and the descriptor are ours, released once;
+        // no tracker outlives the region (each is dropped in its rep).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// `first_write` for each system: (name, tracking mode).
+const FIRST_WRITE_SYSTEMS: [(&str, Option<TrackMode>); 3] =
+    [(BASELINE, None), ("precise", Some(TrackMode::Precise)), ("fast", Some(TrackMode::Fast))];
+
+fn first_write(config: &Config) -> anyhow::Result<Vec<Measurement>> {
+    progress(SUITE, format_args!("first_write: populating 3 x {} MiB", FIRST_WRITE_BYTES >> 20));
+    let mut systems = Vec::new();
+    for (name, mode) in FIRST_WRITE_SYSTEMS {
+        systems.push((name, mode, SharedRegion::new(FIRST_WRITE_BYTES)?));
+    }
+    progress(SUITE, format_args!("first_write"));
+    let mut best = vec![f64::INFINITY; systems.len()];
+    let mut seen = vec![u64::MAX; systems.len()];
+    let mut failed = vec![false; systems.len()];
+    for rep in 0..config.reps {
+        for (i, (name, mode, region)) in systems.iter().enumerate() {
+            if failed[i] {
+                continue;
+            }
+            match first_write_rep(region, *mode, rep as u8) {
+                Ok((ns, pages_seen)) => {
+                    best[i] = best[i].min(ns);
+                    seen[i] = seen[i].min(pages_seen);
+                }
+                Err(e) => {
+                    eprintln!("remem-bench: skipping {name} in first_write: {e}");
+                    failed[i] = true;
+                }
+            }
+        }
+    }
+    Ok(systems
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !failed[i])
+        .map(|(i, (name, _, region))| Measurement {
+            suite: SUITE,
+            case: "first_write",
+            system: name,
+            ns_per_op: best[i],
+            threads: 1,
+            reps: config.reps,
+            extra: Extra::default().with("pages", region.pages() as f64).with("pages_seen", seen[i] as f64),
+        })
+        .collect())
+}
+
+/// One repetition: ns per first write, and the pages the tracker reported
+/// (all of them, without a tracker).
+fn first_write_rep(region: &SharedRegion, mode: Option<TrackMode>, byte: u8) -> Result<(f64, u64), String> {
+    let tracker: Option<Box<dyn Tracker>> = match mode {
+        None => None,
+        Some(m) => {
+            let t = TrackerBuilder::new(m)
+                .build(region.base.as_ptr(), region.len)
+                .map_err(|e| format!("building the {m} tracker: {e}"))?;
+            t.protect_all().map_err(|e| format!("protect_all: {e}"))?;
+            Some(t)
+        }
+    };
+    let (base, ps, pages) = (region.base.as_ptr(), page_size(), region.pages());
+    let start = Instant::now();
+    for p in 0..pages {
+        // SAFETY: page `p` is inside the mapping; a tracked page is only
+        // write-protected, which the tracker (or the kernel) resolves.
+        unsafe { base.add(p * ps).write_volatile(byte) };
+    }
+    let ns = start.elapsed().as_nanos() as f64 / pages as f64;
+    let seen = match &tracker {
+        None => pages as u64,
+        Some(t) => {
+            let mut out = Vec::new();
+            t.harvest(&mut out).map_err(|e| format!("harvest: {e}"))?;
+            if out.len() != pages {
+                eprintln!(
+                    "remem-bench: WARNING: the {} tracker reported {} of the {pages} pages written",
+                    t.mode(),
+                    out.len()
+                );
+            }
+            out.len() as u64
+        }
+    };
+    drop(tracker);
+    Ok((ns, seen))
+}
+
+// ----------------------------------------------------------------- hot_update
+
+/// What one `hot_update` repetition measured.
+struct HotRep {
+    ns_per_op: f64,
+    extra: Extra,
+}
+
+fn hot_update(config: &Config, dir: &ScratchDir) -> anyhow::Result<Vec<Measurement>> {
+    progress(SUITE, format_args!("hot_update ({} ms per rep and system)", config.hot_time.as_millis()));
+    let names = [BASELINE, "fast"];
+    let mut best: Vec<Option<HotRep>> = vec![None, None];
+    for rep in 0..config.reps {
+        for (i, best) in best.iter_mut().enumerate() {
+            let r = if i == 0 {
+                hot_rep_untracked(config.hot_time, rep)?
+            } else {
+                hot_rep_fast(dir.path(), config.hot_time, rep)?
+            };
+            if best.as_ref().is_none_or(|b| r.ns_per_op < b.ns_per_op) {
+                *best = Some(r);
+            }
+        }
+    }
+    Ok(names
+        .iter()
+        .zip(best)
+        .filter_map(|(name, b)| b.map(|b| (name, b)))
+        .map(|(name, b)| Measurement {
+            suite: SUITE,
+            case: "hot_update",
+            system: name,
+            ns_per_op: b.ns_per_op,
+            threads: 1,
+            reps: config.reps,
+            extra: b.extra,
+        })
+        .collect())
+}
+
+/// Allocates the hot set in `heap` and writes each of its pages once.
+fn hot_set(heap: &Heap) -> anyhow::Result<NonNull<u8>> {
+    let ps = page_size();
+    let block = heap.alloc(HOT_PAGES * ps).map_err(|e| anyhow::anyhow!("allocating the hot set: {e}"))?;
+    for p in 0..HOT_PAGES {
+        // SAFETY: the block is ours and `HOT_PAGES * ps` bytes long.
+        unsafe { block.as_ptr().add(p * ps).write_volatile(1) };
+    }
+    Ok(block)
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid destination.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID): {}", std::io::Error::last_os_error());
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Minor page faults this thread has taken.
+fn thread_minor_faults() -> u64 {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid `who` and a valid destination.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_THREAD): {}", std::io::Error::last_os_error());
+    ru.ru_minflt as u64
+}
+
+/// What [`hot_loop`] measured.
+struct HotLoop {
+    ns_per_op: f64,
+    cpu_ns_per_op: f64,
+    minor_faults: u64,
+}
+
+/// Random 64 B updates of the hot set at `block` for `time`.
+fn hot_loop(block: NonNull<u8>, time: Duration, seed: u64) -> HotLoop {
+    let ps = page_size();
+    let slots = (ps / UPDATE) as u64;
+    let mut rng = Rng::new(seed);
+    let base = block.as_ptr();
+    let faults_start = thread_minor_faults();
+    let cpu_start = thread_cpu_time();
+    let start = Instant::now();
+    let mut ops = 0u64;
+    loop {
+        for i in 0..BATCH {
+            let r = rng.next_u64();
+            let page = (r >> 40) as usize & (HOT_PAGES - 1);
+            let slot = ((r >> 8) % slots) as usize;
+            // SAFETY: `page < HOT_PAGES` and `slot * UPDATE + UPDATE <= ps`:
+            // inside the hot-set block, which only this thread writes.
+            unsafe { ptr::write_bytes(black_box(base.add(page * ps + slot * UPDATE)), (ops + i) as u8, UPDATE) };
+        }
+        ops += BATCH;
+        let elapsed = start.elapsed();
+        if elapsed >= time {
+            let cpu = thread_cpu_time() - cpu_start;
+            return HotLoop {
+                ns_per_op: elapsed.as_nanos() as f64 / ops as f64,
+                cpu_ns_per_op: cpu.as_nanos() as f64 / ops as f64,
+                minor_faults: thread_minor_faults() - faults_start,
+            };
+        }
+    }
+}
+
+fn hot_rep_untracked(time: Duration, rep: u32) -> anyhow::Result<HotRep> {
+    let heap = Heap::create_memfd(&HeapOptions::new(HOT_HEAP_SIZE))
+        .map_err(|e| anyhow::anyhow!("Heap::create_memfd({} MiB): {e}", HOT_HEAP_SIZE >> 20))?;
+    let block = hot_set(&heap)?;
+    let r = hot_loop(block, time, SEED + u64::from(rep));
+    heap.close().map_err(|e| anyhow::anyhow!("closing the memfd heap: {e}"))?;
+    let extra = Extra::default().with("cpu_ns_per_op", r.cpu_ns_per_op).with("minor_faults", r.minor_faults as f64);
+    Ok(HotRep { ns_per_op: r.ns_per_op, extra })
+}
+
+fn hot_rep_fast(dir: &Path, time: Duration, rep: u32) -> anyhow::Result<HotRep> {
+    let path = dir.join(format!("hot-{rep}.heap"));
+    let opts = HeapOptions::new(HOT_HEAP_SIZE).tracking(TrackMode::Fast).flush_interval(Some(FLUSH_EVERY));
+    let heap = Heap::create(&path, &opts).map_err(|e| anyhow::anyhow!("Heap::create({}): {e}", path.display()))?;
+    let block = hot_set(&heap)?;
+    let before = heap.flush_stats().expect("a file-backed heap has flush stats");
+    let r = hot_loop(block, time, SEED + u64::from(rep));
+    let after = heap.flush_stats().expect("a file-backed heap has flush stats");
+    if let Some(p) = &after.poisoned {
+        anyhow::bail!("the fast heap's durability was poisoned during hot_update: {p}");
+    }
+    heap.close().map_err(|e| anyhow::anyhow!("closing {}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    let flushes = after.flushes - before.flushes;
+    let extra = Extra::default()
+        .with("cpu_ns_per_op", r.cpu_ns_per_op)
+        .with("minor_faults", r.minor_faults as f64)
+        .with("flushes", flushes as f64)
+        .with("pages_per_flush", (after.pages_flushed - before.pages_flushed) as f64 / flushes.max(1) as f64)
+        .with("pause_p50_us", after.pause_p50.as_secs_f64() * 1e6)
+        .with("pause_p99_us", after.pause_p99.as_secs_f64() * 1e6);
+    Ok(HotRep { ns_per_op: r.ns_per_op, extra })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_write_runs_on_every_system_and_sees_every_page() {
+        let region = SharedRegion::new(4 << 20).unwrap();
+        for (name, mode) in FIRST_WRITE_SYSTEMS {
+            let (ns, seen) = first_write_rep(&region, mode, 7).unwrap();
+            assert!(ns.is_finite() && ns > 0.0, "{name}: {ns}");
+            assert_eq!(seen, region.pages() as u64, "{name}");
+        }
+    }
+
+    #[test]
+    fn hot_update_runs_on_both_systems() {
+        let dir = ScratchDir::new(&std::env::temp_dir(), "track-test").unwrap();
+        let u = hot_rep_untracked(Duration::from_millis(20), 0).unwrap();
+        assert!(u.ns_per_op.is_finite() && u.ns_per_op > 0.0);
+        let f = hot_rep_fast(dir.path(), Duration::from_millis(250), 0).unwrap();
+        assert!(f.ns_per_op.is_finite() && f.ns_per_op > 0.0);
+        assert!(f.extra.0.iter().any(|&(k, v)| k == "flushes" && v >= 1.0), "{:?}", f.extra);
+    }
+}
