@@ -93,12 +93,15 @@ struct State {
     stop: bool,
 }
 
+/// A baseline on any backend.
+type SharedBaseline = Baseline<Arc<dyn Backend>>;
+
 /// The durability machinery of a heap with a baseline.
 pub(crate) struct Durability {
     /// The baseline, and the copy buffer reused by every flush (already
     /// faulted in, so the pause does not pay for fresh memory). The mutex
     /// is the flush lock.
-    baseline: Mutex<(Baseline<Arc<dyn Backend>>, Vec<u8>)>,
+    baseline: Mutex<(SharedBaseline, Vec<u8>)>,
     pub(crate) tracker: Box<dyn Tracker>,
     closing: DirtyBitmap,
     pub(crate) control: Control,
