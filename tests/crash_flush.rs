@@ -9,7 +9,6 @@
 //!
 //! `REMEM_CRASH_ITERS=N` sets the number of kills (default 15).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -41,35 +40,13 @@ fn child_flush_workload() {
 }
 
 fn run_and_kill(path: &Path, rng: &mut u64) -> u64 {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_flush_workload", "--nocapture", "--test-threads=1", "-q"])
         .env("REMEM_CRASH_FLUSH_PATH", path)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut last = 0;
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if line == "ready" {
-                let _ = tx.send(());
-            } else if let Some(n) = line.strip_prefix("durable ") {
-                last = n.parse().unwrap_or(last);
-            }
-        }
-        last
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("workload child did not start");
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    std::thread::sleep(Duration::from_micros(2_000 + *rng % 40_000));
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
-    reader.join().unwrap()
+    common::kill_after(child, "durable ", Duration::from_micros(2_000 + common::next(rng) % 40_000))
 }
 
 #[test]

@@ -8,17 +8,15 @@
 //! `REMEM_CRASH_ITERS=N` sets the number of kills per workload (default 25).
 //! Run: `cargo test --release --test crash_tx`.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::ptr::NonNull;
 use std::time::Duration;
 
-use remem::alloc::TxError;
 use remem::{Heap, HeapOptions};
 
 mod common;
-use common::{fill, op, verify_value, Root, Slot, SLOTS};
+use common::{fill, op, verify_value, Root, SLOTS};
 
 fn child_fd() -> Option<OwnedFd> {
     let fd: i32 = std::env::var("REMEM_FD").ok()?.parse().ok()?;
@@ -38,32 +36,8 @@ fn child_tx_workload() {
     let root = root(&heap);
     println!("ready");
     loop {
-        // SAFETY: the root block is ours; only this thread uses it.
-        let i = unsafe { (*root).counter };
-        let (key, action) = op(i);
-        heap.tx(|tx| -> Result<(), TxError> {
-            // SAFETY: fields of the root block.
-            unsafe {
-                tx.add_range((&raw const (*root).counter).cast(), 8)?;
-                (*root).counter = i + 1;
-                let slot = &raw mut (*root).slots[key];
-                tx.add_range(slot.cast(), std::mem::size_of::<Slot>())?;
-                if let Some(old) = NonNull::new((*slot).value) {
-                    tx.free(old)?;
-                }
-                *slot = match action {
-                    Some(size) => {
-                        let p = tx.alloc(size)?;
-                        fill(p, key, i, size);
-                        Slot { value: p.as_ptr(), version: i }
-                    }
-                    None => Slot { value: std::ptr::null_mut(), version: 0 },
-                };
-            }
-            Ok(())
-        })
-        .unwrap();
-        println!("ack {}", i + 1);
+        common::tx_step(&heap, root);
+        println!("ack {}", common::counter(root));
     }
 }
 
@@ -211,30 +185,7 @@ fn iters() -> usize {
 
 /// Runs a workload child, kills it after a random delay, returns the last ack.
 fn run_and_kill(role: &str, test: &str, fd: &OwnedFd, rng: &mut u64) -> u64 {
-    let mut child = spawn(role, test, fd, 0);
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut last = None;
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if line == "ready" {
-                let _ = tx.send(());
-            } else if let Some(n) = line.strip_prefix("ack ") {
-                last = n.parse::<u64>().ok();
-            }
-        }
-        last
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("workload child did not start");
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    std::thread::sleep(Duration::from_micros(*rng % 20_000));
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
-    reader.join().unwrap().unwrap_or(0)
+    common::kill_after(spawn(role, test, fd, 0), "ack ", Duration::from_micros(common::next(rng) % 20_000))
 }
 
 fn verify(role: &str, test: &str, fd: &OwnedFd, acked: u64) -> Vec<String> {

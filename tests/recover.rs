@@ -6,7 +6,6 @@
 //! clean, and the pulled image identical to the agent's memory. Also: the
 //! baseline-only path, and a same-host restart that re-attaches the memfd.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -60,33 +59,14 @@ fn setup(name: &str) -> Setup {
 
 /// Runs the database child until it acknowledged some transactions, kills it, returns the last ack.
 fn run_and_kill(s: &Setup, wait_ms: u64) -> u64 {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_database", "--nocapture", "--test-threads=1", "-q"])
         .env("REMEM_TEST_BASELINE", &s.baseline)
         .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut last = 0;
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if line == "ready" {
-                let _ = tx.send(());
-            } else if let Some(n) = line.strip_prefix("ack ") {
-                last = n.parse().unwrap_or(last);
-            }
-        }
-        last
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("database child did not start");
-    std::thread::sleep(Duration::from_millis(wait_ms));
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
-    reader.join().unwrap()
+    common::kill_after(child, "ack ", Duration::from_millis(wait_ms))
 }
 
 #[test]

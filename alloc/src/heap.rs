@@ -243,6 +243,28 @@ impl Heap {
     }
 
     fn create_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+        let (region, header, meta) = Self::new_region(opts)?;
+        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
+        let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
+        let mut baseline =
+            Baseline::create(backend, header.uuid, header.layout.size, header.generation).map_err(bl_err)?;
+        // Epoch 1: the pages that hold data now (the metadata).
+        let ranges = region.data_ranges().map_err(io("finding data in the heap memfd"))?;
+        let pages: Vec<u64> =
+            ranges.iter().flat_map(|&(s, e)| s / PAGE_SIZE as u64..e.div_ceil(PAGE_SIZE as u64)).collect();
+        baseline.commit(1, pages.iter().map(|&p| (p, Self::page_bytes(&meta, p)))).map_err(bl_err)?;
+        if let Some((path, _)) = &file {
+            region::sync_parent(path).map_err(io(format!("syncing the directory of {}", path.display())))?;
+        }
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
+        let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
+        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), None)?;
+        heap.start_flusher(opts);
+        Ok(heap)
+    }
+
+    /// A fresh, formatted heap memory: memfd, mapping, header, metadata.
+    fn new_region(opts: &HeapOptions) -> Result<(Region, Header, Meta), OpenError> {
         region::check_page_size()?;
         let size = Self::check_size(opts.size)?;
         let uuid = region::random_uuid()?;
@@ -261,22 +283,7 @@ impl Heap {
         for p in 0..header.layout.first_data_page() {
             meta.desc(p).store(Desc::Meta.encode(), Relaxed);
         }
-        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
-        let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
-        let mut baseline = Baseline::create(backend, uuid, size, header.generation).map_err(bl_err)?;
-        // Epoch 1: the pages that hold data now (the metadata).
-        let ranges = region.data_ranges().map_err(io("finding data in the heap memfd"))?;
-        let pages: Vec<u64> =
-            ranges.iter().flat_map(|&(s, e)| s / PAGE_SIZE as u64..e.div_ceil(PAGE_SIZE as u64)).collect();
-        baseline.commit(1, pages.iter().map(|&p| (p, Self::page_bytes(&meta, p)))).map_err(bl_err)?;
-        if let Some((path, _)) = &file {
-            region::sync_parent(path).map_err(io(format!("syncing the directory of {}", path.display())))?;
-        }
-        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
-        let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
-        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), None)?;
-        heap.start_flusher(opts);
-        Ok(heap)
+        Ok((region, header, meta))
     }
 
     fn page_bytes(meta: &Meta, p: u64) -> &[u8] {
@@ -442,24 +449,7 @@ impl Heap {
     /// memory outlives this process as long as some process holds the
     /// memfd (see [`Heap::memfd`] and [`Heap::attach`]).
     pub fn create_memfd(opts: &HeapOptions) -> Result<Heap> {
-        region::check_page_size()?;
-        let size = Self::check_size(opts.size)?;
-        let uuid = region::random_uuid()?;
-        let base = match opts.base {
-            Some(b) => {
-                region::check_base(b, size)?;
-                b
-            }
-            None => region::choose_base(&uuid, size)?,
-        };
-        let header = Header { uuid, base, generation: 1, layout: Layout::for_size(size) };
-        let fd = region::memfd(&format!("remem:{}", uuid_string(&uuid)), size)?;
-        let region = Region::map(fd, base, size)?;
-        let meta = Self::meta_of(&region, &header);
-        meta.mem.write(0, &header.encode());
-        for p in 0..header.layout.first_data_page() {
-            meta.desc(p).store(Desc::Meta.encode(), Relaxed);
-        }
+        let (region, header, meta) = Self::new_region(opts)?;
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: "<memfd>".into(), reason })?;
         Self::assemble(region, meta, header, None, report, vol, None, None)
     }
