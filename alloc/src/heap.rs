@@ -118,6 +118,29 @@ enum Fill<'a> {
     Memfd(std::os::fd::OwnedFd, Vec<u64>),
 }
 
+/// Per-lane state touched only by the thread that holds the lane: no lock.
+#[derive(Default)]
+struct LaneCell<T>(std::cell::UnsafeCell<T>);
+
+// SAFETY: each cell is only accessed by the one thread holding its lane
+// (see `Heap::txv`), so sharing the container between threads is sound.
+unsafe impl<T: Send> Sync for LaneCell<T> {}
+
+impl<T> LaneCell<T> {
+    /// # Safety
+    /// The caller holds the lane and no other reference from this cell is live.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self) -> &mut T {
+        // SAFETY: exclusive by the caller's contract.
+        unsafe { &mut *self.0.get() }
+    }
+}
+
+/// Keeps per-lane state on cache lines of its own (no false sharing
+/// between threads on different lanes).
+#[repr(align(128))]
+struct Padded<T>(T);
+
 /// No current slab.
 const NO_SLAB: u64 = u64::MAX;
 
@@ -146,7 +169,7 @@ pub(crate) struct Inner {
     /// The baseline this heap was opened from.
     opened_from: Option<BaselineInfo>,
     /// Per lane: the volatile part of its transaction.
-    txv: Box<[Mutex<crate::tx::TxVolatile>]>,
+    txv: Box<[Padded<LaneCell<crate::tx::TxVolatile>>]>,
     report: RecoveryReport,
 }
 
@@ -525,7 +548,7 @@ impl Heap {
             cur_slab: (0..nlanes as usize * NCLASSES).map(|_| AtomicU64::new(NO_SLAB)).collect(),
             lanes: LaneSet::new(nlanes),
             root_lock: Mutex::new(()),
-            txv: (0..nlanes).map(|_| Mutex::default()).collect(),
+            txv: (0..nlanes).map(|_| Padded(LaneCell::default())).collect(),
             gate: crate::gate::Gate::new(nlanes),
             durability,
             opened_from,
@@ -1106,8 +1129,17 @@ impl Heap {
         &self.inner.meta
     }
 
-    pub(crate) fn txv(&self, l: u32) -> &Mutex<crate::tx::TxVolatile> {
-        &self.inner.txv[l as usize]
+    /// The volatile transaction state of lane `l`, which the calling
+    /// thread holds (its private lane; the tx functions get `l` from
+    /// [`Heap::private_lane`] or a `Tx`, which cannot leave its thread).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn txv(&self, l: u32) -> &mut crate::tx::TxVolatile {
+        debug_assert_ne!(l, 0, "transactions never use the shared lane");
+        // SAFETY: a private lane is held by exactly one thread at a time
+        // (lanes.rs), only that thread calls this for it, and the tx code
+        // never holds two of these references at once (each call's borrow
+        // ends before the next is taken).
+        unsafe { self.inner.txv[l as usize].0.get() }
     }
 
     pub(crate) fn nlanes(&self) -> u32 {

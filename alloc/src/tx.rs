@@ -351,7 +351,7 @@ impl Heap {
     /// Nesting depth of this thread's transaction (0: none).
     pub fn tx_depth(&self) -> u32 {
         match self.current_lane() {
-            Some(l) if l != 0 => self.txv(l).lock().depth,
+            Some(l) if l != 0 => self.txv(l).depth,
             _ => 0,
         }
     }
@@ -372,7 +372,7 @@ impl Heap {
 
     fn tx_begin_in(&self, l: u32) -> Result<u32, TxError> {
         let m = self.meta();
-        let mut v = self.txv(l).lock();
+        let v = self.txv(l);
         if v.depth > 0 {
             v.depth += 1;
             return Ok(l);
@@ -387,15 +387,17 @@ impl Heap {
         m.mem.u64(head + log::USED).store(0, Relaxed);
         m.mem.u64(head + log::SEQ).store(seq, Release);
         m.lane_u64(l, lane::TX_STATE).store(lane::TX_ACTIVE, Release);
-        *v = TxVolatile {
-            depth: 1,
-            block: head,
-            used: 0,
-            seq,
-            freed: std::mem::take(&mut v.freed),
-            ..TxVolatile::default()
-        };
-        v.freed.clear();
+        // Reset in place: the collections keep their memory between transactions.
+        v.depth = 1;
+        v.aborted = false;
+        v.block = head;
+        v.used = 0;
+        v.seq = seq;
+        v.has_frees = false;
+        if !v.freed.is_empty() {
+            v.freed.clear();
+        }
+        v.logged.clear();
         Ok(l)
     }
 
@@ -467,8 +469,8 @@ impl Heap {
     }
 
     fn tx_add_range_lane_in(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
-        let mut g = self.txv(l).lock();
-        let v = self.live_tx(l, &mut g)?;
+        let g = self.txv(l);
+        let v = self.live_tx(l, g)?;
         let bad = TxError::OutOfHeap { ptr: ptr as usize, len };
         let off = self.offset_of(ptr).ok_or(bad.clone())?;
         if len == 0 {
@@ -486,7 +488,6 @@ impl Heap {
         while at < off + len {
             let chunk = (off + len - at).min(log::MAX_UNDO);
             if let Err(e) = self.append(l, v, log::UNDO, at, chunk, true) {
-                drop(g);
                 self.fail_tx(l);
                 return Err(e);
             }
@@ -503,12 +504,11 @@ impl Heap {
     }
 
     fn tx_alloc_lane_in(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
-        let mut g = self.txv(l).lock();
-        let v = self.live_tx(l, &mut g)?;
+        let g = self.txv(l);
+        let v = self.live_tx(l, g)?;
         let rec = match self.append(l, v, log::ALLOC, 0, 0, false) {
             Ok(r) => r,
             Err(e) => {
-                drop(g);
                 self.fail_tx(l);
                 return Err(e);
             }
@@ -526,16 +526,15 @@ impl Heap {
             crate::Error::Pointer(p) => TxError::Pointer(p),
             _ => TxError::Pointer(PointerError::NotABlock(ptr.as_ptr() as usize)),
         })?;
-        let mut g = self.txv(l).lock();
-        let v = self.live_tx(l, &mut g)?;
+        let g = self.txv(l);
+        let v = self.live_tx(l, g)?;
         let off = self.offset_of(ptr.as_ptr()).expect("usable_size checked it");
         if !v.freed.insert(off) {
             return Err(TxError::Pointer(PointerError::DoubleFree(ptr.as_ptr() as usize)));
         }
         v.has_frees = true;
         if let Err(e) = self.append(l, v, log::FREE, off, 0, false) {
-            drop(g);
-            let _ = self.tx_abort_lane(l);
+            self.fail_tx(l);
             return Err(e);
         }
         Ok(())
@@ -546,7 +545,7 @@ impl Heap {
     }
 
     fn tx_commit_lane_in(&self, l: u32) -> Result<(), TxError> {
-        let mut v = self.txv(l).lock();
+        let v = self.txv(l);
         if v.depth == 0 {
             return Err(TxError::NoTransaction);
         }
@@ -579,12 +578,12 @@ impl Heap {
     }
 
     fn tx_abort_lane_in(&self, l: u32) -> Result<(), TxError> {
-        let mut v = self.txv(l).lock();
+        let v = self.txv(l);
         if v.depth == 0 {
             return Err(TxError::NoTransaction);
         }
         if !v.aborted {
-            self.rollback(l, &mut v);
+            self.rollback(l, v);
         }
         // This level ends; outer levels still have to end the transaction
         // (their commit reports `Aborted`).
@@ -596,9 +595,9 @@ impl Heap {
     /// Rolls the running transaction back and marks it aborted, leaving
     /// the nesting depth alone (the caller's `abort` or `commit` ends it).
     fn fail_tx(&self, l: u32) {
-        let mut v = self.txv(l).lock();
+        let v = self.txv(l);
         if v.depth > 0 && !v.aborted {
-            self.rollback(l, &mut v);
+            self.rollback(l, v);
             v.aborted = true;
         }
     }
