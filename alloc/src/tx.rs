@@ -150,12 +150,17 @@ fn records(meta: &Meta, l: u32) -> Result<Vec<Record>, String> {
         let Some((start, size)) = meta.containing(block) else {
             return Err(format!("lane {l}: undo log block {block:#x} is not an allocated block"));
         };
-        let cap = meta.mem.u64(block + log::CAP).load(Relaxed) as usize;
-        if start != block || cap > size || cap < log::RECORDS || hops > 1 << 20 {
+        if start != block || hops > 1 << 20 {
             return Err(format!("lane {l}: undo log block {block:#x} is damaged"));
         }
+        // A block of an older transaction, or one linked but not yet
+        // initialised (allocated zeroed: SEQ 0), ends the log.
         if meta.mem.u64(block + log::SEQ).load(Acquire) != seq {
             break;
+        }
+        let cap = meta.mem.u64(block + log::CAP).load(Relaxed) as usize;
+        if cap > size || cap < log::RECORDS {
+            return Err(format!("lane {l}: undo log block {block:#x} is damaged"));
         }
         let used = meta.mem.u64(block + log::USED).load(Acquire) as usize;
         if used > cap - log::RECORDS {
@@ -403,12 +408,11 @@ impl Heap {
 
     /// Allocates a log block of `size` bytes into the word at `dest`.
     fn new_log_block(&self, l: u32, dest: usize, size: usize) -> Result<usize, AllocError> {
-        let off = self.alloc_into_off_lane(l, dest, lane::DEST_OFFSET, size, false)?;
+        // Zeroed before it is linked: a crash right after the link leaves a
+        // block with SEQ 0, which ends the log walk (see `records`).
+        let off = self.alloc_into_off_lane(l, dest, lane::DEST_OFFSET, size, true)?;
         let m = self.meta();
-        m.mem.u64(off + log::NEXT).store(0, Relaxed);
-        m.mem.u64(off + log::CAP).store(size as u64, Relaxed);
-        m.mem.u64(off + log::SEQ).store(0, Relaxed);
-        m.mem.u64(off + log::USED).store(0, Release);
+        m.mem.u64(off + log::CAP).store(size as u64, Release);
         Ok(off)
     }
 

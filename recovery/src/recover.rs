@@ -472,6 +472,19 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         Ok(pages)
     };
     let heap = Heap::open_patched(&path, &hopts, &mut hook)?;
+    // The heap must have opened the baseline as we fenced it: if the old
+    // owner overwrote the fence in between, stop here (nothing committed).
+    let opened_gen = heap.opened_from().map_or(0, |f| f.generation);
+    if opened_gen != report.generation {
+        return Err(RecoverError::Baseline {
+            path: path.clone(),
+            reason: format!(
+                "the fence was lost: fenced with generation {}, the baseline now says {opened_gen}; \
+                 stop the old owner and recover again",
+                report.generation
+            ),
+        });
+    }
     report.pages_pulled = pulled.0;
     report.bytes_pulled = pulled.0 * 4096;
     report.pages_verified = pulled.1;
