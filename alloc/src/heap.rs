@@ -108,7 +108,10 @@ pub struct BaselineInfo {
 
 /// A hook that patches a loaded heap image: gets the header and the
 /// bytes, returns the pages it changed (see [`Heap::open_patched`]).
-pub type PatchHook<'a> = dyn FnMut(&Header, &mut [u8]) -> std::result::Result<Vec<u64>, String> + 'a;
+/// The third argument lists the byte ranges of the image that hold data
+/// after the load (the rest is zero, and reading it through `bytes` would
+/// allocate memory).
+pub type PatchHook<'a> = dyn FnMut(&Header, &mut [u8], &[(u64, u64)]) -> std::result::Result<Vec<u64>, String> + 'a;
 
 /// How the memory of a heap being opened is filled.
 enum Fill<'a> {
@@ -441,7 +444,10 @@ impl Heap {
                 let dst = unsafe { std::slice::from_raw_parts_mut(region.base(), size as usize) };
                 let load = baseline.load_into_zeroed(dst).map_err(bl_err)?;
                 let dirty = match hook {
-                    Some(h) => h(&header, dst).map_err(|reason| OpenError::Patch { path: name.clone(), reason })?,
+                    Some(h) => {
+                        let ranges = region.data_ranges().map_err(io("finding data in the heap memfd"))?;
+                        h(&header, dst, &ranges).map_err(|reason| OpenError::Patch { path: name.clone(), reason })?
+                    }
                     None => Vec::new(),
                 };
                 (region, dirty, load.from_journal)

@@ -52,4 +52,13 @@ pub use heap::{check_image, image_base, recover_image, BaselineInfo, Heap, HeapO
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;
 pub use track::TrackMode;
+
+/// The `(start, end)` byte ranges of the first `len` bytes of a memfd (or
+/// file) that hold data; everything else reads as zero. Reading a hole of
+/// a shared memfd mapping allocates a page, so whole-image passes (CRCs,
+/// digests) use this to skip them.
+pub fn memfd_data_ranges(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    region::data_ranges(fd.as_raw_fd(), len)
+}
 pub use tx::{Tx, TxError};

@@ -5,6 +5,7 @@
 //! cargo run --release -p remem-bench -- alloc          # table with ratios
 //! cargo run --release -p remem-bench -- alloc --json   # one JSON object per line
 //! cargo run --release -p remem-bench -- tx track flush # several suites, in order
+//! cargo run --release -p remem-bench -- pull --json    # remem's TCP pull and recovery
 //! ```
 //!
 //! Layout: `peers/` wraps each system behind the narrow [`peers::Peer`]
@@ -14,7 +15,10 @@
 //! and removes the run's directories. A new suite is a variant of [`Suite`]
 //! and a module under `suites/`. `alloc` and `tx` run the peers chosen with
 //! `--systems`; `track` and `flush` compare variants of remem (and a raw
-//! file write) that they start themselves. Each suite starts what it needs
+//! file write) that they start themselves; `pull` runs remem's TCP
+//! transport against a plain TCP stream, and whole recoveries of a heap
+//! whose database child process (this binary re-executed with the hidden
+//! subcommand `__pull-db`) it kills. Each suite starts what it needs
 //! and stops it before the next suite runs, so that no heap's background
 //! flusher runs during another suite.
 
@@ -32,8 +36,7 @@ use clap::{Parser, ValueEnum};
 use crate::peers::SystemName;
 use crate::suites::Config;
 
-/// The suites this binary knows. Later ones (`pull`) slot in here and
-/// under `suites/`.
+/// The suites this binary knows; a new one slots in here and under `suites/`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {
     /// Allocation and free: 64 B pairs and a mixed 16 B–4 KiB working set.
@@ -44,6 +47,8 @@ enum Suite {
     Track,
     /// Flushing 10 % of a 1 GiB heap against pwrite+fdatasync of the same pages.
     Flush,
+    /// Pulling 256 MiB over remem's TCP transport against a TCP stream; recovering a 1 GiB heap.
+    Pull,
 }
 
 #[derive(Parser, Debug)]
@@ -60,7 +65,8 @@ struct Cli {
     #[arg(long)]
     json: bool,
 
-    /// Repetitions per figure; the best (minimum) is reported.
+    /// Repetitions per figure; the best (minimum) is reported (pull: rounds of
+    /// pull_256mib; recover_1gib runs once).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     reps: u32,
 
@@ -73,7 +79,7 @@ struct Cli {
     threads: Vec<usize>,
 
     /// Systems to run in alloc and tx, comma-separated (none given: all; tx
-    /// runs remem and pmdk only). track and flush run all their variants.
+    /// runs remem and pmdk only). track, flush and pull run all their variants.
     #[arg(long, value_enum, value_delimiter = ',')]
     systems: Vec<SystemName>,
 
@@ -93,6 +99,13 @@ fn main() -> anyhow::Result<()> {
     // Set before any thread starts (set_var races with getenv on other threads).
     if std::env::var_os("PMEM_IS_PMEM_FORCE").is_none() {
         std::env::set_var("PMEM_IS_PMEM_FORCE", "1");
+    }
+
+    // The database child of the pull suite: `remem-bench __pull-db ...`.
+    if std::env::args_os().nth(1).is_some_and(|a| a == suites::pull::CHILD_CMD) {
+        let name = format!("remem-bench {}", suites::pull::CHILD_CMD);
+        let args = suites::pull::DbArgs::parse_from(std::iter::once(name.into()).chain(std::env::args_os().skip(2)));
+        return suites::pull::db_main(&args);
     }
 
     let cli = Cli::parse();
@@ -138,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             }
             Suite::Track => suites::track::run(&config)?,
             Suite::Flush => suites::flush::run(&config)?,
+            Suite::Pull => suites::pull::run(&config)?,
         };
         if cli.json {
             report::write_json(&mut out, &report.measurements)?;

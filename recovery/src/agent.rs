@@ -154,11 +154,22 @@ struct Shared {
     changed: Condvar,
 }
 
-/// A running agent. Dropping it stops serving.
+/// A running agent. Dropping it stops accepting databases and closes its
+/// listener once the connections it serves end.
 pub struct Agent {
     target: Arc<dyn Target>,
     shared: Arc<Shared>,
     socket: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag, then remove the socket.
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -179,10 +190,15 @@ impl Agent {
         let listener = UnixListener::bind(&opts.socket).map_err(io(format!("binding {}", opts.socket.display())))?;
         let shared = Arc::new(Shared { info, hosted: Mutex::new(None), changed: Condvar::new() });
         let (sh, tg) = (shared.clone(), target.clone());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
         std::thread::Builder::new()
             .name("remem-agent".into())
             .spawn(move || {
                 for conn in listener.incoming() {
+                    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     let Ok(conn) = conn else { continue };
                     let (sh, tg) = (sh.clone(), tg.clone());
                     std::thread::spawn(move || {
@@ -193,7 +209,7 @@ impl Agent {
                 }
             })
             .map_err(io("spawning the agent thread"))?;
-        Ok(Agent { target, shared, socket: opts.socket })
+        Ok(Agent { target, shared, socket: opts.socket, stop })
     }
 
     /// Where pulls are served.
@@ -336,28 +352,35 @@ fn seal(sh: &Shared) {
     let Some(h) = g.as_ref() else { return };
     let bytes = h.heap.bytes();
     let baseline = FileBackend::open(&h.reg.baseline).ok().and_then(|b| Baseline::open(b).ok());
+    use std::os::fd::AsFd;
+    let ranges = remem_alloc::memfd_data_ranges(h.heap_fd.as_fd(), bytes.len() as u64)
+        .unwrap_or_else(|_| vec![(0, bytes.len() as u64)]);
     let mut crcs = vec![0u8; h.npages as usize * 4];
     let mut sealed = vec![0u64; (h.npages as usize).div_ceil(64)];
     let mut count = 0u64;
-    for (p, page) in bytes.chunks_exact(4096).enumerate() {
-        let c = crc32fast::hash(page);
+    let zero_crc = crc32fast::hash(&[0u8; 4096]);
+    let mut hasher = blake3::Hasher::new();
+    crate::digest::for_each_page(bytes, &ranges, &[], |p, page| {
+        hasher.update(page);
+        let p = p as usize;
+        let c = if page.as_ptr() == bytes.as_ptr().wrapping_add(p * 4096) { crc32fast::hash(page) } else { zero_crc };
         crcs[4 * p..4 * p + 4].copy_from_slice(&c.to_le_bytes());
         let differs = match &baseline {
             Some(b) => b.page_crc(p as u64).map_or(true, |want| want != c),
-            None => page.iter().any(|&x| x != 0),
+            None => c != zero_crc || page.iter().any(|&x| x != 0),
         };
         if differs {
             sealed[p / 64] |= 1 << (p % 64);
             count += 1;
         }
-    }
+    });
     h.crc.write(0, &crcs);
     let words: Vec<u8> = sealed.iter().flat_map(|w| w.to_le_bytes()).collect();
     h.sealed.write(0, &words);
     let i = &sh.info;
     i.write(info::SEALED_PAGES, &count.to_le_bytes());
     i.write(info::NO_BASELINE, &u64::from(baseline.is_none()).to_le_bytes());
-    i.write(info::DIGEST, blake3::hash(bytes).as_bytes());
+    i.write(info::DIGEST, hasher.finalize().as_bytes());
 }
 
 /// The database's end of the agent connection: keep it for the heap's

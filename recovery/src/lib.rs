@@ -7,6 +7,7 @@
 pub use remem_alloc::{Heap, RecoveryReport};
 
 pub mod agent;
+pub mod digest;
 pub mod recover;
 #[allow(unsafe_code)]
 mod sys;

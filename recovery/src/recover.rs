@@ -363,19 +363,19 @@ fn pull(
         }
         let (batch, slot) = *inflight.front().expect("in flight");
         let want = *posted.front().expect("posted");
-        out.clear();
-        let mut have = 0;
-        while have < want {
-            let got = v.init.wait(&mut out, want - have, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        // Completions come back in posting order; one wait may return those
+        // of later batches too: they stay in `out` for the next round.
+        while out.len() < want {
+            let missing = want - out.len();
+            let got = v.init.wait(&mut out, missing, Duration::from_secs(30)).map_err(|e| e.to_string())?;
             if got == 0 {
                 return Err("the agent did not answer within 30 s".into());
             }
-            have += got;
         }
-        if let Some(c) = out.iter().find(|c| c.status != Status::Success) {
-            return Err(format!("pull failed: {:?}", c.status));
+        if let Some(c) = out[..want].iter().find(|c| c.status != Status::Success || c.wr_id != batch as u64) {
+            return Err(format!("pull failed: {:?} (batch {})", c.status, c.wr_id));
         }
-        // Completions come back in posting order: out holds exactly this batch.
+        out.drain(..want);
         let bytes = v.init.buf(bufs[slot]).map_err(|e| e.to_string())?;
         for &(s, n, at) in &batches[batch] {
             for k in 0..n {
@@ -442,7 +442,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     let mut pulled = (0u64, 0u64, None, 0.0f64);
     let t_load = Instant::now();
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
-    let mut hook = |header: &remem_alloc::Header, dst: &mut [u8]| -> Result<Vec<u64>, String> {
+    let mut hook = |header: &remem_alloc::Header, dst: &mut [u8], ranges: &[(u64, u64)]| -> Result<Vec<u64>, String> {
         report.seconds_baseline = t_load.elapsed().as_secs_f64();
         let Some(v) = view.as_mut() else { return Ok(Vec::new()) };
         if v.npages != header.layout.npages() {
@@ -464,7 +464,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
                 Err(e) => return Err(format!("pulling pages failed after {attempt} retries: {e}")),
             }
         };
-        let identical = *blake3::hash(dst).as_bytes() == v.digest;
+        let identical = crate::digest::image_digest(dst, ranges, &pages) == v.digest;
         pulled = (pages.len() as u64, verified, Some(identical), t.elapsed().as_secs_f64());
         if !identical {
             return Err("the assembled image differs from the agent's memory (BLAKE3)".into());

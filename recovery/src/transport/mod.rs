@@ -290,11 +290,12 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
-    /// Depth 1024, 10 s to connect, device from the environment. Over TCP,
+    /// Depth 2048, 10 s to connect, device from the environment. Over TCP,
     /// keep more bytes in flight than the socket buffers hold (4 MiB): with
-    /// 4 KiB reads, a depth of 2048 or more.
+    /// 4 KiB reads, this depth, posted in batches into several buffers.
+    /// Verbs caps the depth at the device's send-queue limit.
     pub fn new(addr: SocketAddr, token: Token) -> ConnectOptions {
-        ConnectOptions { addr, token, depth: 1024, timeout: Duration::from_secs(10), device: DeviceOptions::from_env() }
+        ConnectOptions { addr, token, depth: 2048, timeout: Duration::from_secs(10), device: DeviceOptions::from_env() }
     }
 
     /// Allow `depth` reads outstanding (at least 1).
