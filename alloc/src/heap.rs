@@ -144,6 +144,11 @@ impl<T> LaneCell<T> {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// Where a cached block's free canary lives: its second word (like
+/// glibc's tcache key), so a check right after the program wrote the
+/// block's first bytes does not wait on that store.
+const CANARY: usize = 8;
+
 /// No current slab.
 const NO_SLAB: u64 = u64::MAX;
 
@@ -795,7 +800,7 @@ impl Heap {
         }
         let off = (m.cache_entry(l, c, n as usize - 1).load(Relaxed) as usize) << 4;
         count.store(n - 1, Release);
-        m.mem.u64(off).store(0, Relaxed);
+        m.mem.u64(off + CANARY).store(0, Relaxed);
         Ok(off)
     }
 
@@ -882,7 +887,7 @@ impl Heap {
                 free &= free - 1;
                 take |= 1 << b;
                 let off = Meta::block_off(slab, info, w * 64 + b);
-                m.mem.u64(off).store(self.canary(off), Relaxed);
+                m.mem.u64(off + CANARY).store(self.canary(off), Relaxed);
                 m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
                 n += 1;
             }
@@ -944,6 +949,7 @@ impl Heap {
         Ok(page)
     }
 
+    /// The free canary of the block at `off` (stored at `off + CANARY`).
     #[inline]
     fn canary(&self, off: usize) -> u64 {
         self.inner.canary_key ^ off as u64
@@ -992,7 +998,7 @@ impl Heap {
         if word.load(Relaxed) & bit == 0 {
             return Err(PointerError::DoubleFree(p));
         }
-        let first = m.mem.u64(off);
+        let first = m.mem.u64(off + CANARY);
         let canary = self.canary(off);
         if first.load(Relaxed) == canary {
             return Err(PointerError::DoubleFree(p));
@@ -1031,7 +1037,7 @@ impl Heap {
         match m.locate(off) {
             Located::Block { slab, class, idx } => {
                 if m.slab_word(slab, idx / 64).load(Relaxed) & (1 << (idx % 64)) == 0
-                    || m.mem.u64(off).load(Relaxed) == self.canary(off)
+                    || m.mem.u64(off + CANARY).load(Relaxed) == self.canary(off)
                 {
                     return Err(PointerError::DoubleFree(p).into());
                 }
@@ -1112,7 +1118,7 @@ impl Heap {
                     }
                     self.record_intent(l, off, dest, kind, 0);
                     count.store(n - 1, Release);
-                    m.mem.u64(off).store(0, Relaxed);
+                    m.mem.u64(off + CANARY).store(0, Relaxed);
                     off
                 }
                 None => {
@@ -1183,7 +1189,7 @@ impl Heap {
         if n >= CLASSES[c].cache_cap {
             return false;
         }
-        m.mem.u64(off).store(self.canary(off), Relaxed);
+        m.mem.u64(off + CANARY).store(self.canary(off), Relaxed);
         m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
         count.store(n + 1, Release);
         true
