@@ -41,15 +41,44 @@ impl Gate {
 
     /// Marks lane `l` (held by this thread) as inside a mutating call,
     /// waiting while the flusher has the heap paused.
+    /// The `active` word of lane `l`.
+    #[inline(always)]
+    fn slot(&self, l: u32) -> &AtomicU32 {
+        debug_assert!((l as usize) < self.active.len());
+        // SAFETY: lanes are numbered 0..nlanes (lanes.rs hands out no
+        // other), and `active` has one slot per lane.
+        unsafe { &self.active.get_unchecked(l as usize).0 }
+    }
+
     #[inline(always)]
     pub(crate) fn enter(&self, l: u32) {
-        let a = &self.active[l as usize].0;
+        let a = self.slot(l);
         let depth = a.load(Relaxed);
-        if depth > 0 {
-            a.store(depth + 1, Relaxed);
-            return;
+        a.store(depth + 1, Relaxed);
+        if depth == 0 {
+            self.check_pausing(a);
         }
+    }
+
+    /// The outermost entry: publish `active`, then look at `pausing`.
+    #[inline(always)]
+    fn check_pausing(&self, a: &AtomicU32) {
+        if self.asymmetric {
+            compiler_fence(SeqCst);
+        } else {
+            fence(SeqCst);
+        }
+        if self.pausing.load(Relaxed) {
+            self.wait_paused(a);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wait_paused(&self, a: &AtomicU32) {
         loop {
+            a.store(0, Release);
+            self.wait_resume();
             a.store(1, Relaxed);
             if self.asymmetric {
                 compiler_fence(SeqCst);
@@ -59,8 +88,6 @@ impl Gate {
             if !self.pausing.load(Relaxed) {
                 return;
             }
-            a.store(0, Release);
-            self.wait_resume();
         }
     }
 
@@ -80,7 +107,7 @@ impl Gate {
     /// Ends the call [`Gate::enter`] began.
     #[inline(always)]
     pub(crate) fn exit(&self, l: u32) {
-        let a = &self.active[l as usize].0;
+        let a = self.slot(l);
         a.store(a.load(Relaxed) - 1, Release);
     }
 

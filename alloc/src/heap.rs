@@ -1324,6 +1324,9 @@ pub fn image_base(image: &mut [u64]) -> Result<u64, OpenError> {
 
 fn image_meta(image: &mut [u64]) -> Result<Meta, OpenError> {
     let bytes = image.len() * 8;
+    if bytes < PAGE_SIZE {
+        return Err(OpenError::Corrupt { path: "<image>".into(), reason: format!("image is only {bytes} bytes") });
+    }
     // SAFETY: `image` is an exclusively borrowed, 8-aligned buffer of
     // `bytes` bytes that outlives the returned view's uses in the callers.
     let mem = unsafe { Mem::new(image.as_mut_ptr().cast(), bytes) };

@@ -7,6 +7,14 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
+/// A metadata offset outside the heap: a bug in remem (or memory damage),
+/// never something to continue from.
+#[cold]
+#[inline(never)]
+fn out_of_range(off: usize, len: usize) -> ! {
+    panic!("remem bug: metadata access at {off:#x} outside the {len:#x}-byte heap")
+}
+
 /// Bytes `[base, base + len)` that stay mapped, readable and writable for
 /// the lifetime of the view.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +39,8 @@ impl Mem {
     /// raw pointers.
     pub(crate) unsafe fn new(base: *mut u8, len: usize) -> Mem {
         debug_assert_eq!(base as usize % 8, 0);
+        // The bounds checks below compute `len - 8`.
+        assert!(len >= 8, "a heap view is at least one word long");
         Mem { base, len }
     }
 
@@ -40,8 +50,13 @@ impl Mem {
     /// validated metadata, so that would be a bug in remem.
     #[inline]
     pub(crate) fn u64(&self, off: usize) -> &AtomicU64 {
-        assert!(off.is_multiple_of(8) && off + 8 <= self.len, "remem bug: u64 at {off:#x} of {:#x}", self.len);
-        // SAFETY: in range and aligned (checked above; base is 8-aligned);
+        debug_assert!(off.is_multiple_of(8), "remem bug: misaligned u64 at {off:#x}");
+        if off > self.len - 8 {
+            out_of_range(off, self.len);
+        }
+        // SAFETY: in range (checked above); aligned: every offset remem
+        // computes for a u64 is a multiple of 8 (debug-checked), and base is
+        // 8-aligned;
         // the memory is valid for the view's lifetime (see `new`) and is
         // only accessed atomically.
         unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
@@ -50,8 +65,11 @@ impl Mem {
     /// The `u32` at byte offset `off`.
     #[inline]
     pub(crate) fn u32(&self, off: usize) -> &AtomicU32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "remem bug: u32 at {off:#x} of {:#x}", self.len);
-        // SAFETY: as in `u64`.
+        debug_assert!(off.is_multiple_of(4), "remem bug: misaligned u32 at {off:#x}");
+        if off > self.len - 4 {
+            out_of_range(off, self.len);
+        }
+        // SAFETY: as in `u64` (multiples of 4 for u32 offsets).
         unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
     }
 
