@@ -20,7 +20,7 @@
 //! flush fails with [`FlushError::Poisoned`], and the control region says
 //! so; nothing is retried over a failed fsync.
 
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::Ordering::Release;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -353,11 +353,6 @@ impl Durability {
         if !self.is_poisoned() {
             self.control.word(ctl::STATE).store(ctl::CLOSED, Release);
         }
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn committed_epoch(&self) -> u64 {
-        self.control.word(ctl::COMMITTED_EPOCH).load(Acquire)
     }
 }
 

@@ -339,7 +339,7 @@ impl Header {
         };
         layout.validate().map_err(HeaderError::Invalid)?;
         let base = u64_at(hdr::BASE);
-        if base == 0 || base % HEAP_ALIGN != 0 || base.checked_add(layout.size).is_none_or(|e| e > 1 << 47) {
+        if !base_ok(base, layout.size) {
             return Err(HeaderError::Invalid(format!("base address {base:#x}")));
         }
         let mut uuid = [0u8; 16];
@@ -367,6 +367,12 @@ pub enum HeaderError {
     /// A field is out of range.
     #[error("invalid header: {0}")]
     Invalid(String),
+}
+
+/// A usable base address for a heap of `size` bytes: non-zero, 64 KiB
+/// aligned, and the whole heap below 2^47 (user space on x86-64).
+pub fn base_ok(base: u64, size: u64) -> bool {
+    base != 0 && base.is_multiple_of(HEAP_ALIGN) && base.checked_add(size).is_some_and(|e| e <= 1 << 47)
 }
 
 /// Formats a UUID the usual way.

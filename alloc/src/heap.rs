@@ -240,6 +240,32 @@ fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// A heap's baseline file and the lock that keeps other processes out
+/// (`None` for a caller-provided backend).
+type LockedFile = Option<(PathBuf, File)>;
+
+/// Decodes the header page of the heap named `name` (for messages).
+fn decode_header(first: &[u8], name: &Path) -> Result<Header, OpenError> {
+    Header::decode(first).map_err(|e| match e {
+        HeaderError::Version(found) => {
+            OpenError::Version { path: name.to_owned(), found, supported: crate::format::VERSION }
+        }
+        e => OpenError::Corrupt { path: name.to_owned(), reason: e.to_string() },
+    })
+}
+
+/// Reads the header page of a heap's memfd.
+fn read_header_page(memfd: &File, first: &mut [u8]) -> Result<(), OpenError> {
+    memfd.read_exact_at(first, 0).map_err(io("reading the heap header from the memfd"))
+}
+
+/// Locks an existing baseline file and opens it: what every open by path needs.
+fn open_baseline_file(path: &Path) -> Result<(Arc<dyn Backend>, LockedFile), OpenError> {
+    let lock = take_lock(path)?;
+    let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
+    Ok((Arc::new(backend), Some((path.to_owned(), lock))))
+}
+
 fn take_lock(path: &Path) -> Result<File, OpenError> {
     let lp = lock_path(path);
     let f = OpenOptions::new()
@@ -273,7 +299,7 @@ impl Heap {
         Self::create_inner(backend, opts, None)
     }
 
-    fn create_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+    fn create_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: LockedFile) -> Result<Heap> {
         let (region, header, meta) = Self::new_region(opts)?;
         let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
         let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
@@ -370,9 +396,8 @@ impl Heap {
     /// baseline has them).
     pub fn open_with(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
         let path = path.as_ref();
-        let lock = take_lock(path)?;
-        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
-        Self::open_inner(Arc::new(backend), opts, Some((path.to_owned(), lock)))
+        let (backend, file) = open_baseline_file(path)?;
+        Self::open_inner(backend, opts, file)
     }
 
     /// [`Heap::open_with`] on a caller-provided baseline backend.
@@ -380,7 +405,7 @@ impl Heap {
         Self::open_inner(backend, opts, None)
     }
 
-    fn open_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: Option<(PathBuf, File)>) -> Result<Heap> {
+    fn open_inner(backend: Arc<dyn Backend>, opts: &HeapOptions, file: LockedFile) -> Result<Heap> {
         Self::open_filled(backend, opts, file, Fill::Load(None))
     }
 
@@ -392,9 +417,8 @@ impl Heap {
     /// the pages pulled from a failed host over the baseline.
     pub fn open_patched(path: impl AsRef<Path>, opts: &HeapOptions, hook: &mut PatchHook<'_>) -> Result<Heap> {
         let path = path.as_ref();
-        let lock = take_lock(path)?;
-        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
-        Self::open_filled(Arc::new(backend), opts, Some((path.to_owned(), lock)), Fill::Load(Some(hook)))
+        let (backend, file) = open_baseline_file(path)?;
+        Self::open_filled(backend, opts, file, Fill::Load(Some(hook)))
     }
 
     /// Same-host restart: maps the heap's surviving memfd (kept by the
@@ -409,17 +433,11 @@ impl Heap {
         dirty: &[u64],
     ) -> Result<Heap> {
         let path = path.as_ref();
-        let lock = take_lock(path)?;
-        let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
-        Self::open_filled(Arc::new(backend), opts, Some((path.to_owned(), lock)), Fill::Memfd(memfd, dirty.to_vec()))
+        let (backend, file) = open_baseline_file(path)?;
+        Self::open_filled(backend, opts, file, Fill::Memfd(memfd, dirty.to_vec()))
     }
 
-    fn open_filled(
-        backend: Arc<dyn Backend>,
-        opts: &HeapOptions,
-        file: Option<(PathBuf, File)>,
-        fill: Fill<'_>,
-    ) -> Result<Heap> {
+    fn open_filled(backend: Arc<dyn Backend>, opts: &HeapOptions, file: LockedFile, fill: Fill<'_>) -> Result<Heap> {
         region::check_page_size()?;
         let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
         let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
@@ -427,17 +445,9 @@ impl Heap {
         let mut first = vec![0u8; PAGE_SIZE];
         match &fill {
             Fill::Load(_) => baseline.read_page(0, &mut first).map_err(bl_err)?,
-            Fill::Memfd(fd, _) => {
-                let f = File::from(fd.try_clone().map_err(io("dup memfd"))?);
-                f.read_exact_at(&mut first, 0).map_err(io("reading the heap header from the memfd"))?;
-            }
+            Fill::Memfd(fd, _) => read_header_page(&File::from(fd.try_clone().map_err(io("dup memfd"))?), &mut first)?,
         }
-        let header = Header::decode(&first).map_err(|e| match e {
-            HeaderError::Version(found) => {
-                OpenError::Version { path: name.clone(), found, supported: crate::format::VERSION }
-            }
-            e => OpenError::Corrupt { path: name.clone(), reason: e.to_string() },
-        })?;
+        let header = decode_header(&first, &name)?;
         baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
         let size = header.layout.size;
         let info = baseline.info();
@@ -495,13 +505,8 @@ impl Heap {
         region::check_page_size()?;
         let file = File::from(fd);
         let mut first = vec![0u8; PAGE_SIZE];
-        file.read_exact_at(&mut first, 0).map_err(io("reading the heap header from the memfd"))?;
-        let header = Header::decode(&first).map_err(|e| match e {
-            HeaderError::Version(found) => {
-                OpenError::Version { path: "<memfd>".into(), found, supported: crate::format::VERSION }
-            }
-            e => OpenError::Corrupt { path: "<memfd>".into(), reason: e.to_string() },
-        })?;
+        read_header_page(&file, &mut first)?;
+        let header = decode_header(&first, Path::new("<memfd>"))?;
         let len = file.metadata().map_err(io("stat memfd"))?.len();
         if len < header.layout.size {
             return Err(OpenError::Corrupt {
@@ -528,7 +533,7 @@ impl Heap {
         region: Region,
         meta: Meta,
         header: Header,
-        file: Option<(PathBuf, File)>,
+        file: LockedFile,
         report: RecoveryReport,
         vol: crate::recover::Volatile,
         durability: Option<Arc<Durability>>,
@@ -771,7 +776,7 @@ impl Heap {
     }
 
     #[inline]
-    fn ptr(&self, off: usize) -> NonNull<u8> {
+    pub(crate) fn ptr(&self, off: usize) -> NonNull<u8> {
         // SAFETY: `off` is inside the mapping, which is never at address 0.
         unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr(off)) }
     }
@@ -1169,14 +1174,6 @@ impl Heap {
             }
         };
         (l != 0).then_some(l)
-    }
-
-    pub(crate) fn current_lane(&self) -> Option<u32> {
-        self.private_lane()
-    }
-
-    pub(crate) fn ptr_at(&self, off: usize) -> NonNull<u8> {
-        self.ptr(off)
     }
 
     /// Puts the allocated small block at `off` into lane `l`'s cache if

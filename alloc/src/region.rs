@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use crate::error::OpenError;
-use crate::format::{HEAP_ALIGN, PAGE_SIZE};
+use crate::format::PAGE_SIZE;
 
 /// A memfd and its fixed-address shared mapping. Unmapped on drop.
 #[derive(Debug)]
@@ -139,18 +139,20 @@ pub(crate) fn data_ranges(fd: i32, len: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// The line of /proc/self/maps that overlaps `[base, base + len)`.
+/// The line of a /proc/self/maps text that overlaps `[base, base + len)`.
+fn overlapping(maps: &str, base: u64, len: u64) -> Option<&str> {
+    maps.lines().find(|line| {
+        let range = line.split(' ').next().unwrap_or("");
+        let Some((a, b)) = range.split_once('-') else { return false };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { return false };
+        a < base + len && base < b
+    })
+}
+
+/// What maps `[base, base + len)` in this process, for an error message.
 fn conflicting_mapping(base: u64, len: u64) -> String {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    for line in maps.lines() {
-        let Some((range, _)) = line.split_once(' ') else { continue };
-        let Some((a, b)) = range.split_once('-') else { continue };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { continue };
-        if a < base + len && base < b {
-            return format!("mapped: {}", line.trim());
-        }
-    }
-    "an overlapping mapping".into()
+    overlapping(&maps, base, len).map_or_else(|| "an overlapping mapping".into(), |l| format!("mapped: {}", l.trim()))
 }
 
 /// Picks a free, 64 KiB aligned base address for a new heap of `len`
@@ -162,28 +164,16 @@ pub(crate) fn choose_base(uuid: &[u8; 16], len: u64) -> Result<u64, OpenError> {
     const SLOT: u64 = 1 << 36;
     const SLOTS: u64 = 256;
     let first = u64::from(uuid[0]);
-    for i in 0..SLOTS {
-        let base = ZONE + ((first + i) % SLOTS) * SLOT;
-        if range_is_free(base, len) {
-            return Ok(base);
-        }
-    }
-    Err(OpenError::NoAddress(len))
-}
-
-fn range_is_free(base: u64, len: u64) -> bool {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
-    !maps.lines().any(|line| {
-        let range = line.split(' ').next().unwrap_or("");
-        let mut it = range.split('-').map(|x| u64::from_str_radix(x, 16).unwrap_or(0));
-        let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        a < base + len && base < b
-    })
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(io_err("reading /proc/self/maps"))?;
+    (0..SLOTS)
+        .map(|i| ZONE + ((first + i) % SLOTS) * SLOT)
+        .find(|&base| overlapping(&maps, base, len).is_none())
+        .ok_or(OpenError::NoAddress(len))
 }
 
 /// Checks a user-chosen base address.
 pub(crate) fn check_base(base: u64, len: u64) -> Result<(), OpenError> {
-    if base == 0 || !base.is_multiple_of(HEAP_ALIGN) || base.checked_add(len).is_none_or(|e| e > 1 << 47) {
+    if !crate::format::base_ok(base, len) {
         return Err(OpenError::BadBase(base));
     }
     Ok(())

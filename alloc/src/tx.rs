@@ -355,14 +355,14 @@ impl Heap {
 
     /// Nesting depth of this thread's transaction (0: none).
     pub fn tx_depth(&self) -> u32 {
-        match self.current_lane() {
+        match self.private_lane() {
             Some(l) if l != 0 => self.txv(l).depth,
             _ => 0,
         }
     }
 
     fn tx_lane(&self) -> Result<u32, TxError> {
-        match self.current_lane() {
+        match self.private_lane() {
             // The `_in` functions check (under their one lock) that a
             // transaction is running.
             Some(l) if l != 0 => Ok(l),
@@ -457,8 +457,7 @@ impl Heap {
         Ok(at)
     }
 
-    fn live_tx<'a>(&self, l: u32, v: &'a mut TxVolatile) -> Result<&'a mut TxVolatile, TxError> {
-        let _ = l;
+    fn live_tx(v: &mut TxVolatile) -> Result<&mut TxVolatile, TxError> {
         if v.depth == 0 {
             return Err(TxError::NoTransaction);
         }
@@ -474,7 +473,7 @@ impl Heap {
 
     fn tx_add_range_lane_in(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
         let g = self.txv(l);
-        let v = self.live_tx(l, g)?;
+        let v = Self::live_tx(g)?;
         let bad = TxError::OutOfHeap { ptr: ptr as usize, len };
         let off = self.offset_of(ptr).ok_or(bad.clone())?;
         if len == 0 {
@@ -509,7 +508,7 @@ impl Heap {
 
     fn tx_alloc_lane_in(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
         let g = self.txv(l);
-        let v = self.live_tx(l, g)?;
+        let v = Self::live_tx(g)?;
         let rec = match self.append(l, v, log::ALLOC, 0, 0, false) {
             Ok(r) => r,
             Err(e) => {
@@ -518,7 +517,7 @@ impl Heap {
             }
         };
         let off = self.alloc_into_off_lane(l, rec + log::REC_OFF, lane::DEST_OFFSET, size, zero)?;
-        Ok(self.ptr_at(off))
+        Ok(self.ptr(off))
     }
 
     pub(crate) fn tx_free_lane(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
@@ -531,7 +530,7 @@ impl Heap {
             _ => TxError::Pointer(PointerError::NotABlock(ptr.as_ptr() as usize)),
         })?;
         let g = self.txv(l);
-        let v = self.live_tx(l, g)?;
+        let v = Self::live_tx(g)?;
         let off = self.offset_of(ptr.as_ptr()).expect("usable_size checked it");
         if !v.freed.insert(off) {
             return Err(TxError::Pointer(PointerError::DoubleFree(ptr.as_ptr() as usize)));
@@ -634,7 +633,7 @@ impl Heap {
             done.store(0, Release);
         } else {
             done.store(0, Release);
-            let p = self.ptr_at(off);
+            let p = self.ptr(off);
             let r = self.free(p);
             debug_assert!(r.is_ok(), "remem: releasing a transaction block: {r:?}");
         }

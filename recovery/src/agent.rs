@@ -255,17 +255,9 @@ fn set_state(sh: &Shared, s: u32) {
 /// waits for it to end, then seals.
 fn serve_db(sh: &Shared, target: &dyn Target, conn: UnixStream) -> Result<(), AgentError> {
     let mut buf = vec![0u8; 64 * 1024];
-    let (n, fds) = recv_fds(&conn, &mut buf, 2).map_err(io("receiving a registration"))?;
-    let reg: Registration = serde_json::from_slice(buf[..n].trim_ascii_end())
-        .map_err(|e| AgentError::Protocol(format!("bad registration message: {e}")))?;
-    let mut fds = fds.into_iter();
+    let (reg, fds) = recv_registration(&conn, &mut buf)?;
     match reg.op.as_str() {
-        "register" => {
-            let (Some(heap_fd), Some(ctl_fd)) = (fds.next(), fds.next()) else {
-                return Err(AgentError::Protocol("a registration carries the heap and control memfds".into()));
-            };
-            host(sh, target, reg, heap_fd, ctl_fd)?;
-        }
+        "register" => host(sh, target, reg, fds)?,
         "reattach" => {
             let g = sh.hosted.lock();
             let Some(h) = g.as_ref() else { return Err(AgentError::Protocol("no heap to re-attach".into())) };
@@ -281,14 +273,8 @@ fn serve_db(sh: &Shared, target: &dyn Target, conn: UnixStream) -> Result<(), Ag
             send_fds(&conn, line, &[h.heap_fd.as_raw_fd()]).map_err(io("sending the heap memfd back"))?;
             drop(g);
             // The restarted database now registers on this same connection.
-            let (n, fds) = recv_fds(&conn, &mut buf, 2).map_err(io("receiving the re-registration"))?;
-            let reg: Registration = serde_json::from_slice(buf[..n].trim_ascii_end())
-                .map_err(|e| AgentError::Protocol(format!("bad registration message: {e}")))?;
-            let mut fds = fds.into_iter();
-            let (Some(heap_fd), Some(ctl_fd)) = (fds.next(), fds.next()) else {
-                return Err(AgentError::Protocol("a registration carries the heap and control memfds".into()));
-            };
-            host(sh, target, reg, heap_fd, ctl_fd)?;
+            let (reg, fds) = recv_registration(&conn, &mut buf)?;
+            host(sh, target, reg, fds)?;
         }
         op => return Err(AgentError::Protocol(format!("unknown operation {op:?}"))),
     }
@@ -309,13 +295,26 @@ fn serve_db(sh: &Shared, target: &dyn Target, conn: UnixStream) -> Result<(), Ag
     Ok(())
 }
 
-fn host(
-    sh: &Shared,
-    target: &dyn Target,
-    reg: Registration,
-    heap_fd: OwnedFd,
-    ctl_fd: OwnedFd,
-) -> Result<(), AgentError> {
+/// Receives one registration message and the descriptors it carries.
+fn recv_registration(conn: &UnixStream, buf: &mut [u8]) -> Result<(Registration, Vec<OwnedFd>), AgentError> {
+    let (n, fds) = recv_fds(conn, buf, 2).map_err(io("receiving a registration"))?;
+    let reg = serde_json::from_slice(buf[..n].trim_ascii_end())
+        .map_err(|e| AgentError::Protocol(format!("bad registration message: {e}")))?;
+    Ok((reg, fds))
+}
+
+/// Sends one registration message with `fds`.
+fn send_message(conn: &UnixStream, reg: &Registration, fds: &[std::os::fd::RawFd]) -> Result<(), AgentError> {
+    let mut line = serde_json::to_vec(reg).expect("serializable");
+    line.push(b'\n');
+    send_fds(conn, &line, fds).map_err(io("sending to the agent"))
+}
+
+fn host(sh: &Shared, target: &dyn Target, reg: Registration, fds: Vec<OwnedFd>) -> Result<(), AgentError> {
+    let mut fds = fds.into_iter();
+    let (Some(heap_fd), Some(ctl_fd)) = (fds.next(), fds.next()) else {
+        return Err(AgentError::Protocol("a registration carries the heap and control memfds".into()));
+    };
     let heap_file = std::fs::File::from(heap_fd.try_clone().map_err(io("dup heap memfd"))?);
     let heap = Arc::new(ReadMap::new(&heap_file).map_err(io("mapping the heap memfd"))?);
     let control = Arc::new(ReadMap::new(&std::fs::File::from(ctl_fd)).map_err(io("mapping the control memfd"))?);
@@ -360,10 +359,10 @@ fn seal(sh: &Shared) {
     let mut count = 0u64;
     let zero_crc = crc32fast::hash(&[0u8; 4096]);
     let mut hasher = blake3::Hasher::new();
-    crate::digest::for_each_page(bytes, &ranges, &[], |p, page| {
+    crate::digest::for_each_page(bytes, &ranges, &[], |p, page, is_data| {
         hasher.update(page);
         let p = p as usize;
-        let c = if page.as_ptr() == bytes.as_ptr().wrapping_add(p * 4096) { crc32fast::hash(page) } else { zero_crc };
+        let c = if is_data { crc32fast::hash(page) } else { zero_crc };
         crcs[4 * p..4 * p + 4].copy_from_slice(&c.to_le_bytes());
         let differs = match &baseline {
             Some(b) => b.page_crc(p as u64).map_or(true, |want| want != c),
@@ -400,9 +399,7 @@ impl AgentLink {
 fn send_registration(conn: &UnixStream, heap: &Heap, op: &str) -> Result<(), AgentError> {
     let (Some(ctl), Some(path)) = (heap.control_memfd(), heap.path()) else { return Err(AgentError::NoBaseline) };
     let reg = Registration { op: op.into(), uuid: heap.uuid(), baseline: path.to_owned(), pid: std::process::id() };
-    let mut line = serde_json::to_vec(&reg).expect("serializable");
-    line.push(b'\n');
-    send_fds(conn, &line, &[heap.memfd().as_raw_fd(), ctl.as_raw_fd()]).map_err(io("sending the memfds"))
+    send_message(conn, &reg, &[heap.memfd().as_raw_fd(), ctl.as_raw_fd()])
 }
 
 fn read_ok(conn: &UnixStream) -> Result<(), AgentError> {
@@ -448,9 +445,7 @@ pub fn reattach(socket: &Path, baseline: &Path, opts: &HeapOptions) -> Result<(H
     drop(bl);
     let conn = UnixStream::connect(socket).map_err(io(format!("connecting to the agent at {}", socket.display())))?;
     let reg = Registration { op: "reattach".into(), uuid, baseline: baseline.to_owned(), pid: std::process::id() };
-    let mut line = serde_json::to_vec(&reg).expect("serializable");
-    line.push(b'\n');
-    send_fds(&conn, &line, &[]).map_err(io("asking the agent for the heap"))?;
+    send_message(&conn, &reg, &[])?;
     let mut buf = [0u8; 64];
     let (n, fds) = recv_fds(&conn, &mut buf, 1).map_err(io("receiving the heap memfd"))?;
     if buf[..n].trim_ascii() != b"ok" {

@@ -14,15 +14,16 @@ fn in_ranges(ranges: &[(u64, u64)], p: u64) -> bool {
     }
 }
 
-/// Calls `f(page, bytes)` for every page of `image`, with a shared zero
-/// page for pages outside `ranges` and not in `extra` (sorted).
-pub fn for_each_page(image: &[u8], ranges: &[(u64, u64)], extra: &[u64], mut f: impl FnMut(u64, &[u8])) {
+/// Calls `f(page, bytes, is_data)` for every page of `image`, with a
+/// shared zero page (and `is_data` false) for pages outside `ranges` and
+/// not in `extra` (sorted).
+pub fn for_each_page(image: &[u8], ranges: &[(u64, u64)], extra: &[u64], mut f: impl FnMut(u64, &[u8], bool)) {
     for (p, page) in image.chunks_exact(4096).enumerate() {
         let p = p as u64;
         if in_ranges(ranges, p) || extra.binary_search(&p).is_ok() {
-            f(p, page);
+            f(p, page, true);
         } else {
-            f(p, &ZERO);
+            f(p, &ZERO, false);
         }
     }
 }
@@ -30,7 +31,7 @@ pub fn for_each_page(image: &[u8], ranges: &[(u64, u64)], extra: &[u64], mut f: 
 /// BLAKE3 of `image`, holes read as zeros without touching them.
 pub fn image_digest(image: &[u8], ranges: &[(u64, u64)], extra: &[u64]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    for_each_page(image, ranges, extra, |_, page| {
+    for_each_page(image, ranges, extra, |_, page, _| {
         h.update(page);
     });
     *h.finalize().as_bytes()

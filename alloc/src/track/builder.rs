@@ -141,6 +141,32 @@ pub(crate) fn check_features(supported: UffdFeatures, required: UffdFeatures, hi
     Err(TrackError::FeatureMissing { feature, since, kernel: sys::kernel_release(), hint })
 }
 
+/// Opens a userfaultfd with `wanted` features and registers `region` for
+/// write-protection, failing with a message naming `since` (the kernels
+/// that can) and `hint` when the kernel cannot write-protect this mapping.
+pub(crate) fn open_registered(
+    b: &TrackerBuilder,
+    wanted: UffdFeatures,
+    region: Region,
+    since: &'static str,
+    hint: &'static str,
+) -> Result<Uffd> {
+    let uffd = Uffd::open(b.close_on_exec, b.non_blocking).map_err(TrackError::from_open)?;
+    uffd.api(wanted.bits()).map_err(TrackError::sys("UFFDIO_API"))?;
+    let ioctls = uffd
+        .register_wp(region.base, region.len)
+        .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
+    if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
+        return Err(TrackError::FeatureMissing {
+            feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
+            since,
+            kernel: sys::kernel_release(),
+            hint,
+        });
+    }
+    Ok(uffd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@
 //! [`FastTracker::peek_into`] reads the current set without taking it.
 
 use super::bitmap::DirtyBitmap;
-use super::builder::{check_features, probe_with, TrackerBuilder};
+use super::builder::{check_features, open_registered, probe_with, TrackerBuilder};
 use super::error::{Result, TrackError};
 use super::features::UffdFeatures;
 use super::sys::{self, PageRegion, Pagemap, Uffd};
@@ -52,19 +52,13 @@ impl FastTracker {
         )?;
         let wanted = required | (supported & UffdFeatures::WP_HUGETLBFS_SHMEM);
 
-        let uffd = Uffd::open(b.close_on_exec, b.non_blocking).map_err(TrackError::from_open)?;
-        uffd.api(wanted.bits()).map_err(TrackError::sys("UFFDIO_API"))?;
-        let ioctls = uffd
-            .register_wp(region.base, region.len)
-            .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
-        if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
-            return Err(TrackError::FeatureMissing {
-                feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
-                since: "6.7",
-                kernel: sys::kernel_release(),
-                hint: "use a memfd, anonymous or file mapping, or TrackMode::Off to opt out",
-            });
-        }
+        let uffd = open_registered(
+            b,
+            wanted,
+            region,
+            "6.7",
+            "use a memfd, anonymous or file mapping, or TrackMode::Off to opt out",
+        )?;
         let pagemap = Pagemap::open_self().map_err(TrackError::sys("open /proc/self/pagemap"))?;
         // One get-only call on the first page: proves PAGEMAP_SCAN exists
         // and sees the range as async-registered.

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use super::bitmap::{push_bits, word_runs, DirtyBitmap, OwnedWords, RunMerger, WordStore};
-use super::builder::{check_features, probe_with, TrackerBuilder};
+use super::builder::{check_features, open_registered, probe_with, TrackerBuilder};
 use super::error::{Result, TrackError};
 use super::features::UffdFeatures;
 use super::sys::{self, MmapBox, Uffd, UffdMsg};
@@ -188,19 +188,13 @@ impl PreciseTracker {
         })
         .map_err(TrackError::sys("mmap"))?;
 
-        let uffd = Uffd::open(b.close_on_exec, b.non_blocking).map_err(TrackError::from_open)?;
-        uffd.api(wanted.bits()).map_err(TrackError::sys("UFFDIO_API"))?;
-        let ioctls = uffd
-            .register_wp(region.base, region.len)
-            .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
-        if ioctls & sys::UFFDIO_WRITEPROTECT_IOCTL_BIT == 0 {
-            return Err(TrackError::FeatureMissing {
-                feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
-                since: "5.19 for memfd/shmem (5.7 for anonymous memory)",
-                kernel: sys::kernel_release(),
-                hint: "use a memfd or anonymous mapping, or TrackMode::Off to opt out",
-            });
-        }
+        let uffd = open_registered(
+            b,
+            wanted,
+            region,
+            "5.19 for memfd/shmem (5.7 for anonymous memory)",
+            "use a memfd or anonymous mapping, or TrackMode::Off to opt out",
+        )?;
 
         let ps = region.page_size() as u64;
         let doorbell = OwnedWords::new(ps as usize / 8).map_err(TrackError::sys("mmap"))?;

@@ -17,7 +17,7 @@ use std::io::IsTerminal;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::Config;
+use super::{best_of, Config};
 use crate::peers::{Peer, PeerVisitor, System};
 use crate::report::{Extra, Measurement, SuiteReport, BASELINE};
 
@@ -77,13 +77,9 @@ pub fn run(systems: &[System], config: &Config) -> SuiteReport {
             if progress {
                 eprintln!("remem-bench: {SUITE} {} on {threads} thread(s) ...", case.name());
             }
-            let mut best = vec![f64::INFINITY; systems.len()];
-            for _ in 0..config.reps {
-                for (system, best) in systems.iter().zip(&mut best) {
-                    let ns = system.visit(&mut RunCase { case, threads, rep_time: config.rep_time });
-                    *best = best.min(ns);
-                }
-            }
+            let best = best_of(systems, config.reps, |system| {
+                system.visit(&mut RunCase { case, threads, rep_time: config.rep_time })
+            });
             for (system, ns_per_op) in systems.iter().zip(best) {
                 measurements.push(Measurement {
                     suite: SUITE,

@@ -29,6 +29,18 @@ pub struct Config {
 }
 
 /// Says what runs now on stderr, when stderr is a terminal.
+/// The best (smallest) ns/op of each system over `reps` rounds; within a
+/// round the systems take turns, so bursts of noise hit them alike.
+pub fn best_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> Vec<f64> {
+    let mut best = vec![f64::INFINITY; systems.len()];
+    for _ in 0..reps {
+        for (system, best) in systems.iter().zip(&mut best) {
+            *best = best.min(run(system));
+        }
+    }
+    best
+}
+
 pub fn progress(suite: &str, what: std::fmt::Arguments<'_>) {
     if std::io::stderr().is_terminal() {
         eprintln!("remem-bench: {suite} {what} ...");

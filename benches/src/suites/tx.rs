@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::{progress, Config};
+use super::{best_of, progress, Config};
 use crate::peers::{TxPeer, TxSystem, TxVisitor};
 use crate::report::{Extra, Measurement, SuiteReport, BASELINE};
 
@@ -80,13 +80,9 @@ pub fn run(systems: &[TxSystem], config: &Config) -> SuiteReport {
     for case in Case::ALL {
         for &threads in &config.threads {
             progress(SUITE, format_args!("{} on {threads} thread(s)", case.name()));
-            let mut best = vec![f64::INFINITY; systems.len()];
-            for _ in 0..config.reps {
-                for (system, best) in systems.iter().zip(&mut best) {
-                    let ns = system.visit(&mut RunCase { case, threads, rep_time: config.rep_time });
-                    *best = best.min(ns);
-                }
-            }
+            let best = best_of(systems, config.reps, |system| {
+                system.visit(&mut RunCase { case, threads, rep_time: config.rep_time })
+            });
             for (system, ns_per_op) in systems.iter().zip(best) {
                 measurements.push(Measurement {
                     suite: SUITE,
