@@ -39,6 +39,7 @@ mod pptr;
 mod recover;
 mod region;
 pub mod size_class;
+pub mod source;
 pub mod track;
 mod tx;
 

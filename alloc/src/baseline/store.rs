@@ -10,6 +10,7 @@ use super::format::{
     decode_table, encode_table, zero_page_crc, Layout, SegEntry, SegHeader, SlotError, Superblock, MAX_JOURNAL_LEN,
     PAGE, PAGE_SIZE, SEG_HEADER, SEG_MAX_BYTES, SEG_MAX_PAGES, SLOT_SIZE, TABLE_OFF, VERSION,
 };
+use crate::source::PageRead;
 
 /// Pages per read or write of the image area and CRC table (the I/O buffer is one
 /// full segment, just under 1 MiB).
@@ -769,6 +770,74 @@ impl<B: Backend> Baseline<B> {
             }
         }
         Ok((by_off.len() as u64, skipped))
+    }
+
+    /// Reads the committed pages `first..first + status.len()` into `out`
+    /// (`status.len()` pages) for a [`crate::source::PageSource`], page by page
+    /// verdict in `status`: [`PageRead::Zero`] for a page whose committed CRC is
+    /// that of a zero page (not read, `out` left as it was: holes and zero pages
+    /// cost no I/O), [`PageRead::Data`] for a page read and matching its committed
+    /// CRC, [`PageRead::Unreadable`] for one that does not match (damaged storage).
+    /// Runs of adjacent image pages are read with one `read_at` each. An `Err` is
+    /// an I/O error or a bad request (range, buffer size). Allocates nothing.
+    pub fn read_pages(&self, first: u64, out: &mut [u8], status: &mut [PageRead]) -> Result<()> {
+        let n = status.len() as u64;
+        let end = first.checked_add(n).filter(|&e| e <= self.layout.npages).ok_or(BaselineError::PageOutOfRange {
+            page: first.saturating_add(n.saturating_sub(1)),
+            npages: self.layout.npages,
+        })?;
+        if out.len() as u64 != n * PAGE {
+            return Err(BaselineError::SizeMismatch {
+                what: "the read_pages buffer".into(),
+                expected: n * PAGE,
+                found: out.len() as u64,
+            });
+        }
+        let zero_crc = zero_page_crc();
+        let mut journal = self.journal.range(first..end).peekable();
+        // Image pages first..p that are waiting to be read as one run.
+        let mut run_start: Option<u64> = None;
+        let mut p = first;
+        while p <= end {
+            let in_journal = if p < end { journal.next_if(|&(&j, _)| j == p).map(|(_, &e)| e) } else { None };
+            let image_data = p < end && in_journal.is_none() && self.table[p as usize] != zero_crc;
+            if !image_data {
+                if let Some(s) = run_start.take() {
+                    self.read_image_run(s, p, first, out, status)?;
+                }
+            } else if run_start.is_none() {
+                run_start = Some(p);
+            }
+            if p == end {
+                break;
+            }
+            let k = (p - first) as usize;
+            let page = &mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+            match in_journal {
+                Some(e) if e.crc == zero_crc => status[k] = PageRead::Zero,
+                Some(e) => {
+                    read_at(&self.backend, e.off, page, "a journal page")?;
+                    status[k] = if crc32fast::hash(page) == e.crc { PageRead::Data } else { PageRead::Unreadable };
+                }
+                None if !image_data => status[k] = PageRead::Zero,
+                None => {}
+            }
+            p += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads image pages `s..e` (all with data, none in the journal) into their
+    /// places in `out` (which starts at page `first`) and checks them.
+    fn read_image_run(&self, s: u64, e: u64, first: u64, out: &mut [u8], status: &mut [PageRead]) -> Result<()> {
+        let (a, b) = ((s - first) as usize, (e - first) as usize);
+        let bytes = &mut out[a * PAGE_SIZE..b * PAGE_SIZE];
+        read_at(&self.backend, self.layout.image_page(s), bytes, "image pages")?;
+        for (k, page) in (a..b).zip(bytes.chunks_exact(PAGE_SIZE)) {
+            let ok = crc32fast::hash(page) == self.table[first as usize + k];
+            status[k] = if ok { PageRead::Data } else { PageRead::Unreadable };
+        }
+        Ok(())
     }
 
     /// Reads the committed bytes of one page into `out` (4096 bytes), checking its CRC.
