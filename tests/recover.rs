@@ -16,7 +16,7 @@ use remem::recovery::transport::{Kind, ServeOptions, Token};
 use remem::{Heap, HeapOptions};
 
 mod common;
-use common::{model, root, tx_step, verify_table};
+use common::{model, root, scatter, tx_step, verify_table};
 
 fn opts() -> HeapOptions {
     HeapOptions::new(32 << 20).flush_interval(Some(Duration::from_millis(20)))
@@ -36,6 +36,29 @@ fn child_database() {
         tx_step(&heap, root);
         // SAFETY: the root is ours.
         println!("ack {}", unsafe { (*root).counter });
+    }
+}
+
+/// Child: a heap whose data block is dirtied after the last flush at the
+/// pages `REMEM_TEST_SCATTER` = "heap_mib,data_pages,stride,offset,precise|fast"
+/// names (every `stride`-th page from `offset`), then it waits to be killed.
+#[test]
+fn child_scatter() {
+    let (Ok(path), Ok(socket), Ok(spec)) =
+        (std::env::var("REMEM_TEST_BASELINE"), std::env::var("REMEM_TEST_SOCKET"), std::env::var("REMEM_TEST_SCATTER"))
+    else {
+        return;
+    };
+    let f: Vec<&str> = spec.split(',').collect();
+    let n = |i: usize| f[i].parse::<usize>().unwrap();
+    let mode = if f[4] == "precise" { remem::alloc::TrackMode::Precise } else { remem::alloc::TrackMode::Fast };
+    let heap = Heap::create(&path, &HeapOptions::new((n(0) as u64) << 20).tracking(mode).flush_interval(None)).unwrap();
+    let _link = agent::register(&heap, Path::new(&socket)).unwrap();
+    let d = scatter::setup(&heap, n(1)).unwrap();
+    scatter::dirty(d, (n(3)..n(1)).step_by(n(2)), 1);
+    println!("ready");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -95,6 +118,65 @@ fn sigkill_then_recover_from_the_agent_loses_nothing() {
     let (again, _) = verify_table(&heap, 0);
     assert_eq!(again, counter);
     eprintln!("recovered {counter} transactions (acked {acked}): {report:?}");
+}
+
+/// Kills a `child_scatter` database (see there for `spec`), recovers it and
+/// checks every page of its data; returns the recovery's report.
+fn scatter_case(
+    name: &str,
+    heap_mib: usize,
+    data_pages: usize,
+    stride: usize,
+    offset: usize,
+    mode: &str,
+) -> remem::recovery::recover::RecoverReport {
+    let s = setup(name);
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},{stride},{offset},{mode}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::kill_after(child, "ack ", Duration::ZERO);
+    assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(120)), info::SEALED);
+    let (heap, report) =
+        recover(RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()))).unwrap();
+    let dirty = data_pages.saturating_sub(offset).div_ceil(stride) as u64;
+    assert!(report.pages_pulled >= dirty, "{dirty} data pages dirtied: {report:?}");
+    assert_eq!(report.pages_verified, report.pages_pulled);
+    assert_eq!(report.retries, 0, "{report:?}");
+    let d = scatter::find(&heap, data_pages).unwrap();
+    scatter::verify(d, |p| u64::from(p >= offset && (p - offset).is_multiple_of(stride))).unwrap();
+    heap.close().unwrap();
+    let _ = std::fs::remove_dir_all(&s.dir);
+    report
+}
+
+/// Issue 9: a pull of more scattered pages than the transport's depth
+/// (2048) failed. Here ≥ 100 000 scattered pages (every other page of the
+/// data), fast tracking (the agent's seal finds them).
+/// `REMEM_TEST_SCATTER_MIB` sets the heap size (default 1024).
+#[test]
+fn a_hundred_thousand_scattered_dirty_pages_are_pulled() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let mib: usize = std::env::var("REMEM_TEST_SCATTER_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let data_pages = (mib << 20) / 4096 * 7 / 8;
+    let r = scatter_case("scatter", mib, data_pages, 2, 1, "fast");
+    eprintln!("scattered: {r:?}");
+}
+
+/// Every page of the data dirty, precise tracking (the lists are exact).
+#[test]
+fn every_page_dirty_is_pulled() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let r = scatter_case("alldirty", 64, 14_000, 1, 0, "precise");
+    assert!(r.pages_pulled >= 14_000);
 }
 
 #[test]
@@ -167,4 +249,126 @@ fn a_fenced_owner_can_no_longer_commit() {
     let e = heap.flush().unwrap_err();
     assert!(e.to_string().to_lowercase().contains("fence"), "{e}");
     assert!(matches!(heap.flush(), Err(remem::alloc::FlushError::Poisoned(_))));
+}
+
+/// The generation in a baseline (what a fence bumps).
+fn generation(path: &Path) -> u64 {
+    use remem::alloc::baseline::{Baseline, FileBackend};
+    Baseline::open(FileBackend::open(path).unwrap()).unwrap().info().generation
+}
+
+/// A baseline of a small closed heap, in a fresh directory.
+fn closed_heap(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("remem-recover-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("heap");
+    let heap = Heap::create(&path, &HeapOptions::new(8 << 20).flush_interval(None)).unwrap();
+    heap.alloc(64).unwrap();
+    heap.close().unwrap();
+    (dir, path)
+}
+
+/// Issue 10 item 2: a lying agent (here a bare transport target serving a
+/// crafted info block: a 16-byte control region, offsets that wrap, short
+/// CRC tables, another page count) makes recovery fail with a protocol
+/// error, without a panic and before anything is fenced.
+#[test]
+fn a_lying_agent_is_refused_before_the_fence() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    use remem::recovery::transport::{serve, SharedBytes};
+    use std::sync::Arc;
+    let (dir, path) = closed_heap("liar");
+    let (uuid, npages) = {
+        use remem::alloc::baseline::{Baseline, FileBackend};
+        let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+        (b.uuid(), b.npages())
+    };
+    let g0 = generation(&path);
+    let words = npages.div_ceil(64) as usize;
+    let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
+    // (what is wrong, control length, current set offset, crc length, npages announced, heap length)
+    let cases: Vec<(&str, usize, u64, usize, u64, usize)> = vec![
+        ("16-byte control region", 16, 4096, npages as usize * 4, npages, npages as usize * 4096),
+        ("set offset that wraps", good_ctl, u64::MAX - 7, npages as usize * 4, npages, npages as usize * 4096),
+        ("set offset past the end", good_ctl, good_ctl as u64, npages as usize * 4, npages, npages as usize * 4096),
+        ("short CRC table", good_ctl, 4096, 8, npages, npages as usize * 4096),
+        ("other page count", good_ctl, 4096, npages as usize * 4, npages * 2, npages as usize * 4096),
+        ("short heap region", good_ctl, 4096, npages as usize * 4, npages, 4096),
+        ("huge page count", good_ctl, 4096, npages as usize * 4, u64::MAX, npages as usize * 4096),
+    ];
+    for (what, ctl_len, cur, crc_len, announced, heap_len) in cases {
+        let token = Token::generate().unwrap();
+        let mut so = ServeOptions::new(token.clone());
+        so.listen = "127.0.0.1:0".parse().unwrap();
+        let target = serve(Kind::Tcp, so).unwrap();
+        let block = Arc::new(SharedBytes::zeroed(info::LEN));
+        target.register(block.clone()).unwrap();
+        let ctl = Arc::new(SharedBytes::zeroed(ctl_len));
+        ctl.write(remem::alloc::ctl::CURRENT_OFF, &cur.to_le_bytes());
+        ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
+        let regions = [
+            target.register(Arc::new(SharedBytes::zeroed(heap_len))).unwrap(),
+            target.register(ctl).unwrap(),
+            target.register(Arc::new(SharedBytes::zeroed(crc_len))).unwrap(),
+            target.register(Arc::new(SharedBytes::zeroed(words * 8))).unwrap(),
+        ];
+        block.write(info::MAGIC, &info::MAGIC_BYTES);
+        block.write(info::VERSION, &1u32.to_le_bytes());
+        block.write(info::UUID, &uuid);
+        block.write(info::NPAGES, &announced.to_le_bytes());
+        for (n, r) in regions.iter().enumerate() {
+            block.write(info::RKEYS + 4 * n, &r.rkey.to_le_bytes());
+        }
+        block.write(info::STATE, &info::SEALED.to_le_bytes());
+        let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
+        o.allow_data_loss = true;
+        let e = recover(o).unwrap_err();
+        assert!(matches!(e, RecoverError::Protocol(_)), "{what}: {e}");
+        assert_eq!(generation(&path), g0, "{what}: nothing may be fenced before the agent's answer is checked");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 10 item 8: a wrong token is an authentication failure, never
+/// "unreachable", even with `allow_data_loss`; nothing is fenced.
+#[test]
+fn a_wrong_token_is_not_an_unreachable_agent() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let s = setup("wrongtoken");
+    run_and_kill(&s, 50);
+    let g0 = generation(&s.baseline);
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(Token::generate().unwrap()));
+    o.allow_data_loss = true;
+    let e = recover(o).unwrap_err();
+    assert!(matches!(e, RecoverError::AgentRefused { .. }), "{e}");
+    assert_eq!(generation(&s.baseline), g0);
+}
+
+/// Issue 10 item 9: the lock is taken before the fence: a recovery against
+/// the baseline of a live database (or a second recovery) is refused and
+/// fences nothing; the database keeps flushing.
+#[test]
+fn recovery_of_a_locked_baseline_fences_nothing() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let (dir, path) = closed_heap("locked");
+    let heap = Heap::open_with(&path, &HeapOptions::new(0).flush_interval(None)).unwrap();
+    let g0 = generation(&path);
+    let mut o = RecoverOptions::new(&path, None, None);
+    o.allow_data_loss = true;
+    let e = recover(o).unwrap_err();
+    assert!(e.to_string().contains("lock file is held"), "{e}");
+    assert_eq!(generation(&path), g0);
+    let p = heap.alloc(64).unwrap();
+    // SAFETY: our block.
+    unsafe { p.as_ptr().write(7) };
+    heap.flush().unwrap();
+    heap.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -266,6 +266,30 @@ fn open_baseline_file(path: &Path) -> Result<(Arc<dyn Backend>, LockedFile), Ope
     Ok((Arc::new(backend), Some((path.to_owned(), lock))))
 }
 
+/// The exclusive lock on a baseline that every opener of the file takes:
+/// held, nobody else can open the heap or recover it. Taken alone by a
+/// recovery before it fences the old owner, then handed to
+/// [`Heap::open_patched`].
+#[derive(Debug)]
+pub struct BaselineLock {
+    path: PathBuf,
+    file: File,
+}
+
+impl BaselineLock {
+    /// Takes the lock of the baseline at `path` without waiting;
+    /// [`OpenError::Locked`] when another process (or heap) holds it.
+    pub fn take(path: impl AsRef<Path>) -> Result<BaselineLock> {
+        let path = path.as_ref();
+        Ok(BaselineLock { path: path.to_owned(), file: take_lock(path)? })
+    }
+
+    /// The baseline file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 fn take_lock(path: &Path) -> Result<File, OpenError> {
     let lp = lock_path(path);
     let f = OpenOptions::new()
@@ -415,10 +439,14 @@ impl Heap {
     /// are flushed by the next flush). An `Err` from the hook fails the open
     /// and leaves the baseline as it was. `remem recover` uses this to lay
     /// the pages pulled from a failed host over the baseline.
-    pub fn open_patched(path: impl AsRef<Path>, opts: &HeapOptions, hook: &mut PatchHook<'_>) -> Result<Heap> {
-        let path = path.as_ref();
-        let (backend, file) = open_baseline_file(path)?;
-        Self::open_filled(backend, opts, file, Fill::Load(Some(hook)))
+    ///
+    /// It takes the baseline's lock from the caller ([`BaselineLock::take`]),
+    /// so that a recovery can hold the lock before it fences the old owner
+    /// and keep it until the heap is open.
+    pub fn open_patched(lock: BaselineLock, opts: &HeapOptions, hook: &mut PatchHook<'_>) -> Result<Heap> {
+        let BaselineLock { path, file } = lock;
+        let backend = FileBackend::open(&path).map_err(io(format!("opening baseline {}", path.display())))?;
+        Self::open_filled(Arc::new(backend), opts, Some((path, file)), Fill::Load(Some(hook)))
     }
 
     /// Same-host restart: maps the heap's surviving memfd (kept by the

@@ -49,7 +49,9 @@ pub use control::ctl;
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
 pub use flush::{FlushError, FlushStats};
 pub use format::Header;
-pub use heap::{check_image, image_base, recover_image, BaselineInfo, Heap, HeapOptions, HeapStats, PatchHook};
+pub use heap::{
+    check_image, image_base, recover_image, BaselineInfo, BaselineLock, Heap, HeapOptions, HeapStats, PatchHook,
+};
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;
 pub use track::TrackMode;

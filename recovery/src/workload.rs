@@ -176,3 +176,85 @@ pub fn model(counter: u64) -> Vec<u64> {
     }
     m
 }
+
+/// The scattered workload of the failover tests and benchmark: one large
+/// block (the "data"), named by the root, whose pages each say which page
+/// they are and which round last wrote them; rounds after the last flush
+/// dirty a chosen set of pages (scattered, random, or all).
+pub mod scatter {
+    use std::ptr::NonNull;
+
+    use remem_alloc::Heap;
+
+    const PAGE: usize = 4096;
+
+    /// The data block: `(address, pages)`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Data {
+        /// First byte (page aligned).
+        pub base: NonNull<u8>,
+        /// Pages.
+        pub pages: usize,
+    }
+
+    /// Writes page `p` of the data as of round `round`.
+    fn stamp(d: Data, p: usize, round: u64) {
+        // SAFETY: `p < d.pages`; the data block is ours and page aligned.
+        unsafe {
+            let at = d.base.as_ptr().add(p * PAGE);
+            std::ptr::write_bytes(at.add(16), (p as u64 ^ round) as u8, PAGE - 16);
+            at.cast::<u64>().write(p as u64);
+            at.cast::<u64>().add(1).write(round);
+        }
+    }
+
+    /// Allocates a data block of `pages` pages (page aligned: a page run),
+    /// names it as the root, writes round 0 into every page, and flushes.
+    pub fn setup(heap: &Heap, pages: usize) -> Result<Data, String> {
+        let base = heap.alloc(pages * PAGE).map_err(|e| e.to_string())?;
+        if !(base.as_ptr() as usize).is_multiple_of(PAGE) {
+            return Err("the data block is not page aligned".into());
+        }
+        heap.set_root(Some(base)).map_err(|e| e.to_string())?;
+        let d = Data { base, pages };
+        for p in 0..pages {
+            stamp(d, p, 0);
+        }
+        heap.flush().map_err(|e| e.to_string())?;
+        Ok(d)
+    }
+
+    /// Writes round `round` into each page of `which`.
+    pub fn dirty(d: Data, which: impl IntoIterator<Item = usize>, round: u64) {
+        for p in which {
+            if p < d.pages {
+                stamp(d, p, round);
+            }
+        }
+    }
+
+    /// The data block of a recovered heap (the root), given its page count.
+    pub fn find(heap: &Heap, pages: usize) -> Result<Data, String> {
+        let base = heap.root().ok_or("the heap has no root")?;
+        Ok(Data { base, pages })
+    }
+
+    /// Checks every page: those for which `round_of(p)` says so hold that round, intact.
+    pub fn verify(d: Data, round_of: impl Fn(usize) -> u64) -> Result<(), String> {
+        for p in 0..d.pages {
+            let want = round_of(p);
+            // SAFETY: page `p` of the data block, which the recovered heap holds.
+            let page = unsafe { std::slice::from_raw_parts(d.base.as_ptr().add(p * PAGE), PAGE) };
+            let (id, round) = (
+                u64::from_le_bytes(page[..8].try_into().unwrap_or_default()),
+                u64::from_le_bytes(page[8..16].try_into().unwrap_or_default()),
+            );
+            if id != p as u64 || round != want || page[16..].iter().any(|&b| b != (p as u64 ^ want) as u8) {
+                return Err(format!(
+                    "data page {p}: holds page {id} of round {round}, expected round {want} (or torn)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! What recovery learns from the agent before it changes anything: the
+//! info block, the region table, the dirty lists and the page CRCs. Every
+//! value the agent sends is checked against the baseline (UUID, page count)
+//! and against the regions it announced before it is used: a bad or hostile
+//! answer is a [`RecoverError::Protocol`], never a panic, and it comes
+//! before the old owner is fenced.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::{RecoverError, RecoverOptions};
+use crate::agent::info;
+use crate::transport::{self, ConnectError, ConnectOptions, Initiator, ReadRequest, RegionDesc, Status};
+
+/// Page size.
+const PAGE: u64 = 4096;
+
+/// A connection that failed: unreachable (retry, or with permission recover
+/// from the baseline alone) or refused (authentication, protocol: never
+/// treated as unreachable).
+#[derive(Debug)]
+pub(super) enum ConnectFail {
+    /// The agent could not be reached (connection or handshake I/O).
+    Unreachable(String),
+    /// The agent answered, and refused us or broke the protocol.
+    Refused(String),
+}
+
+/// Connects to the agent at `addr`.
+pub(super) fn connect(opts: &RecoverOptions, addr: SocketAddr) -> Result<Box<dyn Initiator>, ConnectFail> {
+    let token = opts.token.clone().ok_or_else(|| ConnectFail::Refused("no token".into()))?;
+    transport::connect(opts.kind, &ConnectOptions::new(addr, token)).map_err(|e| match e {
+        ConnectError::Connect { .. } | ConnectError::Io { .. } => ConnectFail::Unreachable(e.to_string()),
+        e => ConnectFail::Refused(e.to_string()),
+    })
+}
+
+impl ConnectFail {
+    /// The error `recover` reports for it.
+    pub(super) fn into_error(self, addr: SocketAddr) -> RecoverError {
+        match self {
+            ConnectFail::Unreachable(reason) => RecoverError::AgentUnreachable { addr, reason },
+            ConnectFail::Refused(reason) => RecoverError::AgentRefused { addr, reason },
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `region`, one read of at most
+/// [`transport::MAX_READ_LEN`] outstanding at a time.
+pub(super) fn read_bytes(
+    init: &mut dyn Initiator,
+    region: RegionDesc,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    if !region.contains(offset, len as u64) {
+        return Err(format!("{len} bytes at {offset} lie outside the region of {} bytes", region.len));
+    }
+    let chunk = (transport::MAX_READ_LEN as usize).min(len.max(1));
+    let buf = init.alloc_buf(chunk).map_err(|e| e.to_string())?;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let n = (len - data.len()).min(chunk);
+        let req =
+            ReadRequest { wr_id: 0, region, offset: offset + data.len() as u64, len: n as u32, buf, buf_offset: 0 };
+        init.post(&[req]).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let got = init.wait(&mut out, 1, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        match out.first() {
+            Some(c) if got >= 1 && c.status == Status::Success && c.len as usize == n => {}
+            Some(c) => return Err(format!("read failed: {:?}", c.status)),
+            None => return Err("the agent did not answer within 30 s".into()),
+        }
+        data.extend_from_slice(&init.buf(buf).map_err(|e| e.to_string())?[..n]);
+    }
+    Ok(data)
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+        .ok_or_else(|| format!("no u64 at {at}"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])))
+        .ok_or_else(|| format!("no u32 at {at}"))
+}
+
+/// What the agent serves about the heap, validated.
+pub(super) struct AgentView {
+    pub(super) init: Box<dyn Initiator>,
+    pub(super) heap: RegionDesc,
+    /// Pages that may be newer than the baseline (sorted).
+    pub(super) pages: Vec<u64>,
+    /// CRC32 of every page at sealing.
+    pub(super) crcs: Vec<u32>,
+    /// BLAKE3 of the image at sealing.
+    pub(super) digest: [u8; 32],
+}
+
+/// Connects, waits until the owner is gone and the lists are sealed, and
+/// reads and checks everything recovery needs, for the heap of `uuid` with
+/// `npages` pages (from the baseline). Changes nothing anywhere.
+pub(super) fn agent_view(
+    opts: &RecoverOptions,
+    addr: SocketAddr,
+    uuid: [u8; 16],
+    npages: u64,
+) -> Result<AgentView, RecoverError> {
+    let proto = |m: String| RecoverError::Protocol(m);
+    let deadline = Instant::now() + opts.wait_sealed;
+    loop {
+        let mut init = connect(opts, addr).map_err(|f| f.into_error(addr))?;
+        let unreachable = |reason: String| RecoverError::AgentUnreachable { addr, reason };
+        // The info block is the region of its size that starts with its magic.
+        let mut block = None;
+        for r in init.regions().to_vec().into_iter().filter(|r| r.len == info::LEN as u64) {
+            let b = read_bytes(&mut *init, r, 0, info::LEN).map_err(unreachable)?;
+            if b.get(..8) == Some(&info::MAGIC_BYTES[..]) {
+                block = Some(b);
+                break;
+            }
+        }
+        let Some(block) = block else { return Err(proto("the agent announced no info block".into())) };
+        let state = u32_at(&block, info::STATE).map_err(proto)?;
+        if state == info::SEALED || state == info::CLOSED {
+            let agent_uuid = block.get(info::UUID..info::UUID + 16).ok_or_else(|| proto("short info block".into()))?;
+            if agent_uuid != uuid {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(agent_uuid);
+                return Err(RecoverError::WrongHeap {
+                    agent: remem_alloc::format::uuid_string(&a),
+                    baseline: remem_alloc::format::uuid_string(&uuid),
+                });
+            }
+            return read_view(init, &block, npages).map_err(proto);
+        }
+        if Instant::now() >= deadline {
+            return match state {
+                info::RUNNING => Err(RecoverError::OwnerAlive { pid: u64_at(&block, info::OWNER_PID).map_err(proto)? }),
+                _ => Err(proto("the agent holds no heap".into())),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads the lists and CRCs named by a sealed info block, checking every value.
+fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64) -> Result<AgentView, String> {
+    let agent_npages = u64_at(block, info::NPAGES)?;
+    if agent_npages != npages {
+        return Err(format!("the agent's heap has {agent_npages} pages, the baseline's {npages}"));
+    }
+    let find = |n: usize| -> Result<RegionDesc, String> {
+        let key = u32_at(block, info::RKEYS + 4 * n)?;
+        init.regions()
+            .iter()
+            .copied()
+            .find(|r| r.rkey == key)
+            .ok_or_else(|| format!("the agent did not announce region {n} (rkey {key})"))
+    };
+    let (heap, control, crc, sealed) = (find(0)?, find(1)?, find(2)?, find(3)?);
+    let words = npages.div_ceil(64);
+    let set_bytes = words.checked_mul(8).ok_or("page count overflows")?;
+    if heap.len != npages.checked_mul(PAGE).ok_or("page count overflows")? {
+        return Err(format!("the heap region is {} bytes, the heap {npages} pages", heap.len));
+    }
+    // The control region: a header page and two sets of `words` words.
+    let max_control = PAGE + 2 * set_bytes.next_multiple_of(PAGE);
+    if control.len < PAGE || control.len > max_control {
+        return Err(format!("the control region is {} bytes (expected {PAGE}..={max_control})", control.len));
+    }
+    let ctl = read_bytes(&mut *init, control, 0, control.len as usize)?;
+    let set = |field: usize| -> Result<std::ops::Range<usize>, String> {
+        let off = u64_at(&ctl, field)?;
+        let end = off.checked_add(set_bytes).filter(|&e| e <= ctl.len() as u64 && off >= PAGE);
+        let end = end.ok_or_else(|| format!("a dirty set at {off} lies outside the control region"))?;
+        Ok(off as usize..end as usize)
+    };
+    let (cur, clo) = (set(remem_alloc::ctl::CURRENT_OFF)?, set(remem_alloc::ctl::CLOSING_OFF)?);
+    let sealed_bits = read_bytes(&mut *init, sealed, 0, set_bytes as usize)?;
+    let crc_bytes = read_bytes(&mut *init, crc, 0, (npages * 4) as usize)?;
+    let mut pages = Vec::new();
+    let (cur, clo) = (&ctl[cur], &ctl[clo]);
+    for w in 0..words as usize {
+        let mut bits = u64_at(cur, 8 * w)? | u64_at(clo, 8 * w)? | u64_at(&sealed_bits, 8 * w)?;
+        while bits != 0 {
+            let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
+            if p < npages {
+                pages.push(p);
+            }
+            bits &= bits - 1;
+        }
+    }
+    let crcs = crc_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(block.get(info::DIGEST..info::DIGEST + 32).ok_or("short info block")?);
+    Ok(AgentView { init, heap, pages, crcs, digest })
+}
