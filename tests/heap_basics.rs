@@ -105,3 +105,26 @@ fn fills_up_then_reports_out_of_memory() {
     assert!(err.to_string().contains("heap is full"), "{err}");
     assert!(heap.check().is_ok());
 }
+
+/// Fresh memory comes out in ascending address order, within a slab, across
+/// cache refills and across slabs (issue 14: descending order walked
+/// memory backwards for anything read in allocation order).
+#[test]
+fn consecutive_allocations_ascend() {
+    let heap = Heap::create_memfd(&HeapOptions::new(64 << 20)).unwrap();
+    for size in [16usize, 48, 64, 200, 1000] {
+        let ptrs: Vec<usize> = (0..4000).map(|_| heap.alloc(size).unwrap().as_ptr() as usize).collect();
+        let class = heap.usable_size(NonNull::new(ptrs[0] as *mut u8).unwrap()).unwrap();
+        let steps: Vec<isize> = ptrs.windows(2).map(|w| w[1] as isize - w[0] as isize).collect();
+        let backwards = steps.iter().filter(|&&d| d < 0).count();
+        let adjacent = steps.iter().filter(|&&d| d == class as isize).count();
+        assert_eq!(backwards, 0, "{size} B: {backwards} of {} steps go down", steps.len());
+        // Only the jumps from one slab to the next are not adjacent.
+        let slabs = 4000 * class / (64 << 10) + 2;
+        assert!(adjacent >= steps.len() - slabs, "{size} B: only {adjacent} of {} steps are +{class}", steps.len());
+        for p in ptrs {
+            heap.free(NonNull::new(p as *mut u8).unwrap()).unwrap();
+        }
+    }
+    assert!(heap.check().is_ok(), "{:?}", heap.check());
+}

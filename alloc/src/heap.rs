@@ -45,7 +45,7 @@ use crate::meta::{Located, Meta};
 use crate::pages::PageIndex;
 use crate::recover::{recover, RecoveryReport};
 use crate::region::{self, Region};
-use crate::size_class::{class_for, CLASSES, NCLASSES, SLAB_PAGES};
+use crate::size_class::{class_for, CACHE_CAP, CLASSES, NCLASSES, SLAB_PAGES};
 use crate::track::{TrackMode, TrackerBuilder};
 
 /// How to create or open a heap.
@@ -896,40 +896,55 @@ impl Heap {
     }
 
     /// Claims up to a cache's worth of free blocks of the slab at `slab`
-    /// (owned by lane `l`) into the lane's cache.
+    /// (owned by lane `l`) into the lane's cache: the lowest free blocks,
+    /// stored so that the cache hands them out in ascending address order
+    /// (the lowest on top), as allocators do with fresh memory, which keeps
+    /// data allocated together in the order hardware prefetchers follow.
     fn claim(&self, l: u32, c: usize, slab: u64) -> u32 {
         let m = &self.inner.meta;
         let info = &CLASSES[c];
         let count = m.cache_count(l, c);
-        let mut n = count.load(Relaxed);
+        let n = count.load(Relaxed);
+        let room = info.cache_cap.saturating_sub(n) as usize;
+        // The blocks to take, lowest first, and the bits to set per word
+        // (each word gives at least one block, so at most CACHE_CAP words).
+        let mut offs = [0usize; CACHE_CAP];
+        let mut words = [(0usize, 0u64); CACHE_CAP];
+        let (mut k, mut nw) = (0usize, 0usize);
         let nwords = (info.nblocks as usize).div_ceil(64);
         for w in 0..nwords {
-            let word = m.slab_word(slab, w);
+            if k == room {
+                break;
+            }
             let valid = if (w + 1) * 64 <= info.nblocks as usize {
                 u64::MAX
             } else {
                 (1u64 << (info.nblocks as usize % 64)) - 1
             };
-            let mut free = !word.load(Acquire) & valid;
-            if free == 0 {
-                continue;
-            }
+            let mut free = !m.slab_word(slab, w).load(Acquire) & valid;
             let mut take = 0u64;
-            while free != 0 && n < info.cache_cap {
+            while free != 0 && k < room {
                 let b = free.trailing_zeros() as usize;
                 free &= free - 1;
                 take |= 1 << b;
-                let off = Meta::block_off(slab, info, w * 64 + b);
-                m.mem.u64(off + CANARY).store(self.canary(off), Relaxed);
-                m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
-                n += 1;
+                offs[k] = Meta::block_off(slab, info, w * 64 + b);
+                k += 1;
             }
-            // Publish the entries, then claim: see the module docs.
-            count.store(n, Release);
-            word.fetch_or(take, AcqRel);
-            if n == info.cache_cap {
-                break;
+            if take != 0 {
+                words[nw] = (w, take);
+                nw += 1;
             }
+        }
+        // Highest first into the cache, so that pops (from the top) ascend.
+        for (j, &off) in offs[..k].iter().rev().enumerate() {
+            m.mem.u64(off + CANARY).store(self.canary(off), Relaxed);
+            m.cache_entry(l, c, n as usize + j).store((off >> 4) as u32, Relaxed);
+        }
+        // Publish the entries, then claim: see the module docs.
+        let n = n + k as u32;
+        count.store(n, Release);
+        for &(w, take) in &words[..nw] {
+            m.slab_word(slab, w).fetch_or(take, AcqRel);
         }
         n
     }
