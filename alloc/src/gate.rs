@@ -50,14 +50,16 @@ impl Gate {
         unsafe { &self.active.get_unchecked(l as usize).0 }
     }
 
+    /// Returns the depth to hand back to [`Gate::exit`].
     #[inline(always)]
-    pub(crate) fn enter(&self, l: u32) {
+    pub(crate) fn enter(&self, l: u32) -> u32 {
         let a = self.slot(l);
         let depth = a.load(Relaxed);
         a.store(depth + 1, Relaxed);
         if depth == 0 {
             self.check_pausing(a);
         }
+        depth
     }
 
     /// The outermost entry: publish `active`, then look at `pausing`.
@@ -104,11 +106,11 @@ impl Gate {
         }
     }
 
-    /// Ends the call [`Gate::enter`] began.
+    /// Ends the call [`Gate::enter`] began; `depth` is what it returned
+    /// (stored as is: no load, so calls do not wait on each other's stores).
     #[inline(always)]
-    pub(crate) fn exit(&self, l: u32) {
-        let a = self.slot(l);
-        a.store(a.load(Relaxed) - 1, Release);
+    pub(crate) fn exit(&self, l: u32, depth: u32) {
+        self.slot(l).store(depth, Release);
     }
 
     /// Stops every mutating call until the guard is dropped. One pauser at
@@ -161,13 +163,13 @@ mod tests {
                 let (gate, inside, stop) = (gate.clone(), inside.clone(), stop.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Relaxed) {
-                        gate.enter(l);
-                        gate.enter(l); // nested
+                        let outer = gate.enter(l);
+                        let nested = gate.enter(l);
                         inside.fetch_add(1, SeqCst);
                         std::hint::spin_loop();
                         inside.fetch_sub(1, SeqCst);
-                        gate.exit(l);
-                        gate.exit(l);
+                        gate.exit(l, nested);
+                        gate.exit(l, outer);
                     }
                 })
             })

@@ -41,11 +41,11 @@ use crate::flush::{Durability, FlushError, FlushStats};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
 use crate::lanes::{self, HasLanes, LaneSet};
 use crate::mem::Mem;
-use crate::meta::{Located, Meta};
+use crate::meta::{LaneWords, Located, Meta};
 use crate::pages::PageIndex;
 use crate::recover::{recover, RecoveryReport};
 use crate::region::{self, Region};
-use crate::size_class::{class_for, CACHE_CAP, CLASSES, NCLASSES, SLAB_PAGES};
+use crate::size_class::{class_for, class_small, CACHE_CAP, CLASSES, MAX_SMALL, NCLASSES, SLAB_PAGES};
 use crate::track::{TrackMode, TrackerBuilder};
 
 /// How to create or open a heap.
@@ -770,15 +770,15 @@ impl Heap {
     /// Runs the mutating call `f` on lane `l` inside the flush gate.
     #[inline(always)]
     pub(crate) fn in_gate<R>(&self, l: u32, f: impl FnOnce(u32) -> R) -> R {
-        struct Exit<'a>(&'a crate::gate::Gate, u32);
+        struct Exit<'a>(&'a crate::gate::Gate, u32, u32);
         impl Drop for Exit<'_> {
             #[inline(always)]
             fn drop(&mut self) {
-                self.0.exit(self.1);
+                self.0.exit(self.1, self.2);
             }
         }
-        self.inner.gate.enter(l);
-        let _exit = Exit(&self.inner.gate, l);
+        let depth = self.inner.gate.enter(l);
+        let _exit = Exit(&self.inner.gate, l, depth);
         f(l)
     }
 
@@ -811,6 +811,22 @@ impl Heap {
 
     #[inline]
     fn alloc_off(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+        // The fast path: a small block from this thread's lane cache. The
+        // views are taken before entering the gate, whose store would make
+        // the compiler load them again.
+        if align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
+            if let Some(l) = lanes::last(self.inner.id) {
+                let c = class_small(size);
+                let m = &self.inner.meta;
+                let (mem, lane) = (m.mem, m.lane(l));
+                return self.in_gate(l, |l| self.pop(l, c, mem, lane));
+            }
+        }
+        self.alloc_off_slow(size, align)
+    }
+
+    #[cold]
+    fn alloc_off_slow(&self, size: usize, align: usize) -> Result<usize, AllocError> {
         if !align.is_power_of_two() || align > PAGE_SIZE {
             return Err(AllocError::Alignment(align));
         }
@@ -826,14 +842,21 @@ impl Heap {
     #[inline(always)]
     fn alloc_small(&self, l: u32, c: usize) -> Result<usize, AllocError> {
         let m = &self.inner.meta;
-        let count = m.cache_count(l, c);
+        self.pop(l, c, m.mem, m.lane(l))
+    }
+
+    /// Takes the top block of class `c` from lane `l`'s cache (`lane`),
+    /// refilling it first when it is empty.
+    #[inline(always)]
+    fn pop(&self, l: u32, c: usize, mem: Mem, lane: &LaneWords) -> Result<usize, AllocError> {
+        let count = &lane.counts[c];
         let mut n = count.load(Relaxed);
         if n == 0 {
             n = self.refill(l, c)?;
         }
-        let off = (m.cache_entry(l, c, n as usize - 1).load(Relaxed) as usize) << 4;
+        let off = (lane.entries[c][n as usize - 1].load(Relaxed) as usize) << 4;
         count.store(n - 1, Release);
-        m.mem.u64(off + CANARY).store(0, Relaxed);
+        mem.u64(off + CANARY).store(0, Relaxed);
         Ok(off)
     }
 
@@ -1009,16 +1032,28 @@ impl Heap {
     /// two threads free the same block at the same moment).
     #[inline]
     pub fn free(&self, ptr: NonNull<u8>) -> Result<()> {
-        let p = ptr.as_ptr() as usize;
-        let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
-        if let Some((slab, class, idx)) = self.inner.meta.block_at(off) {
-            return self.with_lane(|l| self.free_small(l, off, slab, class, idx)).map_err(Error::from);
+        // The fast path: a block of a live slab, into this thread's lane
+        // cache. `block_at` refuses offsets outside the heap's data pages.
+        // The views are taken before entering the gate, whose store would
+        // make the compiler load them again.
+        let m = &self.inner.meta;
+        let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+        if let (Some(l), Some((slab, c, idx))) = (lanes::last(self.inner.id), m.block_at(off)) {
+            let word = m.slab_word(slab, idx / 64);
+            let canary_word = m.mem.u64(off + CANARY);
+            let lane = m.lane(l);
+            let canary = self.canary(off);
+            return self
+                .in_gate(l, |l| self.push(l, off, slab, c, (word, 1u64 << (idx % 64)), (canary_word, canary), lane))
+                .map_err(Error::from);
         }
-        self.free_slow(off, p)
+        self.free_slow(ptr)
     }
 
     #[cold]
-    fn free_slow(&self, off: usize, p: usize) -> Result<()> {
+    fn free_slow(&self, ptr: NonNull<u8>) -> Result<()> {
+        let p = ptr.as_ptr() as usize;
+        let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
         self.with_lane(|_| self.free_slow_in(off, p))
     }
 
@@ -1037,35 +1072,67 @@ impl Heap {
         .map_err(Error::from)
     }
 
-    #[inline(always)]
+    /// Frees block `idx` (at heap offset `off`) of class `c` of the slab
+    /// at page `slab` into lane `l`'s cache, or into the slab when the
+    /// cache is full (see [`Heap::push`]).
     fn free_small(&self, l: u32, off: usize, slab: u64, c: usize, idx: usize) -> Result<(), PointerError> {
         let m = &self.inner.meta;
-        let word = m.slab_word(slab, idx / 64);
-        let bit = 1u64 << (idx % 64);
-        let p = m.mem.ptr(off) as usize;
-        if word.load(Relaxed) & bit == 0 {
-            return Err(PointerError::DoubleFree(p));
+        let bit = (m.slab_word(slab, idx / 64), 1u64 << (idx % 64));
+        self.push(l, off, slab, c, bit, (m.mem.u64(off + CANARY), self.canary(off)), m.lane(l))
+    }
+
+    /// Frees the block at heap offset `off` (class `c`, slab at page
+    /// `slab`, its bitmap word and bit, its canary word and canary) into
+    /// lane `l`'s cache (`lane`), or into its slab when the cache is full;
+    /// refuses a block whose bit is clear (free, never allocated) or that
+    /// carries the free canary (cached as free).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        l: u32,
+        off: usize,
+        slab: u64,
+        c: usize,
+        (word, bit): (&AtomicU64, u64),
+        (canary_word, canary): (&AtomicU64, u64),
+        lane: &LaneWords,
+    ) -> Result<(), PointerError> {
+        if word.load(Relaxed) & bit == 0 || canary_word.load(Relaxed) == canary {
+            return Err(self.double_free(off));
         }
-        let first = m.mem.u64(off + CANARY);
-        let canary = self.canary(off);
-        if first.load(Relaxed) == canary {
-            return Err(PointerError::DoubleFree(p));
-        }
-        let count = m.cache_count(l, c);
+        let count = &lane.counts[c];
         let n = count.load(Relaxed);
         if n < CLASSES[c].cache_cap {
-            first.store(canary, Relaxed);
-            m.cache_entry(l, c, n as usize).store((off >> 4) as u32, Relaxed);
+            canary_word.store(canary, Relaxed);
+            lane.entries[c][n as usize].store((off >> 4) as u32, Relaxed);
             count.store(n + 1, Release);
             return Ok(());
         }
+        self.push_to_slab(l, off, slab, c, (word, bit))
+    }
+
+    #[cold]
+    fn push_to_slab(
+        &self,
+        l: u32,
+        off: usize,
+        slab: u64,
+        c: usize,
+        (word, bit): (&AtomicU64, u64),
+    ) -> Result<(), PointerError> {
         if word.fetch_and(!bit, AcqRel) & bit == 0 {
-            return Err(PointerError::DoubleFree(p));
+            return Err(self.double_free(off));
         }
-        if m.slab_owner(slab).load(Acquire) != u64::from(l) + 1 {
+        if self.inner.meta.slab_owner(slab).load(Acquire) != u64::from(l) + 1 {
             self.list(slab, c);
         }
         Ok(())
+    }
+
+    #[cold]
+    fn double_free(&self, off: usize) -> PointerError {
+        PointerError::DoubleFree(self.inner.meta.mem.ptr(off) as usize)
     }
 
     fn free_large(&self, page: u64, npages: u64, p: usize) -> Result<(), PointerError> {

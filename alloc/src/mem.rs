@@ -15,6 +15,18 @@ fn out_of_range(off: usize, len: usize) -> ! {
     panic!("remem bug: metadata access at {off:#x} outside the {len:#x}-byte heap")
 }
 
+/// A `#[repr(C)]` type made only of atomic integers (and arrays of them),
+/// which [`Mem::view_unchecked`] shows in place over heap bytes.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, aligned to at most 8 bytes, and every
+/// field is an atomic integer or an array of them: every bit pattern is a
+/// valid value and every shared access is atomic.
+pub(crate) unsafe trait Words: Sized {}
+
+// SAFETY: `AtomicU64` is an 8-aligned atomic integer.
+unsafe impl Words for AtomicU64 {}
+
 /// Bytes `[base, base + len)` that stay mapped, readable and writable for
 /// the lifetime of the view.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +83,27 @@ impl Mem {
         }
         // SAFETY: as in `u64` (multiples of 4 for u32 offsets).
         unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
+    }
+
+    /// The `T` at byte offset `off`, with no bounds check: for offsets that
+    /// the caller has already bounded (a validated layout).
+    ///
+    /// # Safety
+    /// `off + size_of::<T>() <= len`, and `off` is a multiple of `T`'s alignment.
+    #[inline(always)]
+    pub(crate) unsafe fn view_unchecked<T: Words>(&self, off: usize) -> &T {
+        debug_assert!(off + std::mem::size_of::<T>() <= self.len, "remem bug: view at {off:#x} out of range");
+        // SAFETY: in range and aligned (the caller's contract); base is
+        // 8-aligned; every bit pattern is a valid `T` and `T` is only
+        // accessed atomically (`Words`); the memory is valid for the view's
+        // lifetime (`new`).
+        unsafe { &*self.base.add(off).cast::<T>() }
+    }
+
+    /// Bytes in the view.
+    #[inline(always)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// The address of byte offset `off` (`off <= len`).

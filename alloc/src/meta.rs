@@ -6,8 +6,60 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::format::{hdr, lane, slab, Desc, Header, Layout, PAGE_SIZE};
-use crate::mem::Mem;
-use crate::size_class::{ClassInfo, CLASSES, SLAB_BYTES, SLAB_PAGES};
+use crate::mem::{Mem, Words};
+use crate::size_class::{ClassInfo, CACHE_CAP, CLASSES, NCLASSES, SLAB_BYTES, SLAB_HEADER, SLAB_PAGES};
+
+/// A lane as laid out in the heap ([`lane`] has the byte offsets).
+#[repr(C)]
+pub(crate) struct LaneWords {
+    /// The intent and transaction words, `lane::STATE / 8 ..= lane::TX_SEQ / 8`.
+    pub words: [AtomicU64; lane::COUNTS / 8],
+    /// Cached blocks per class.
+    pub counts: [AtomicU32; NCLASSES],
+    /// Cached blocks (heap offset / 16), per class.
+    pub entries: [[AtomicU32; CACHE_CAP]; NCLASSES],
+}
+
+// SAFETY: `#[repr(C)]`, 8-aligned, atomics only.
+unsafe impl Words for LaneWords {}
+
+const _: () = {
+    assert!(std::mem::offset_of!(LaneWords, counts) == lane::COUNTS);
+    assert!(std::mem::offset_of!(LaneWords, entries) == lane::ENTRIES);
+    assert!(std::mem::size_of::<LaneWords>() <= lane::BYTES);
+};
+
+/// Most bitmap words a slab has (class 0).
+pub(crate) const MAX_BITMAP_WORDS: usize = 64;
+
+/// The header and bitmap at the start of a slab ([`slab`] has the byte offsets).
+#[repr(C)]
+pub(crate) struct SlabWords {
+    /// [`slab::TAG`].
+    pub tag: AtomicU32,
+    /// The slab's class.
+    pub class: AtomicU32,
+    /// Lane + 1 that may claim free blocks, 0 = none.
+    pub owner: AtomicU64,
+    _unused: [AtomicU64; (SLAB_HEADER - 16) / 8],
+    /// Allocation bitmap (only the class's first `ceil(nblocks / 64)` words are used).
+    pub bitmap: [AtomicU64; MAX_BITMAP_WORDS],
+}
+
+// SAFETY: `#[repr(C)]`, 8-aligned, atomics only.
+unsafe impl Words for SlabWords {}
+
+const _: () = {
+    assert!(std::mem::offset_of!(SlabWords, class) == slab::CLASS);
+    assert!(std::mem::offset_of!(SlabWords, owner) == slab::OWNER);
+    assert!(std::mem::offset_of!(SlabWords, bitmap) == slab::BITMAP);
+    assert!(std::mem::size_of::<SlabWords>() <= PAGE_SIZE);
+    let mut c = 0;
+    while c < NCLASSES {
+        assert!((CLASSES[c].nblocks as usize).div_ceil(64) <= MAX_BITMAP_WORDS);
+        c += 1;
+    }
+};
 
 /// A heap's metadata, viewed through its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -17,17 +69,41 @@ pub(crate) struct Meta {
     /// The base address recorded in the header: raw pointers stored in the
     /// heap (roots, `alloc_into` destinations) are relative to it.
     pub recorded_base: u64,
+    /// The first data page (from the layout, kept at hand for the free path).
+    first_page: u64,
+    /// Pages in the heap (from the layout).
+    npages: u64,
 }
 
 impl Meta {
+    /// A view of the heap `header` describes. The header's layout must be
+    /// validated (as `Header::decode` does) and `mem` hold the whole heap:
+    /// the accessors below rely on both to skip per-field bounds checks.
     pub(crate) fn new(mem: Mem, header: &Header) -> Meta {
-        Meta { mem, layout: header.layout, recorded_base: header.base }
+        assert!(
+            mem.len() as u64 >= header.layout.size && header.layout.validate().is_ok(),
+            "remem bug: a heap view of {} bytes for layout {:?}",
+            mem.len(),
+            header.layout
+        );
+        Meta {
+            mem,
+            layout: header.layout,
+            recorded_base: header.base,
+            first_page: header.layout.first_data_page(),
+            npages: header.layout.npages(),
+        }
     }
 
     /// Descriptor of page `page`.
     #[inline]
     pub(crate) fn desc(&self, page: u64) -> &AtomicU64 {
-        self.mem.u64(self.layout.desc(page))
+        if page >= self.npages {
+            bad_index("page", page);
+        }
+        // SAFETY: the descriptor table is `npages` words at `desc_off`, inside
+        // the heap (validated layout, `new`), and `page < npages`.
+        unsafe { self.mem.view_unchecked(self.layout.desc(page)) }
     }
 
     /// Decoded descriptor of page `page` (`None`: unknown kind).
@@ -36,22 +112,34 @@ impl Meta {
         Desc::decode(self.desc(page).load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Lane `l`.
+    #[inline]
+    pub(crate) fn lane(&self, l: u32) -> &LaneWords {
+        if l >= self.layout.nlanes {
+            bad_index("lane", u64::from(l));
+        }
+        // SAFETY: lanes `0..nlanes` are `lane::BYTES` each from `lanes_off`,
+        // inside the heap (validated layout, `new`); `LaneWords` fits in
+        // `lane::BYTES` and lane offsets are multiples of 64.
+        unsafe { self.mem.view_unchecked(self.layout.lane(l)) }
+    }
+
     /// A `u64` field of lane `l`.
     #[inline]
     pub(crate) fn lane_u64(&self, l: u32, field: usize) -> &AtomicU64 {
-        self.mem.u64(self.layout.lane(l) + field)
+        &self.lane(l).words[field / 8]
     }
 
     /// Cache count of class `c` in lane `l`.
     #[inline]
     pub(crate) fn cache_count(&self, l: u32, c: usize) -> &AtomicU32 {
-        self.mem.u32(self.layout.lane(l) + lane::count(c))
+        &self.lane(l).counts[c]
     }
 
     /// Cache entry `i` of class `c` in lane `l` (heap offset / 16).
     #[inline]
     pub(crate) fn cache_entry(&self, l: u32, c: usize, i: usize) -> &AtomicU32 {
-        self.mem.u32(self.layout.lane(l) + lane::entry(c, i))
+        &self.lane(l).entries[c][i]
     }
 
     /// Byte offset of page `page`.
@@ -60,26 +148,37 @@ impl Meta {
         page as usize * PAGE_SIZE
     }
 
+    /// The header of the slab at page `page`.
+    #[inline]
+    pub(crate) fn slab(&self, page: u64) -> &SlabWords {
+        if page >= self.npages {
+            bad_index("page", page);
+        }
+        // SAFETY: page `page` lies inside the heap (`page < npages`, `new`)
+        // and `SlabWords` fits in a page.
+        unsafe { self.mem.view_unchecked(Self::page_off(page)) }
+    }
+
     /// Slab header tag of the slab at page `page`.
     pub(crate) fn slab_tag(&self, page: u64) -> &AtomicU32 {
-        self.mem.u32(Self::page_off(page) + slab::TAG_OFF)
+        &self.slab(page).tag
     }
 
     /// Class field of the slab at page `page`.
     pub(crate) fn slab_class(&self, page: u64) -> &AtomicU32 {
-        self.mem.u32(Self::page_off(page) + slab::CLASS)
+        &self.slab(page).class
     }
 
     /// Owner field of the slab at page `page`.
     #[inline]
     pub(crate) fn slab_owner(&self, page: u64) -> &AtomicU64 {
-        self.mem.u64(Self::page_off(page) + slab::OWNER)
+        &self.slab(page).owner
     }
 
     /// Bitmap word `w` of the slab at page `page`.
     #[inline]
     pub(crate) fn slab_word(&self, page: u64, w: usize) -> &AtomicU64 {
-        self.mem.u64(Self::page_off(page) + slab::BITMAP + 8 * w)
+        &self.slab(page).bitmap[w]
     }
 
     /// Offset of block `idx` of class `info` in the slab at `page`.
@@ -94,8 +193,9 @@ impl Meta {
     }
 
     /// Data page range `[first, end)`.
+    #[inline(always)]
     pub(crate) fn data_pages(&self) -> (u64, u64) {
-        (self.layout.first_data_page(), self.layout.npages())
+        (self.first_page, self.npages)
     }
 
     /// The fast path of [`Meta::locate`] for slab blocks: `(slab page,
@@ -113,7 +213,7 @@ impl Meta {
             Desc::SLAB => (page, d),
             Desc::CONT => {
                 let dist = d >> 8;
-                if dist == 0 || dist >= SLAB_PAGES as u64 || dist > page - first {
+                if dist.wrapping_sub(1) >= SLAB_PAGES as u64 - 1 || dist > page - first {
                     return None;
                 }
                 (page - dist, self.desc(page - dist).load(std::sync::atomic::Ordering::Acquire))
@@ -191,6 +291,14 @@ impl Meta {
             _ => None,
         }
     }
+}
+
+/// A page or lane index beyond the heap: a bug in remem (indexes come from
+/// validated metadata), never something to continue from.
+#[cold]
+#[inline(never)]
+fn bad_index(what: &str, i: u64) -> ! {
+    panic!("remem bug: {what} {i} is outside the heap")
 }
 
 /// What [`Meta::locate`] found at an offset.

@@ -126,6 +126,14 @@ pub fn class_for(size: usize, align: usize) -> Option<usize> {
     None
 }
 
+/// The smallest class that holds `size` bytes (`1 ..= MAX_SMALL`) at the
+/// default alignment of 16.
+#[inline(always)]
+pub fn class_small(size: usize) -> usize {
+    debug_assert!(size >= 1 && size <= MAX_SMALL);
+    SIZE_TO_CLASS[size.div_ceil(16)] as usize
+}
+
 /// Block index of byte offset `rel` (from the first block) in class `info`,
 /// or `None` when `rel` is not the start of a block.
 #[inline]

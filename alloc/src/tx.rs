@@ -194,7 +194,7 @@ fn ensure_free(meta: &Meta, l: u32, off: usize) -> Result<(), String> {
     match meta.locate(off) {
         Located::Block { slab, class, idx } => {
             let entry = (off >> 4) as u32;
-            let n = meta.cache_count(l, class).load(Relaxed) as usize;
+            let n = (meta.cache_count(l, class).load(Relaxed) as usize).min(crate::size_class::CACHE_CAP);
             if (0..n).any(|i| meta.cache_entry(l, class, i).load(Relaxed) == entry) {
                 return Ok(()); // cached: the cache pass frees it
             }
