@@ -130,7 +130,7 @@ pub fn class_for(size: usize, align: usize) -> Option<usize> {
 /// default alignment of 16.
 #[inline(always)]
 pub fn class_small(size: usize) -> usize {
-    debug_assert!(size >= 1 && size <= MAX_SMALL);
+    debug_assert!((1..=MAX_SMALL).contains(&size));
     SIZE_TO_CLASS[size.div_ceil(16)] as usize
 }
 
