@@ -6,6 +6,7 @@
 //! cargo run --release -p remem-bench -- alloc --json   # one JSON object per line
 //! cargo run --release -p remem-bench -- tx track flush # several suites, in order
 //! cargo run --release -p remem-bench -- pull --json    # remem's TCP pull and recovery
+//! cargo run --release -p remem-bench -- mt             # larson, threadtest (C programs)
 //! ```
 //!
 //! Layout: `peers/` wraps each system behind the narrow [`peers::Peer`]
@@ -18,7 +19,8 @@
 //! file write) that they start themselves; `pull` runs remem's TCP
 //! transport against a plain TCP stream, and whole recoveries of a heap
 //! whose database child process (this binary re-executed with the hidden
-//! subcommand `__pull-db`) it kills. Each suite starts what it needs
+//! subcommand `__pull-db`) it kills; `mt` builds libremem and the C
+//! programs in `benches/c/` and runs them. Each suite starts what it needs
 //! and stops it before the next suite runs, so that no heap's background
 //! flusher runs during another suite.
 
@@ -49,6 +51,8 @@ enum Suite {
     Flush,
     /// Pulling 256 MiB over remem's TCP transport against a TCP stream; recovering a 1 GiB heap.
     Pull,
+    /// Multi-threaded allocator benchmarks larson and threadtest (C, through libremem) against glibc, jemalloc, mimalloc.
+    Mt,
 }
 
 #[derive(Parser, Debug)]
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Track => suites::track::run(&config)?,
             Suite::Flush => suites::flush::run(&config)?,
             Suite::Pull => suites::pull::run(&config)?,
+            Suite::Mt => suites::mt::run(&config).map_err(anyhow::Error::msg)?,
         };
         if cli.json {
             report::write_json(&mut out, &report.measurements)?;

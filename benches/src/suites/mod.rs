@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod flush;
+pub mod mt;
 pub mod pull;
 pub mod track;
 pub mod tx;
