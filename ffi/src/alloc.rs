@@ -12,20 +12,23 @@ use remem_alloc::Heap;
 use crate::handles::{remem_heap, with_heap};
 use crate::status::remem_status::{self, *};
 use crate::status::{boundary, clear_out, non_null, Fail, FfiResult};
+use crate::thread::ThreadState;
 
 /// Runs an allocating call and stores its block in `*out` (set to NULL first).
 ///
 /// # Safety
 ///
 /// `out` must be NULL or valid for writing a pointer.
+#[inline(always)]
 unsafe fn alloc_out(
+    t: &ThreadState,
     heap: *mut remem_heap,
     out: *mut *mut c_void,
     f: impl FnOnce(&Heap) -> FfiResult<NonNull<u8>>,
 ) -> FfiResult {
     // SAFETY: forwarded from the caller.
     let out = unsafe { clear_out(out, "out") }?;
-    let p = with_heap(heap, f)?;
+    let p = with_heap(t, heap, f)?;
     // SAFETY: checked for NULL; the caller guarantees it is writable.
     unsafe { out.write(p.as_ptr().cast()) };
     Ok(())
@@ -55,9 +58,9 @@ fn nonzero(size: usize) -> FfiResult {
 /// `out` must be NULL or valid for writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_alloc(heap: *mut remem_heap, size: usize, out: *mut *mut c_void) -> remem_status {
-    boundary("remem_alloc", || {
+    boundary("remem_alloc", |t| {
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(heap, out, |h| Ok(h.alloc(size)?)) }
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc(size)?)) }
     })
 }
 
@@ -76,9 +79,9 @@ pub unsafe extern "C" fn remem_alloc_aligned(
     align: usize,
     out: *mut *mut c_void,
 ) -> remem_status {
-    boundary("remem_alloc_aligned", || {
+    boundary("remem_alloc_aligned", |t| {
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(heap, out, |h| Ok(h.alloc_aligned(size, align)?)) }
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_aligned(size, align)?)) }
     })
 }
 
@@ -91,9 +94,9 @@ pub unsafe extern "C" fn remem_alloc_aligned(
 /// `out` must be NULL or valid for writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_alloc_zeroed(heap: *mut remem_heap, size: usize, out: *mut *mut c_void) -> remem_status {
-    boundary("remem_alloc_zeroed", || {
+    boundary("remem_alloc_zeroed", |t| {
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(heap, out, |h| Ok(h.alloc_zeroed(size)?)) }
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_zeroed(size)?)) }
     })
 }
 
@@ -113,8 +116,8 @@ pub unsafe extern "C" fn remem_alloc_zeroed(heap: *mut remem_heap, size: usize, 
 /// before anything is written. No pointer to the block may be used after.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_free(heap: *mut remem_heap, ptr: *mut c_void) -> remem_status {
-    boundary("remem_free", || {
-        with_heap(heap, |h| match NonNull::new(ptr.cast::<u8>()) {
+    boundary("remem_free", |t| {
+        with_heap(t, heap, |h| match NonNull::new(ptr.cast::<u8>()) {
             None => Ok(()),
             Some(p) => Ok(h.free(p)?),
         })
@@ -142,10 +145,10 @@ pub unsafe extern "C" fn remem_realloc(
     size: usize,
     out: *mut *mut c_void,
 ) -> remem_status {
-    boundary("remem_realloc", || {
+    boundary("remem_realloc", |t| {
         // SAFETY: forwarded from the caller.
         unsafe {
-            alloc_out(heap, out, |h| {
+            alloc_out(t, heap, out, |h| {
                 nonzero(size)?;
                 match NonNull::new(ptr.cast::<u8>()) {
                     None => Ok(h.alloc(size)?),
@@ -167,10 +170,10 @@ pub unsafe extern "C" fn remem_realloc(
 /// `out` must be NULL or valid for writing a size_t.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_usable_size(heap: *mut remem_heap, ptr: *const c_void, out: *mut usize) -> remem_status {
-    boundary("remem_usable_size", || {
+    boundary("remem_usable_size", |t| {
         let out = non_null(out, "out")?;
         let p = NonNull::new(ptr.cast_mut().cast::<u8>()).ok_or_else(|| Fail::null("ptr"))?;
-        let n = with_heap(heap, |h| Ok(h.usable_size(p)?))?;
+        let n = with_heap(t, heap, |h| Ok(h.usable_size(p)?))?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
         unsafe { out.write(n) };
         Ok(())
@@ -192,9 +195,9 @@ pub unsafe extern "C" fn remem_usable_size(heap: *mut remem_heap, ptr: *const c_
 /// caller must not be using `*dest` from another thread meanwhile.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_alloc_into(heap: *mut remem_heap, dest: *mut *mut c_void, size: usize) -> remem_status {
-    boundary("remem_alloc_into", || {
+    boundary("remem_alloc_into", |t| {
         let dest = non_null(dest, "dest")?;
-        with_heap(heap, |h| Ok(h.alloc_into(dest.cast::<*mut u8>(), size).map(drop)?))
+        with_heap(t, heap, |h| Ok(h.alloc_into(dest.cast::<*mut u8>(), size).map(drop)?))
     })
 }
 
@@ -209,10 +212,10 @@ pub unsafe extern "C" fn remem_alloc_into(heap: *mut remem_heap, dest: *mut *mut
 /// `out` must be NULL or valid for writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_root(heap: *mut remem_heap, out: *mut *mut c_void) -> remem_status {
-    boundary("remem_root", || {
+    boundary("remem_root", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let root = with_heap(heap, |h| Ok(h.root()))?;
+        let root = with_heap(t, heap, |h| Ok(h.root()))?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
         unsafe { out.write(root.map_or(std::ptr::null_mut(), |p| p.as_ptr().cast())) };
         Ok(())
@@ -231,7 +234,7 @@ pub unsafe extern "C" fn remem_root(heap: *mut remem_heap, out: *mut *mut c_void
 /// None: `ptr` is checked against the heap's metadata.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_set_root(heap: *mut remem_heap, ptr: *mut c_void) -> remem_status {
-    boundary("remem_set_root", || with_heap(heap, |h| Ok(h.set_root(NonNull::new(ptr.cast::<u8>()))?)))
+    boundary("remem_set_root", |t| with_heap(t, heap, |h| Ok(h.set_root(NonNull::new(ptr.cast::<u8>()))?)))
 }
 
 /// Returns the root object in `*out`; when there is none, allocates `size`
@@ -252,10 +255,10 @@ pub unsafe extern "C" fn remem_root_or_alloc(
     out: *mut *mut c_void,
     created: *mut bool,
 ) -> remem_status {
-    boundary("remem_root_or_alloc", || {
+    boundary("remem_root_or_alloc", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let (root, made) = with_heap(heap, |h| Ok(h.root_or_alloc(size)?))?;
+        let (root, made) = with_heap(t, heap, |h| Ok(h.root_or_alloc(size)?))?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
         unsafe { out.write(root.as_ptr().cast()) };
         if !created.is_null() {

@@ -41,8 +41,8 @@ pub struct remem_flush_stats {
 /// `epoch` must be NULL or valid for writing a u64.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_flush(heap: *mut crate::handles::remem_heap, epoch: *mut u64) -> remem_status {
-    boundary("remem_flush", || {
-        let e = handles::with_heap(heap, |h| h.flush().map_err(Fail::from))?;
+    boundary("remem_flush", |t| {
+        let e = handles::with_heap(t, heap, |h| h.flush().map_err(Fail::from))?;
         if !epoch.is_null() {
             // SAFETY: not NULL; the caller guarantees it is writable.
             unsafe { epoch.write(e) };
@@ -61,7 +61,7 @@ pub unsafe extern "C" fn remem_flush(heap: *mut crate::handles::remem_heap, epoc
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_wait_durable(heap: *mut crate::handles::remem_heap, epoch: u64) -> remem_status {
-    boundary("remem_wait_durable", || handles::with_heap(heap, |h| h.wait_durable(epoch).map_err(Fail::from)))
+    boundary("remem_wait_durable", |t| handles::with_heap(t, heap, |h| h.wait_durable(epoch).map_err(Fail::from)))
 }
 
 /// Stores in `*epoch` the epoch that writes made now belong to: they are
@@ -74,9 +74,9 @@ pub unsafe extern "C" fn remem_wait_durable(heap: *mut crate::handles::remem_hea
 /// `epoch` must be NULL or valid for writing a u64.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_current_epoch(heap: *mut crate::handles::remem_heap, epoch: *mut u64) -> remem_status {
-    boundary("remem_current_epoch", || {
+    boundary("remem_current_epoch", |t| {
         let out = non_null(epoch, "epoch")?;
-        let e = handles::with_heap(heap, |h| h.current_epoch().map_err(Fail::from))?;
+        let e = handles::with_heap(t, heap, |h| h.current_epoch().map_err(Fail::from))?;
         // SAFETY: not NULL; the caller guarantees it is writable.
         unsafe { out.write(e) };
         Ok(())
@@ -96,9 +96,9 @@ pub unsafe extern "C" fn remem_durability(
     heap: *mut crate::handles::remem_heap,
     out: *mut remem_flush_stats,
 ) -> remem_status {
-    boundary("remem_durability", || {
+    boundary("remem_durability", |t| {
         let out = non_null(out, "out")?;
-        let s = handles::with_heap(heap, |h| {
+        let s = handles::with_heap(t, heap, |h| {
             h.flush_stats().ok_or_else(|| Fail::from(remem_alloc::FlushError::NoBaseline))
         })?;
         let ns = |d: std::time::Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;

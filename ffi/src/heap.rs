@@ -116,9 +116,9 @@ fn options(size: u64, base: u64) -> FfiResult<HeapOptions> {
 pub(crate) unsafe fn open_with(out: *mut *mut remem_heap, open: impl FnOnce() -> FfiResult<Heap>) -> FfiResult {
     // SAFETY: forwarded from the caller.
     let out = unsafe { clear_out(out, "out") }?;
-    let heap = open()?;
+    let heap = handles::insert(open()?)?;
     // SAFETY: checked for NULL above; the caller guarantees it is writable.
-    unsafe { out.write(handles::insert(heap)) };
+    unsafe { out.write(heap) };
     Ok(())
 }
 
@@ -148,7 +148,7 @@ pub unsafe extern "C" fn remem_create(
     base: u64,
     out: *mut *mut remem_heap,
 ) -> remem_status {
-    boundary("remem_create", || {
+    boundary("remem_create", |_| {
         // SAFETY: forwarded from the caller (both pointers).
         unsafe { open_with(out, || Ok(Heap::create(path_arg(path)?, &options(size, base)?)?)) }
     })
@@ -169,7 +169,7 @@ pub unsafe extern "C" fn remem_create(
 /// writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_open(path: *const c_char, out: *mut *mut remem_heap) -> remem_status {
-    boundary("remem_open", || {
+    boundary("remem_open", |_| {
         // SAFETY: forwarded from the caller (both pointers).
         unsafe { open_with(out, || Ok(Heap::open(path_arg(path)?)?)) }
     })
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn remem_open(path: *const c_char, out: *mut *mut remem_he
 /// `out` must be NULL or valid for writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_create_memfd(size: u64, base: u64, out: *mut *mut remem_heap) -> remem_status {
-    boundary("remem_create_memfd", || {
+    boundary("remem_create_memfd", |_| {
         // SAFETY: forwarded from the caller.
         unsafe { open_with(out, || Ok(Heap::create_memfd(&options(size, base)?)?)) }
     })
@@ -211,7 +211,7 @@ pub unsafe extern "C" fn remem_create_memfd(size: u64, base: u64, out: *mut *mut
 /// negative, must not be closed by another thread during the call.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_attach(fd: c_int, out: *mut *mut remem_heap) -> remem_status {
-    boundary("remem_attach", || {
+    boundary("remem_attach", |_| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
         if fd < 0 {
@@ -225,7 +225,7 @@ pub unsafe extern "C" fn remem_attach(fd: c_int, out: *mut *mut remem_heap) -> r
             .map_err(|e| Fail::new(REMEM_BAD_ARGUMENT, format!("file descriptor {fd} cannot be duplicated: {e}")))?;
         let heap = Heap::attach(owned)?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
-        unsafe { out.write(handles::insert(heap)) };
+        unsafe { out.write(handles::insert(heap)?) };
         Ok(())
     })
 }
@@ -246,7 +246,7 @@ pub unsafe extern "C" fn remem_attach(fd: c_int, out: *mut *mut remem_heap) -> r
 /// other value is reported as REMEM_BAD_HANDLE.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_close(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_close", || {
+    boundary("remem_close", |_| {
         if heap.is_null() {
             return Ok(());
         }
@@ -267,9 +267,9 @@ pub unsafe extern "C" fn remem_close(heap: *mut remem_heap) -> remem_status {
 /// `out_fd` must be NULL or valid for writing an int.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_memfd(heap: *mut remem_heap, out_fd: *mut c_int) -> remem_status {
-    boundary("remem_memfd", || {
+    boundary("remem_memfd", |t| {
         let out = non_null(out_fd, "out_fd")?;
-        let fd = handles::with_heap(heap, |h| {
+        let fd = handles::with_heap(t, heap, |h| {
             h.memfd().try_clone().map_err(|e| Fail::new(REMEM_IO, format!("duplicating the memfd: {e}")))
         })?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
@@ -294,7 +294,7 @@ pub unsafe extern "C" fn remem_memfd(heap: *mut remem_heap, out_fd: *mut c_int) 
 /// `out` must be NULL or valid for writing a pointer. `addr` is not dereferenced.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_heap_at(addr: *const c_void, out: *mut *mut remem_heap) -> remem_status {
-    boundary("remem_heap_at", || {
+    boundary("remem_heap_at", |_| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
         let h = handles::heap_at(addr as usize)
@@ -315,9 +315,9 @@ pub unsafe extern "C" fn remem_heap_at(addr: *const c_void, out: *mut *mut remem
 /// `out` must be NULL or valid for writing a remem_heap_stats.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_stats(heap: *mut remem_heap, out: *mut remem_heap_stats) -> remem_status {
-    boundary("remem_stats", || {
+    boundary("remem_stats", |t| {
         let out = non_null(out, "out")?;
-        let stats = handles::with_heap(heap, |h| {
+        let stats = handles::with_heap(t, heap, |h| {
             let s = h.stats();
             Ok(remem_heap_stats {
                 base: h.base().cast(),
@@ -344,9 +344,9 @@ pub unsafe extern "C" fn remem_stats(heap: *mut remem_heap, out: *mut remem_heap
 /// `out` must be NULL or valid for writing a remem_recovery_report.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_recovery(heap: *mut remem_heap, out: *mut remem_recovery_report) -> remem_status {
-    boundary("remem_recovery", || {
+    boundary("remem_recovery", |t| {
         let out = non_null(out, "out")?;
-        let r = handles::with_heap(heap, |h| {
+        let r = handles::with_heap(t, heap, |h| {
             let r = h.recovery_report();
             Ok(remem_recovery_report {
                 txs_rolled_back: r.txs_rolled_back,
@@ -402,9 +402,9 @@ fn report(out: *mut remem_check_report, r: &CheckReport) -> FfiResult {
 /// `out` must be NULL or valid for writing a remem_check_report.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_check(heap: *mut remem_heap, out: *mut remem_check_report) -> remem_status {
-    boundary("remem_check", || {
+    boundary("remem_check", |t| {
         let out = non_null(out, "out")?;
-        let r = handles::with_heap(heap, |h| Ok(h.check()))?;
+        let r = handles::with_heap(t, heap, |h| Ok(h.check()))?;
         report(out, &r)
     })
 }
@@ -428,7 +428,7 @@ pub unsafe extern "C" fn remem_check_live(
     n: usize,
     out: *mut remem_check_report,
 ) -> remem_status {
-    boundary("remem_check_live", || {
+    boundary("remem_check_live", |t| {
         let out = non_null(out, "out")?;
         let live: &[*const c_void] = if n == 0 {
             &[]
@@ -437,7 +437,7 @@ pub unsafe extern "C" fn remem_check_live(
             // SAFETY: not NULL; the caller guarantees `n` readable pointers.
             unsafe { std::slice::from_raw_parts(live, n) }
         };
-        let r = handles::with_heap(heap, |h| Ok(h.check_live(live.iter().map(|p| p.cast::<u8>()))))?;
+        let r = handles::with_heap(t, heap, |h| Ok(h.check_live(live.iter().map(|p| p.cast::<u8>()))))?;
         report(out, &r)
     })
 }

@@ -4,9 +4,11 @@
 //!
 //! - [`status`]: the status codes, the panic boundary every export runs
 //!   behind, and the thread-local last-error message;
-//! - [`handles`]: the registry of open heaps. A `remem_heap*` is not a
-//!   memory address but a key into it, so a closed, foreign or random
-//!   handle is reported, never dereferenced;
+//! - [`handles`]: the table of open heaps. A `remem_heap*` is not a
+//!   memory address but a slot and a generation, so a closed, foreign or
+//!   random handle is reported, never dereferenced;
+//! - `quiesce`: how closing a heap waits for the calls in flight on it,
+//!   with no shared write on the calls' path;
 //! - [`heap`]: create, open, close, memfd heaps, statistics and `check`;
 //! - [`alloc`]: allocation, the root object;
 //! - [`tx`]: undo-log transactions of the calling thread.
@@ -21,6 +23,10 @@
 pub mod status;
 
 pub mod handles;
+
+mod quiesce;
+
+mod thread;
 
 pub mod heap;
 

@@ -68,7 +68,7 @@ pub unsafe extern "C" fn remem_recover(
     out: *mut *mut remem_heap,
     report: *mut remem_recover_report,
 ) -> remem_status {
-    boundary("remem_recover", || {
+    boundary("remem_recover", |_| {
         // SAFETY: forwarded from the caller.
         let path = unsafe { path_arg(baseline) }?.to_owned();
         let agent = if agent.is_null() {

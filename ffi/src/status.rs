@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::thread::{ThreadState, THREAD};
 use remem_alloc::{AllocError, Error, OpenError, PointerError, TxError};
 
 /// What a remem function did. Every function returns one; REMEM_OK (0) is
@@ -174,45 +175,63 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn set_last_error(msg: String) {
+#[cold]
+#[inline(never)]
+fn set_last_error(t: &ThreadState, msg: String) {
     let msg = CString::new(msg.replace('\0', "\\0")).expect("NULs were replaced");
-    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = msg);
+    if LAST_ERROR.try_with(|l| *l.borrow_mut() = msg).is_ok() {
+        t.has_error.set(true);
+    }
 }
 
-fn clear_last_error() {
-    let _ = LAST_ERROR.try_with(|l| {
-        let mut l = l.borrow_mut();
-        if !l.as_bytes().is_empty() {
-            *l = CString::default();
-        }
-    });
+#[cold]
+#[inline(never)]
+fn clear_last_error(t: &ThreadState) {
+    t.has_error.set(false);
+    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = CString::default());
 }
 
 /// The panic boundary every exported function runs its body behind: a
 /// `Fail` or a panic becomes a status and this thread's last-error message
-/// (prefixed with the function's name); success clears the message.
-pub(crate) fn boundary(name: &str, body: impl FnOnce() -> FfiResult) -> remem_status {
-    match catch_unwind(AssertUnwindSafe(body)) {
+/// (prefixed with the function's name); success clears the message. The
+/// body gets the calling thread's state (looked up once per call).
+#[inline(always)]
+pub(crate) fn boundary(name: &str, body: impl FnOnce(&ThreadState) -> FfiResult) -> remem_status {
+    let t = THREAD.with(|t| t as *const ThreadState);
+    // SAFETY: THREAD has no destructor, so this thread's instance lives as
+    // long as the thread, which outlives this call.
+    let t = unsafe { &*t };
+    match catch_unwind(AssertUnwindSafe(|| body(t))) {
         Ok(Ok(())) => {
-            clear_last_error();
+            if t.has_error.get() {
+                clear_last_error(t);
+            }
             REMEM_OK
         }
-        Ok(Err(fail)) => {
-            set_last_error(format!("{name}: {}", fail.msg));
-            fail.status
-        }
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic with a non-string payload".into());
-            // Dropping a payload can itself panic; keep it out of the way.
-            std::mem::forget(payload);
-            set_last_error(format!("{name}: panic inside remem: {what}"));
-            REMEM_PANIC
-        }
+        Ok(Err(fail)) => failed(t, name, fail),
+        Err(payload) => panicked(t, name, payload),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn failed(t: &ThreadState, name: &str, fail: Fail) -> remem_status {
+    set_last_error(t, format!("{name}: {}", fail.msg));
+    fail.status
+}
+
+#[cold]
+#[inline(never)]
+fn panicked(t: &ThreadState, name: &str, payload: Box<dyn std::any::Any + Send>) -> remem_status {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into());
+    // Dropping a payload can itself panic; keep it out of the way.
+    std::mem::forget(payload);
+    set_last_error(t, format!("{name}: panic inside remem: {what}"));
+    REMEM_PANIC
 }
 
 /// The message of the last failed remem call on this thread, or "" when

@@ -48,10 +48,10 @@ fn close(h: *mut remem_heap) {
 
 #[test]
 fn a_panic_becomes_a_status_and_a_message() {
-    let s = boundary("remem_test", || panic!("boom {}", 42));
+    let s = boundary("remem_test", |_| panic!("boom {}", 42));
     assert_eq!(s, REMEM_PANIC);
     assert_eq!(last_error(), "remem_test: panic inside remem: boom 42");
-    assert_eq!(boundary("remem_test", || Ok(())), REMEM_OK);
+    assert_eq!(boundary("remem_test", |_| Ok(())), REMEM_OK);
     assert_eq!(last_error(), "", "success clears the message");
 }
 
@@ -242,4 +242,67 @@ fn remem_heap_of(p: *mut c_void) -> *mut remem_heap {
     // SAFETY: valid out-parameter.
     assert_eq!(unsafe { remem_heap_at(p, &mut h) }, REMEM_OK);
     h
+}
+
+#[test]
+fn a_stale_handle_stays_dead_when_its_slot_is_reused() {
+    let old = memfd_heap(4 << 20);
+    close(old);
+    // Slots are reused (most recently freed first); generations are not.
+    let new = memfd_heap(4 << 20);
+    assert_ne!(new, old);
+    let mut p = null_mut();
+    // SAFETY: valid out-parameters; `old` is the handle under test.
+    unsafe {
+        assert_eq!(remem_alloc(old, 16, &mut p), REMEM_BAD_HANDLE);
+        assert_eq!(remem_close(old), REMEM_BAD_HANDLE);
+        assert_eq!(remem_alloc(new, 16, &mut p), REMEM_OK, "{}", last_error());
+        assert_eq!(remem_free(new, p), REMEM_OK);
+    }
+    close(new);
+    // A handle-looking value whose slot was never used, and one with a
+    // generation from the future.
+    for v in [0x7e3e_0000_0000_0fffu64, (new as u64) + (1 << 40)] {
+        // SAFETY: as above.
+        assert_eq!(unsafe { remem_alloc(v as usize as *mut remem_heap, 16, &mut p) }, REMEM_BAD_HANDLE);
+    }
+}
+
+#[test]
+fn racing_closes_end_the_heap_once() {
+    for _ in 0..50 {
+        let h = memfd_heap(4 << 20) as usize;
+        let closers: Vec<_> = (0..3)
+            // SAFETY: a handle; the race is what is tested.
+            .map(|_| std::thread::spawn(move || unsafe { remem_close(h as *mut remem_heap) }))
+            .collect();
+        let statuses: Vec<_> = closers.into_iter().map(|c| c.join().unwrap()).collect();
+        assert_eq!(statuses.iter().filter(|&&s| s == REMEM_OK).count(), 1, "{statuses:?}");
+        assert!(statuses.iter().all(|&s| s == REMEM_OK || s == REMEM_BAD_HANDLE), "{statuses:?}");
+    }
+}
+
+#[test]
+fn heap_at_finds_every_address_of_heaps_sharing_a_granule() {
+    let heaps: Vec<_> = (0..3).map(|_| memfd_heap(2 << 20)).collect();
+    for &h in &heaps {
+        let mut st = std::mem::MaybeUninit::<remem_heap_stats>::uninit();
+        // SAFETY: valid out-parameter.
+        assert_eq!(unsafe { remem_stats(h, st.as_mut_ptr()) }, REMEM_OK);
+        // SAFETY: filled by remem_stats.
+        let st = unsafe { st.assume_init() };
+        for off in [0, 1, st.size as usize / 2, st.size as usize - 1] {
+            let mut found = null_mut();
+            // SAFETY: valid out-parameter; the address is not dereferenced.
+            assert_eq!(unsafe { remem_heap_at(st.base.cast::<u8>().wrapping_add(off).cast(), &mut found) }, REMEM_OK);
+            assert_eq!(found, h, "offset {off}");
+        }
+        let mut found = null_mut();
+        // SAFETY: as above.
+        let past = unsafe { remem_heap_at(st.base.cast::<u8>().wrapping_add(st.size as usize).cast(), &mut found) };
+        assert!(past == REMEM_NOT_IN_HEAP || found != h, "one past the end is not in the heap");
+    }
+    for h in heaps {
+        close(h);
+    }
 }

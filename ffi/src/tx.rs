@@ -28,7 +28,7 @@ use crate::status::{boundary, clear_out, non_null, Fail};
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_begin(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_begin", || with_heap(heap, |h| Ok(h.tx_begin()?)))
+    boundary("remem_tx_begin", |t| with_heap(t, heap, |h| Ok(h.tx_begin()?)))
 }
 
 /// Records the `len` bytes at `ptr` (inside one allocated block of the
@@ -48,11 +48,11 @@ pub unsafe extern "C" fn remem_tx_begin(heap: *mut remem_heap) -> remem_status {
 /// None: the range is checked against the heap's metadata before it is read.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_add_range(heap: *mut remem_heap, ptr: *const c_void, len: usize) -> remem_status {
-    boundary("remem_tx_add_range", || {
+    boundary("remem_tx_add_range", |t| {
         if ptr.is_null() {
             return Err(Fail::null("ptr"));
         }
-        with_heap(heap, |h| {
+        with_heap(t, heap, |h| {
             if (ptr as usize).checked_add(len).is_none_or(|end| len as u64 > h.size() || end > isize::MAX as usize) {
                 return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("range {ptr:p}+{len} is larger than the heap")));
             }
@@ -73,10 +73,10 @@ pub unsafe extern "C" fn remem_tx_add_range(heap: *mut remem_heap, ptr: *const c
 /// `out` must be NULL or valid for writing a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_alloc(heap: *mut remem_heap, size: usize, out: *mut *mut c_void) -> remem_status {
-    boundary("remem_tx_alloc", || {
+    boundary("remem_tx_alloc", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let p = with_heap(heap, |h| Ok(h.tx_alloc(size)?))?;
+        let p = with_heap(t, heap, |h| Ok(h.tx_alloc(size)?))?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
         unsafe { out.write(p.as_ptr().cast()) };
         Ok(())
@@ -96,10 +96,10 @@ pub unsafe extern "C" fn remem_tx_alloc_zeroed(
     size: usize,
     out: *mut *mut c_void,
 ) -> remem_status {
-    boundary("remem_tx_alloc_zeroed", || {
+    boundary("remem_tx_alloc_zeroed", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let p = with_heap(heap, |h| Ok(h.tx_alloc(size)?))?;
+        let p = with_heap(t, heap, |h| Ok(h.tx_alloc(size)?))?;
         // SAFETY: the block was just allocated for us and holds at least
         // `size` bytes; nothing else knows it yet.
         unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
@@ -121,8 +121,8 @@ pub unsafe extern "C" fn remem_tx_alloc_zeroed(
 /// None: `ptr` is checked against the heap's metadata.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_free(heap: *mut remem_heap, ptr: *mut c_void) -> remem_status {
-    boundary("remem_tx_free", || {
-        with_heap(heap, |h| match NonNull::new(ptr.cast::<u8>()) {
+    boundary("remem_tx_free", |t| {
+        with_heap(t, heap, |h| match NonNull::new(ptr.cast::<u8>()) {
             None => Ok(()),
             Some(p) => Ok(h.tx_free(p)?),
         })
@@ -140,7 +140,7 @@ pub unsafe extern "C" fn remem_tx_free(heap: *mut remem_heap, ptr: *mut c_void) 
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_commit(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_commit", || with_heap(heap, |h| Ok(h.tx_commit()?)))
+    boundary("remem_tx_commit", |t| with_heap(t, heap, |h| Ok(h.tx_commit()?)))
 }
 
 /// Rolls the running transaction back, whatever the nesting level:
@@ -155,7 +155,7 @@ pub unsafe extern "C" fn remem_tx_commit(heap: *mut remem_heap) -> remem_status 
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_abort(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_abort", || with_heap(heap, |h| Ok(h.tx_abort()?)))
+    boundary("remem_tx_abort", |t| with_heap(t, heap, |h| Ok(h.tx_abort()?)))
 }
 
 /// Returns in `*out` the nesting depth of this thread's transaction on
@@ -168,9 +168,9 @@ pub unsafe extern "C" fn remem_tx_abort(heap: *mut remem_heap) -> remem_status {
 /// `out` must be NULL or valid for writing a uint32_t.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_depth(heap: *mut remem_heap, out: *mut u32) -> remem_status {
-    boundary("remem_tx_depth", || {
+    boundary("remem_tx_depth", |t| {
         let out = non_null(out, "out")?;
-        let d = with_heap(heap, |h| Ok(h.tx_depth()))?;
+        let d = with_heap(t, heap, |h| Ok(h.tx_depth()))?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
         unsafe { out.write(d) };
         Ok(())
