@@ -103,6 +103,7 @@ fn sigkill_then_recover_from_the_agent_loses_nothing() {
     let digest = s.agent.heap_digest().unwrap();
     let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
     o.tracking = remem::alloc::TrackMode::Fast;
+    o.verify_image = true;
     let (heap, report) = recover(o).unwrap();
     assert!(report.pages_pulled > 0, "{report:?}");
     assert_eq!(report.pages_verified, report.pages_pulled);
@@ -371,4 +372,164 @@ fn recovery_of_a_locked_baseline_fences_nothing() {
     heap.flush().unwrap();
     heap.close().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Child: a database that runs transactions and flushes every 50 of them;
+/// a failed flush is printed (`flusherr ...`) and ends its work.
+/// `REMEM_TEST_HUNG` names the tracking mode.
+#[test]
+fn child_hung_database() {
+    let (Ok(path), Ok(socket), Ok(mode)) =
+        (std::env::var("REMEM_TEST_BASELINE"), std::env::var("REMEM_TEST_SOCKET"), std::env::var("REMEM_TEST_HUNG"))
+    else {
+        return;
+    };
+    let mode = if mode == "precise" { remem::alloc::TrackMode::Precise } else { remem::alloc::TrackMode::Fast };
+    let heap = Heap::create(&path, &opts().tracking(mode)).unwrap();
+    let _link = agent::register(&heap, Path::new(&socket)).unwrap();
+    let root = root(&heap);
+    println!("ready");
+    loop {
+        tx_step(&heap, root);
+        // SAFETY: the root is ours.
+        let n = unsafe { (*root).counter };
+        println!("ack {n}");
+        if n % 50 == 0 {
+            if let Err(e) = heap.flush() {
+                println!("flusherr {e}");
+                break;
+            }
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A `child_hung_database` and its output lines.
+struct HungChild {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl HungChild {
+    fn start(s: &Setup, mode: &str) -> HungChild {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_hung_database", "--nocapture", "--test-threads=1", "-q"])
+            .env("REMEM_TEST_BASELINE", &s.baseline)
+            .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+            .env("REMEM_TEST_HUNG", mode)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let c = HungChild { child, lines };
+        while c.lines.recv_timeout(Duration::from_secs(60)).unwrap() != "ready" {}
+        c
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Lets it run for `ms`, stops it with SIGSTOP, returns its last ack.
+    fn run_then_stop(&self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.signal(libc::SIGSTOP);
+        let mut last = 0;
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(300)) {
+            if let Some(n) = l.strip_prefix("ack ") {
+                last = n.parse().unwrap();
+            }
+        }
+        last
+    }
+}
+
+impl Drop for HungChild {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 9 §4 (F2): the owner is hung (SIGSTOP) while its agent keeps
+/// serving. Precise mode: recovery finds the lease expired, fences the
+/// owner and recovers from its lists without a seal, losing nothing; once
+/// resumed (SIGCONT), the old owner's flushes fail with a fence error and
+/// the recovered baseline is untouched.
+#[test]
+fn a_hung_owner_is_fenced_and_recovered_from_its_precise_lists() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let s = setup("hung");
+    let c = HungChild::start(&s, "precise");
+    let acked = c.run_then_stop(300);
+    assert!(acked > 0);
+    assert_eq!(s.agent.state(), info::RUNNING, "the agent still serves the stopped owner");
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.wait_sealed = Duration::from_secs(5);
+    let (heap, report) = recover(o).unwrap();
+    assert!(report.owner_hung, "{report:?}");
+    let (counter, versions) = verify_table(&heap, 1);
+    assert!(counter >= acked && counter <= acked + 1, "{counter} vs acked {acked}");
+    assert_eq!(versions, model(counter));
+    heap.close().unwrap();
+    // The old owner wakes up: its next flush is refused.
+    c.signal(libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let l = c.lines.recv_timeout(Duration::from_secs(30)).expect("the resumed owner says its flush failed");
+        if let Some(e) = l.strip_prefix("flusherr ") {
+            break e.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no failed flush");
+    };
+    assert!(err.to_lowercase().contains("fence"), "{err}");
+    drop(c);
+    // The baseline holds the recovery, not the old owner's later work.
+    let heap = Heap::open(&s.baseline).unwrap();
+    assert_eq!(verify_table(&heap, 0).0, counter);
+    heap.close().unwrap();
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// F2 in fast mode: the hung owner's newest pages are known only to it, so
+/// recovery refuses (nothing fenced) unless data loss is allowed.
+#[test]
+fn a_hung_owner_in_fast_mode_is_refused_unless_data_loss_is_allowed() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let s = setup("hungfast");
+    let c = HungChild::start(&s, "fast");
+    c.run_then_stop(200);
+    let g0 = generation(&s.baseline);
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.wait_sealed = Duration::from_secs(1);
+    let e = recover(o).unwrap_err();
+    assert!(matches!(e, RecoverError::OwnerHung), "{e}");
+    assert!(e.to_string().contains("--allow-data-loss"), "{e}");
+    assert_eq!(generation(&s.baseline), g0, "nothing fenced");
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.wait_sealed = Duration::from_secs(1);
+    o.allow_data_loss = true;
+    let (heap, report) = recover(o).unwrap();
+    assert!(report.owner_hung && report.baseline_only && report.pages_pulled == 0, "{report:?}");
+    let (counter, versions) = verify_table(&heap, 1);
+    assert_eq!(versions, model(counter), "consistent as of the last flush");
+    heap.close().unwrap();
+    drop(c);
+    let _ = std::fs::remove_dir_all(&s.dir);
 }

@@ -17,8 +17,18 @@
 //! u64, 48 current_off u64, 56 closing_off u64, 64 current epoch u64 (the
 //! epoch writes land in now), 72 committed epoch u64 (last epoch durable in
 //! the baseline), 80 owner pid u64, 88 state u64 (0 open, 1 closed cleanly,
-//! 2 durability poisoned). The words after offset 64 change at run time,
-//! with atomic stores.
+//! 2 durability poisoned), 96 lease u64 (renewals so far), 104 lease period
+//! u64 (milliseconds). The words after offset 64 change at run time, with
+//! atomic stores.
+//!
+//! The lease: while the heap is open, a small timer thread of the owner
+//! process ([`Lease`], one per heap, named `remem-lease`) adds one to the
+//! lease word every lease period ([`LEASE_PERIOD`]). A recovering host that
+//! reads the word twice, more than two periods apart, and sees it unchanged
+//! knows that the owner process has not run for that long: it is hung
+//! (stopped, its host's OS hung) or dead, so it is safe to fence it and take
+//! the heap over from its lists (failure F2). The lease says that the
+//! process runs, not that the database in it makes progress.
 //!
 //! A page differs from the baseline only if it is in the current set or the
 //! closing set: at every instant in precise mode, and as of the last
@@ -27,7 +37,9 @@
 //! baseline's).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::OpenError;
 use crate::format::PAGE_SIZE;
@@ -61,6 +73,10 @@ pub mod ctl {
     pub const OWNER_PID: usize = 80;
     /// `u64` 0 open, 1 closed cleanly, 2 durability poisoned.
     pub const STATE: usize = 88;
+    /// `u64` lease renewals so far (see the module docs).
+    pub const LEASE: usize = 96;
+    /// `u64` lease period in milliseconds.
+    pub const LEASE_PERIOD_MS: usize = 104;
     /// Magic value.
     pub const MAGIC_BYTES: [u8; 8] = *b"REMEMCTL";
     /// State: open.
@@ -71,11 +87,56 @@ pub mod ctl {
     pub const POISONED: u64 = 2;
 }
 
+/// How often the owner renews its lease.
+pub const LEASE_PERIOD: Duration = Duration::from_millis(100);
+
+/// The owner's lease renewer: a thread that adds one to the lease word of
+/// its own mapping of the control region every [`LEASE_PERIOD`], until
+/// dropped.
+struct Lease {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lease {
+    fn start(fd: &OwnedFd, len: usize) -> Result<Lease, OpenError> {
+        let fd = fd.try_clone().map_err(|e| OpenError::Io { what: "dup of the control memfd".into(), source: e })?;
+        let map = AnyMapping::map(fd, len)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("remem-lease".into())
+            .spawn(move || {
+                // SAFETY: the thread's own mapping of `len` bytes, page aligned, alive
+                // as long as `map`, which this closure owns.
+                let mem = unsafe { Mem::new(map.base(), len) };
+                while !stopping.load(Ordering::Acquire) {
+                    mem.u64(ctl::LEASE).fetch_add(1, Ordering::Release);
+                    std::thread::park_timeout(LEASE_PERIOD);
+                }
+                drop(map);
+            })
+            .map_err(|e| OpenError::Io { what: "starting the lease thread".into(), source: e })?;
+        Ok(Lease { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 /// A control region, mapped in this process.
 pub(crate) struct Control {
     map: AnyMapping,
     mem: Mem,
     words: usize,
+    _lease: Lease,
 }
 
 impl std::fmt::Debug for Control {
@@ -111,7 +172,9 @@ impl Control {
         h[ctl::CLOSING_OFF..ctl::CLOSING_OFF + 8].copy_from_slice(&((PAGE_SIZE + set_bytes) as u64).to_le_bytes());
         mem.write(0, &h);
         mem.u64(ctl::OWNER_PID).store(u64::from(std::process::id()), Ordering::Release);
-        Ok(Control { map, mem, words })
+        mem.u64(ctl::LEASE_PERIOD_MS).store(LEASE_PERIOD.as_millis() as u64, Ordering::Release);
+        let lease = Lease::start(map.fd(), len)?;
+        Ok(Control { map, mem, words, _lease: lease })
     }
 
     fn set(&self, off: usize) -> RawWords {

@@ -284,6 +284,19 @@ impl BaselineLock {
         Ok(BaselineLock { path: path.to_owned(), file: take_lock(path)? })
     }
 
+    /// Takes over the baseline of an owner that is proven hung (its lease
+    /// expired: see `control.rs`) and still holds the lock: takes the lock
+    /// of `<path>.takeover` instead, which every recovery that takes over
+    /// holds, so two of them exclude each other. The hung process keeps its
+    /// own lock until it exits; the generation fence keeps it from
+    /// committing in the meantime.
+    pub fn take_over(path: impl AsRef<Path>) -> Result<BaselineLock> {
+        let path = path.as_ref();
+        let mut p = path.as_os_str().to_owned();
+        p.push(".takeover");
+        Ok(BaselineLock { path: path.to_owned(), file: take_lock(Path::new(&p))? })
+    }
+
     /// The baseline file.
     pub fn path(&self) -> &Path {
         &self.path

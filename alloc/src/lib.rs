@@ -45,7 +45,7 @@ mod tx;
 
 pub use api::{GlobalHeap, HeapRef};
 pub use check::CheckReport;
-pub use control::ctl;
+pub use control::{ctl, LEASE_PERIOD};
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
 pub use flush::{FlushError, FlushStats};
 pub use format::Header;

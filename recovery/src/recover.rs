@@ -38,11 +38,12 @@ use serde::Serialize;
 
 use crate::transport::{Kind, Token};
 
+mod agent_source;
 mod agent_view;
 pub mod pull;
 
-use agent_view::{agent_view, connect, AgentView};
-use pull::{runs_of, Puller};
+pub use agent_source::AgentSource;
+use agent_view::agent_view;
 
 /// How to recover.
 pub struct RecoverOptions {
@@ -62,6 +63,10 @@ pub struct RecoverOptions {
     pub tracking: TrackMode,
     /// Called with (pages done, pages to pull) while pulling.
     pub progress: Option<Box<dyn FnMut(u64, u64) + Send>>,
+    /// Also compare a BLAKE3 digest of the whole assembled image with the
+    /// agent's (off by default: every pulled page is CRC-checked already,
+    /// and a whole-image pass grows with the heap; tests and the demo use it).
+    pub verify_image: bool,
 }
 
 impl RecoverOptions {
@@ -76,6 +81,7 @@ impl RecoverOptions {
             wait_sealed: Duration::from_secs(10),
             tracking: TrackMode::Fast,
             progress: None,
+            verify_image: false,
         }
     }
 }
@@ -105,7 +111,7 @@ pub struct RecoverReport {
     pub bytes_pulled: u64,
     /// Pulled pages whose CRC matched the agent's.
     pub pages_verified: u64,
-    /// The whole image equalled the agent's memory (BLAKE3), when an agent was used.
+    /// The whole image equalled the agent's memory (BLAKE3), when asked ([`RecoverOptions::verify_image`]).
     pub image_identical: Option<bool>,
     /// Seconds spent loading the baseline.
     pub seconds_baseline: f64,
@@ -126,6 +132,9 @@ pub struct RecoverReport {
     pub rpo_seconds: f64,
     /// Connection attempts that failed and were retried.
     pub retries: u64,
+    /// The owner was hung (its lease expired; failure F2): recovered from
+    /// its lists without the agent's seal.
+    pub owner_hung: bool,
 }
 
 /// Why recovery failed. The baseline is left as it was (except the fence).
@@ -169,6 +178,14 @@ pub enum RecoverError {
         /// Its pid there.
         pid: u64,
     },
+    /// The owner is hung (its lease expired) and tracks in fast mode: the
+    /// pages written since its last harvest are known only to it.
+    #[error(
+        "the heap's owner is hung (its lease expired) and tracks writes in fast mode, so the pages it wrote since \
+         its last harvest cannot be found without it: restart or kill it (then its agent seals the lists), or pass \
+         --allow-data-loss to recover from its lists as they are"
+    )]
+    OwnerHung,
     /// The agent's data is not what was expected.
     #[error("agent protocol: {0}")]
     Protocol(String),
@@ -188,85 +205,6 @@ pub enum RecoverError {
     NoToken,
 }
 
-/// Reconnections tried when a pull is interrupted, with a doubling pause
-/// from [`RETRY_PAUSE`].
-const RETRIES: u32 = 4;
-/// The first pause before a reconnection.
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
-
-/// Pulls `v.pages` into `dst`, checking each page's CRC against the
-/// agent's table; an interrupted pull reconnects (with backoff) and goes on
-/// from the first page not yet received. Returns pages verified.
-fn pull_pages(
-    v: &mut AgentView,
-    opts: &RecoverOptions,
-    addr: SocketAddr,
-    dst: &mut [u8],
-    progress: &mut Option<Box<dyn FnMut(u64, u64) + Send>>,
-    retries: &mut u64,
-) -> Result<u64, String> {
-    let total = v.pages.len() as u64;
-    let runs = runs_of(v.pages.iter().copied());
-    let mut from = 0u64; // every page below this one has arrived
-    let mut done = 0u64;
-    let mut attempt = 0u32;
-    loop {
-        let left: Vec<(u64, u64)> = runs
-            .iter()
-            .filter(|&&(s, n)| s + n > from)
-            .map(|&(s, n)| if s < from { (from, s + n - from) } else { (s, n) })
-            .collect();
-        let crcs = &v.crcs;
-        let mut sink = |first: u64, bytes: &[u8]| -> Result<(), String> {
-            for (k, page) in bytes.chunks_exact(pull::PAGE).enumerate() {
-                let p = first + k as u64;
-                let want = crcs.get(p as usize).copied().ok_or_else(|| format!("page {p}: no CRC"))?;
-                if crc32fast::hash(page) != want {
-                    return Err(format!("page {p}: CRC mismatch with the agent's (changed during the pull?)"));
-                }
-                let at = p as usize * pull::PAGE;
-                dst[at..at + pull::PAGE].copy_from_slice(page);
-            }
-            from = first + (bytes.len() / pull::PAGE) as u64;
-            done += (bytes.len() / pull::PAGE) as u64;
-            if let Some(f) = progress.as_mut() {
-                f(done, total);
-            }
-            Ok(())
-        };
-        let r = Puller::new(&mut *v.init)
-            .map_err(|e| e.to_string())
-            .and_then(|mut p| p.pull(&mut *v.init, v.heap, &left, &mut sink).map_err(|e| e.to_string()));
-        match r {
-            Ok(()) => return Ok(done),
-            Err(e) if attempt < RETRIES && !e.contains("CRC mismatch") => {
-                eprintln!("remem recover: pull interrupted ({e}); reconnecting");
-                loop {
-                    std::thread::sleep(RETRY_PAUSE * 2u32.pow(attempt));
-                    attempt += 1;
-                    *retries += 1;
-                    match connect(opts, addr) {
-                        Ok(init) => {
-                            let heap =
-                                init.regions().iter().copied().find(|r| r.rkey == v.heap.rkey && r.len == v.heap.len);
-                            v.heap = heap.ok_or("after reconnecting, the agent no longer serves the heap region")?;
-                            v.init = init;
-                            break;
-                        }
-                        Err(agent_view::ConnectFail::Unreachable(e)) if attempt < RETRIES => {
-                            eprintln!("remem recover: reconnecting failed ({e}); retrying");
-                        }
-                        Err(agent_view::ConnectFail::Unreachable(e) | agent_view::ConnectFail::Refused(e)) => {
-                            return Err(format!("reconnecting: {e}"))
-                        }
-                    }
-                }
-            }
-            Err(e) => return Err(format!("pulling pages failed after {attempt} retries: {e}")),
-        }
-    }
-}
-
 /// Recovers the heap (see the module docs) and returns it open, with the
 /// recovered state committed to its baseline.
 pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), RecoverError> {
@@ -280,12 +218,20 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     if opts.agent.is_none() && !opts.allow_data_loss {
         return Err(RecoverError::NoAgent);
     }
-    // 1. The lock: only its holder fences and recovers.
-    let lock = BaselineLock::take(&path)?;
+    // 1. The lock: only its holder fences and recovers. A hung owner still
+    //    holds it: then, once its lease is found expired (step 2), the
+    //    take-over lock stands in for it.
+    let lock = match BaselineLock::take(&path) {
+        Ok(l) => Ok(l),
+        Err(e) if opts.agent.is_some() && matches!(&e, remem_alloc::Error::Open(remem_alloc::OpenError::Locked(_))) => {
+            Err(e)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut bl = Baseline::open(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?)
         .map_err(|e| bl_err(e.to_string()))?;
     // 2. The agent: everything it says is read and checked before anything changes.
-    let mut view = match opts.agent {
+    let view = match opts.agent {
         Some(addr) => match agent_view(&opts, addr, bl.uuid(), bl.npages()) {
             Ok(v) => Some(v),
             Err(RecoverError::AgentUnreachable { .. }) if opts.allow_data_loss => None,
@@ -293,36 +239,60 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         },
         None => None,
     };
+    let lock = match (lock, &view) {
+        (Ok(l), _) => l,
+        (Err(_), Some(v)) if v.hung => BaselineLock::take_over(&path)?,
+        (Err(e), _) => return Err(e.into()),
+    };
+    report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
     // 3. Fence.
     let g = bl.info().generation + 1;
     bl.fence(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
     report.generation = g;
     drop(bl);
     // 4. Load and pull.
-    report.baseline_only = view.is_none();
+    report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
     let mut progress = opts.progress.take();
     let mut pulled = (0u64, 0u64, None, 0.0f64);
     let t_load = Instant::now();
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
-    let mut retries = 0u64;
+    let source = match (view, opts.agent) {
+        (Some(v), Some(addr)) => Some((v.digest, AgentSource::new(v, &opts, addr))),
+        _ => None,
+    };
+    let verify_image = opts.verify_image;
     let mut hook = |header: &remem_alloc::Header, dst: &mut [u8], ranges: &[(u64, u64)]| -> Result<Vec<u64>, String> {
         report.seconds_baseline = t_load.elapsed().as_secs_f64();
-        let Some(v) = view.as_mut() else { return Ok(Vec::new()) };
-        if v.crcs.len() as u64 != header.layout.npages() || dst.len() as u64 != header.layout.npages() * 4096 {
+        let Some((digest, src)) = source.as_ref() else { return Ok(Vec::new()) };
+        if dst.len() as u64 != header.layout.npages() * 4096 {
             return Err("the agent's heap has another size".into());
         }
         let t = Instant::now();
-        let addr = opts.agent.ok_or("no agent")?;
-        let verified = pull_pages(v, &opts, addr, dst, &mut progress, &mut retries)?;
-        let identical = crate::digest::image_digest(dst, ranges, &v.pages) == v.digest;
-        pulled = (v.pages.len() as u64, verified, Some(identical), t.elapsed().as_secs_f64());
-        if !identical {
+        let bad = src
+            .pull_all_into(dst, |done, total| {
+                if let Some(f) = progress.as_mut() {
+                    f(done, total);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(p) = bad.first() {
+            return Err(format!(
+                "{} pulled pages do not match the agent's CRC (first: page {p}); nothing was committed",
+                bad.len()
+            ));
+        }
+        let pages = src.pages().to_vec();
+        let identical =
+            (verify_image && src.verifies()).then(|| crate::digest::image_digest(dst, ranges, &pages) == *digest);
+        let verified = if src.verifies() { pages.len() as u64 } else { 0 };
+        pulled = (pages.len() as u64, verified, identical, t.elapsed().as_secs_f64());
+        if identical == Some(false) {
             return Err("the assembled image differs from the agent's memory (BLAKE3)".into());
         }
-        Ok(std::mem::take(&mut v.pages))
+        Ok(pages)
     };
     let heap = Heap::open_patched(lock, &hopts, &mut hook)?;
-    report.retries = retries;
+    report.retries = source.as_ref().map_or(0, |(_, s)| s.retries());
     // The heap must have opened the baseline as we fenced it (we held the
     // lock, but an old owner that kept running could still write it).
     let opened_gen = heap.opened_from().map_or(0, |f| f.generation);

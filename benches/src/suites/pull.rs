@@ -290,7 +290,9 @@ fn recover_case(dir: &Path, pct: u64) -> anyhow::Result<Measurement> {
     let mut attempts = 0;
     let (heap, report) = loop {
         attempts += 1;
-        match recover(RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token.clone()))) {
+        let mut o = RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token.clone()));
+        o.verify_image = true;
+        match recover(o) {
             Ok(done) => break done,
             Err(e) if attempts < RECOVER_ATTEMPTS => {
                 eprintln!("remem-bench: {SUITE} recover_1gib {pct} %: attempt {attempts} failed: {e}; trying again");

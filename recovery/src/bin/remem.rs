@@ -81,6 +81,10 @@ enum Cmd {
         /// Seconds to wait for the agent to seal the lists.
         #[arg(long, default_value_t = 10)]
         wait_secs: u64,
+        /// Also compare a BLAKE3 digest of the whole recovered image with the
+        /// agent's (every pulled page is CRC-checked anyway; this pass grows with the heap).
+        #[arg(long)]
+        verify_image: bool,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -163,12 +167,13 @@ fn main() -> Result<()> {
             eprintln!("remem: wrote a new token to {}", out.display());
             Ok(())
         }
-        Cmd::Recover { baseline, agent, token_file, allow_data_loss, tracking, wait_secs, json } => {
+        Cmd::Recover { baseline, agent, token_file, allow_data_loss, tracking, wait_secs, verify_image, json } => {
             let tok = if agent.is_some() { Some(token(&token_file)?) } else { None };
             let mut o = RecoverOptions::new(&baseline, agent, tok);
             o.allow_data_loss = allow_data_loss;
             o.tracking = tracking.into();
             o.wait_sealed = Duration::from_secs(wait_secs);
+            o.verify_image = verify_image;
             if std::io::stderr().is_terminal() && !json {
                 let bar = indicatif::ProgressBar::new(0);
                 bar.set_style(
@@ -478,7 +483,7 @@ fn demo(json: bool, dir: &Path, seconds: f64, agent_gone: bool, no_netns: bool) 
     }
     // 4. Recover on the failover host.
     let t = Instant::now();
-    let mut args = vec!["recover", "--baseline", &bl, "--json"];
+    let mut args = vec!["recover", "--baseline", &bl, "--json", "--verify-image"];
     let addr_s = addr.to_string();
     args.extend(["--agent", &addr_s]);
     if agent_gone {

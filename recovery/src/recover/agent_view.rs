@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{RecoverError, RecoverOptions};
 use crate::agent::info;
-use crate::transport::{self, ConnectError, ConnectOptions, Initiator, ReadRequest, RegionDesc, Status};
+use crate::transport::{self, ConnectError, ConnectOptions, Initiator, Kind, ReadRequest, RegionDesc, Status, Token};
 
 /// Page size.
 const PAGE: u64 = 4096;
@@ -27,9 +27,9 @@ pub(super) enum ConnectFail {
 }
 
 /// Connects to the agent at `addr`.
-pub(super) fn connect(opts: &RecoverOptions, addr: SocketAddr) -> Result<Box<dyn Initiator>, ConnectFail> {
-    let token = opts.token.clone().ok_or_else(|| ConnectFail::Refused("no token".into()))?;
-    transport::connect(opts.kind, &ConnectOptions::new(addr, token)).map_err(|e| match e {
+pub(super) fn connect(kind: Kind, token: Option<&Token>, addr: SocketAddr) -> Result<Box<dyn Initiator>, ConnectFail> {
+    let token = token.cloned().ok_or_else(|| ConnectFail::Refused("no token".into()))?;
+    transport::connect(kind, &ConnectOptions::new(addr, token)).map_err(|e| match e {
         ConnectError::Connect { .. } | ConnectError::Io { .. } => ConnectFail::Unreachable(e.to_string()),
         e => ConnectFail::Refused(e.to_string()),
     })
@@ -94,15 +94,34 @@ pub(super) struct AgentView {
     pub(super) heap: RegionDesc,
     /// Pages that may be newer than the baseline (sorted).
     pub(super) pages: Vec<u64>,
-    /// CRC32 of every page at sealing.
-    pub(super) crcs: Vec<u32>,
+    /// CRC32 of every page at sealing (none from a hung owner: never sealed).
+    pub(super) crcs: Option<Vec<u32>>,
+    /// Pages of the heap.
+    pub(super) npages: u64,
+    /// The owner was found hung (its lease expired): the lists were not sealed.
+    pub(super) hung: bool,
+    /// Nothing is pulled although the owner's memory may be newer (fast mode,
+    /// hung owner, data loss allowed): the baseline alone is used.
+    pub(super) lossy: bool,
     /// BLAKE3 of the image at sealing.
     pub(super) digest: [u8; 32],
 }
 
+/// The owner's tracking mode, from its control region header.
+const MODE_PRECISE: u32 = 1;
+
 /// Connects, waits until the owner is gone and the lists are sealed, and
 /// reads and checks everything recovery needs, for the heap of `uuid` with
 /// `npages` pages (from the baseline). Changes nothing anywhere.
+///
+/// An owner whose lease has expired (see `remem_alloc`'s `control.rs`: the
+/// lease word did not move across two lease periods) is hung, not running
+/// (failure F2): in precise mode its lists are complete at every instant,
+/// so the view is taken from them at once, without the agent's seal (and so
+/// without page CRCs); in fast mode pages written since the last harvest are
+/// known only to the hung process, so recovery waits for a seal until
+/// `wait_sealed`, then refuses ([`RecoverError::OwnerHung`]) unless
+/// `allow_data_loss`.
 pub(super) fn agent_view(
     opts: &RecoverOptions,
     addr: SocketAddr,
@@ -111,8 +130,10 @@ pub(super) fn agent_view(
 ) -> Result<AgentView, RecoverError> {
     let proto = |m: String| RecoverError::Protocol(m);
     let deadline = Instant::now() + opts.wait_sealed;
+    // `Some(mode)` once the owner's lease was found expired.
+    let mut hung: Option<Option<u32>> = None;
     loop {
-        let mut init = connect(opts, addr).map_err(|f| f.into_error(addr))?;
+        let mut init = connect(opts.kind, opts.token.as_ref(), addr).map_err(|f| f.into_error(addr))?;
         let unreachable = |reason: String| RecoverError::AgentUnreachable { addr, reason };
         // The info block is the region of its size that starts with its magic.
         let mut block = None;
@@ -125,7 +146,8 @@ pub(super) fn agent_view(
         }
         let Some(block) = block else { return Err(proto("the agent announced no info block".into())) };
         let state = u32_at(&block, info::STATE).map_err(proto)?;
-        if state == info::SEALED || state == info::CLOSED {
+        let known = state == info::SEALED || state == info::CLOSED;
+        if known || state == info::RUNNING {
             let agent_uuid = block.get(info::UUID..info::UUID + 16).ok_or_else(|| proto("short info block".into()))?;
             if agent_uuid != uuid {
                 let mut a = [0u8; 16];
@@ -135,11 +157,34 @@ pub(super) fn agent_view(
                     baseline: remem_alloc::format::uuid_string(&uuid),
                 });
             }
-            return read_view(init, &block, npages).map_err(proto);
+        }
+        if known {
+            return read_view(init, &block, npages, false).map_err(proto);
+        }
+        if state == info::RUNNING && hung.is_none() {
+            hung = Some(lease_expired(&mut *init, &block).map_err(proto)?);
+        }
+        if let Some(Some(mode)) = hung {
+            if mode == MODE_PRECISE {
+                return read_view(init, &block, npages, true).map_err(proto);
+            }
         }
         if Instant::now() >= deadline {
-            return match state {
-                info::RUNNING => Err(RecoverError::OwnerAlive { pid: u64_at(&block, info::OWNER_PID).map_err(proto)? }),
+            return match (state, hung) {
+                (info::RUNNING, Some(Some(_))) if opts.allow_data_loss => {
+                    // Its lists miss the pages written since the last harvest: laying
+                    // the others over the baseline could tear transactions, so the
+                    // baseline alone (consistent as of its last commit) is used.
+                    log::warn!("remem recover: the owner is hung in fast mode: recovering from the baseline alone");
+                    let mut v = read_view(init, &block, npages, true).map_err(proto)?;
+                    v.pages.clear();
+                    v.lossy = true;
+                    Ok(v)
+                }
+                (info::RUNNING, Some(Some(_))) => Err(RecoverError::OwnerHung),
+                (info::RUNNING, _) => {
+                    Err(RecoverError::OwnerAlive { pid: u64_at(&block, info::OWNER_PID).map_err(proto)? })
+                }
                 _ => Err(proto("the agent holds no heap".into())),
             };
         }
@@ -147,8 +192,35 @@ pub(super) fn agent_view(
     }
 }
 
+/// Reads the owner's lease twice, more than two lease periods apart:
+/// `Some(tracking mode)` when it did not move (the owner is hung or dead),
+/// `None` when it did (or the owner keeps no lease).
+fn lease_expired(init: &mut dyn Initiator, block: &[u8]) -> Result<Option<u32>, String> {
+    let key = u32_at(block, info::RKEYS + 4)?;
+    let control =
+        init.regions().iter().copied().find(|r| r.rkey == key).ok_or("the agent announced no control region")?;
+    let read = |init: &mut dyn Initiator| -> Result<(u64, u64, u32), String> {
+        let h = read_bytes(init, control, 0, PAGE as usize)?;
+        Ok((
+            u64_at(&h, remem_alloc::ctl::LEASE)?,
+            u64_at(&h, remem_alloc::ctl::LEASE_PERIOD_MS)?,
+            u32_at(&h, remem_alloc::ctl::MODE)?,
+        ))
+    };
+    let (first, period_ms, mode) = read(init)?;
+    if period_ms == 0 {
+        return Ok(None);
+    }
+    if period_ms > 60_000 {
+        return Err(format!("the owner's lease period is {period_ms} ms (at most 60 s)"));
+    }
+    std::thread::sleep(Duration::from_millis(2 * period_ms + 50));
+    let (second, _, _) = read(init)?;
+    Ok((first == second).then_some(mode))
+}
+
 /// Reads the lists and CRCs named by a sealed info block, checking every value.
-fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64) -> Result<AgentView, String> {
+fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool) -> Result<AgentView, String> {
     let agent_npages = u64_at(block, info::NPAGES)?;
     if agent_npages != npages {
         return Err(format!("the agent's heap has {agent_npages} pages, the baseline's {npages}"));
@@ -194,8 +266,10 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64) -> Result<
             bits &= bits - 1;
         }
     }
-    let crcs = crc_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    // A hung owner's lists were never sealed: no CRCs.
+    let crcs =
+        (!hung).then(|| crc_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
     let mut digest = [0u8; 32];
     digest.copy_from_slice(block.get(info::DIGEST..info::DIGEST + 32).ok_or("short info block")?);
-    Ok(AgentView { init, heap, pages, crcs, digest })
+    Ok(AgentView { init, heap, pages, crcs, npages, digest, hung, lossy: false })
 }
