@@ -7,6 +7,7 @@
 //! cargo run --release -p remem-bench -- tx track flush # several suites, in order
 //! cargo run --release -p remem-bench -- pull --json    # remem's TCP pull and recovery
 //! cargo run --release -p remem-bench -- mt             # larson, threadtest (C programs)
+//! cargo run --release -p remem-bench -- c cpp          # remem from C and C++ (libremem.so)
 //! ```
 //!
 //! Layout: `peers/` wraps each system behind the narrow [`peers::Peer`]
@@ -20,10 +21,13 @@
 //! transport against a plain TCP stream, and whole recoveries of a heap
 //! whose database child process (this binary re-executed with the hidden
 //! subcommand `__pull-db`) it kills; `mt` builds libremem and the C
-//! programs in `benches/c/` and runs them. Each suite starts what it needs
+//! programs in `benches/c/` and runs them; `c` and `cpp` build the C and
+//! C++ programs under `benches/c/` against `libremem.so` ([`native`]) and
+//! run them beside remem's Rust path. Each suite starts what it needs
 //! and stops it before the next suite runs, so that no heap's background
 //! flusher runs during another suite.
 
+mod native;
 mod peers;
 mod report;
 mod scratch;
@@ -53,6 +57,10 @@ enum Suite {
     Pull,
     /// Multi-threaded allocator benchmarks larson and threadtest (C, through libremem) against glibc, jemalloc, mimalloc.
     Mt,
+    /// remem from C through libremem.so: alloc/free and a transaction against malloc and PMDK; a transactional hash map against PMDK.
+    C,
+    /// std::map through remem.hpp against std::allocator and jemalloc.
+    Cpp,
 }
 
 #[derive(Parser, Debug)]
@@ -92,9 +100,17 @@ struct Cli {
     #[arg(long)]
     dir: Option<PathBuf>,
 
-    /// Length of one repetition of track's hot_update, in milliseconds.
+    /// Length of one repetition of track's hot_update and random_update_1gib, in milliseconds.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
     hot_ms: u64,
+
+    /// Keys of the c suite's transactional hash map.
+    #[arg(long, default_value_t = 500_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_keys: u64,
+
+    /// Keys of the cpp suite's std::map.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    map_keys: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -124,6 +140,8 @@ fn main() -> anyhow::Result<()> {
         threads: cli.threads.clone(),
         dir: cli.dir.clone().unwrap_or_else(std::env::temp_dir),
         hot_time: Duration::from_millis(cli.hot_ms),
+        kv_keys: cli.kv_keys,
+        map_keys: cli.map_keys,
     };
     if !config.dir.is_dir() {
         anyhow::bail!("--dir {}: not a directory", config.dir.display());
@@ -157,6 +175,8 @@ fn main() -> anyhow::Result<()> {
             Suite::Flush => suites::flush::run(&config)?,
             Suite::Pull => suites::pull::run(&config)?,
             Suite::Mt => suites::mt::run(&config).map_err(anyhow::Error::msg)?,
+            Suite::C => suites::c::run_suite(&config, config.kv_keys)?,
+            Suite::Cpp => suites::cpp::run_suite(&config, config.map_keys)?,
         };
         if cli.json {
             report::write_json(&mut out, &report.measurements)?;

@@ -21,7 +21,8 @@
  * means nothing here). persistent_allocator stores the heap's base
  * address instead, which is the same in every process that opens the
  * heap (heaps are mapped at a fixed address), and looks the open heap up
- * with remem_heap_at(base) on every allocation and deallocation. While
+ * with remem_heap_at(base) on every allocation and deallocation (a table
+ * lookup of a few loads, no lock). While
  * no heap is open at that address, allocation throws remem::alloc_error
  * and deallocation does nothing (the block stays allocated in the
  * image). allocator<T> holds the remem_heap* itself and is the cheaper

@@ -179,7 +179,7 @@ pub trait TxVisitor {
 /// A started system of the `tx` suite. Dropping it closes it and removes
 /// its files.
 pub enum TxSystem {
-    /// remem, never flushed during the run (see [`Remem::open_for_tx`]).
+    /// remem, with its default background flush (see [`Remem::open_for_tx`]).
     Remem(Remem),
     /// PMDK.
     Pmdk(Pmdk),

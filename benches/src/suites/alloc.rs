@@ -103,10 +103,10 @@ pub fn run(systems: &[System], config: &Config) -> SuiteReport {
 }
 
 /// One repetition of one case on one system: ns per op per thread.
-struct RunCase {
-    case: Case,
-    threads: usize,
-    rep_time: Duration,
+pub(crate) struct RunCase {
+    pub(crate) case: Case,
+    pub(crate) threads: usize,
+    pub(crate) rep_time: Duration,
 }
 
 impl PeerVisitor for RunCase {

@@ -3,6 +3,8 @@
 //! [`crate::report::SuiteReport`].
 
 pub mod alloc;
+pub mod c;
+pub mod cpp;
 pub mod flush;
 pub mod mt;
 pub mod pull;
@@ -25,11 +27,14 @@ pub struct Config {
     /// Where heap baselines and data files go (a directory of the run's
     /// own is made inside it).
     pub dir: PathBuf,
-    /// Length of one repetition of `track`'s `hot_update`.
+    /// Length of one repetition of `track`'s `hot_update` and `random_update_1gib`.
     pub hot_time: Duration,
+    /// Keys of the `c` suite's hash map.
+    pub kv_keys: u64,
+    /// Keys of the `cpp` suite's map.
+    pub map_keys: u64,
 }
 
-/// Says what runs now on stderr, when stderr is a terminal.
 /// The best (smallest) ns/op of each system over `reps` rounds; within a
 /// round the systems take turns, so bursts of noise hit them alike.
 pub fn best_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> Vec<f64> {
@@ -42,6 +47,7 @@ pub fn best_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> V
     best
 }
 
+/// Says what runs now on stderr, when stderr is a terminal.
 pub fn progress(suite: &str, what: std::fmt::Arguments<'_>) {
     if std::io::stderr().is_terminal() {
         eprintln!("remem-bench: {suite} {what} ...");

@@ -28,6 +28,14 @@
 //!   figure counts and this one does not. `minor_faults` is the writer's
 //!   minor page faults during the run (`getrusage(RUSAGE_THREAD)`): in fast
 //!   mode, one per hot page written after each harvest re-protected it.
+//! - `random_update_1gib`: the same 64 B updates, at uniformly random
+//!   offsets of a 1 GiB block (every page written once before the clock
+//!   starts), for `--hot-ms`: the working set a database with a large
+//!   table spreads its writes over, so nearly every page is dirtied again
+//!   after each harvest re-protects it. `untracked`: `Heap::create_memfd`.
+//!   `fast`: `Heap::create` with the defaults a user gets (fast tracking,
+//!   background flush every second), so each flush writes the pages the
+//!   updates dirtied since the last one.
 //!
 //! Single-threaded (the flusher is remem's own thread); `--threads` does
 //! not apply. Each repetition runs every system in turn; the figure is the
@@ -57,7 +65,11 @@ pub const HOT_PAGES: usize = 4096;
 const HOT_HEAP_SIZE: u64 = 1 << 30;
 /// Background flush interval of `hot_update`'s `fast` heap.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// Bytes per update in `hot_update`.
+/// Pages of `random_update_1gib`'s block (a power of two): 1 GiB of 4 KiB pages.
+pub const RANDOM_PAGES: usize = 1 << 18;
+/// Size of the heaps of `random_update_1gib`: the block and room for metadata.
+const RANDOM_HEAP_SIZE: u64 = (1 << 30) + (256 << 20);
+/// Bytes per update in `hot_update` and `random_update_1gib`.
 const UPDATE: usize = 64;
 /// Updates between two looks at the clock.
 const BATCH: u64 = 256;
@@ -69,6 +81,7 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
     let mut measurements = first_write(config)?;
     let dir = ScratchDir::new(&config.dir, "track").map_err(anyhow::Error::msg)?;
     measurements.extend(hot_update(config, &dir)?);
+    measurements.extend(random_update(config, &dir)?);
     let mut legend = vec![
         format!(
             "first_write: one op = the first write (1 byte) to a write-protected page of a {} MiB \
@@ -88,15 +101,26 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
             HOT_HEAP_SIZE >> 20,
             dir.describe()
         ),
+        format!(
+            "random_update_1gib: one op = a {UPDATE} B write at a uniformly random {UPDATE} B-aligned offset              of a {} MiB block, every page written once before, for {} ms per rep; untracked =              Heap::create_memfd; fast = Heap::create with its defaults (fast tracking, background flush every              second); heaps of {} MiB",
+            (RANDOM_PAGES * page_size()) >> 20,
+            config.hot_time.as_millis(),
+            RANDOM_HEAP_SIZE >> 20
+        ),
         format!("ns/op, 1 thread, best of {} reps", config.reps),
     ];
     legend.extend(verdict(&measurements));
     Ok(SuiteReport { suite: SUITE, baseline: BASELINE, legend, measurements })
 }
 
-/// "fast is 4.1 % slower than untracked on hot_update: target <= 10 % met".
-fn verdict(ms: &[Measurement]) -> Option<String> {
-    let find = |system| ms.iter().find(|m| m.case == "hot_update" && m.system == system);
+/// "fast is 4.1 % slower than untracked on hot_update: target <= 10 % met",
+/// and the same for random_update_1gib.
+fn verdict(ms: &[Measurement]) -> Vec<String> {
+    ["hot_update", "random_update_1gib"].into_iter().filter_map(|case| verdict_on(ms, case)).collect()
+}
+
+fn verdict_on(ms: &[Measurement], case: &str) -> Option<String> {
+    let find = |system| ms.iter().find(|m| m.case == case && m.system == system);
     let (u, f) = (find(BASELINE)?, find("fast")?);
     let over = (f.ns_per_op / u.ns_per_op - 1.0) * 100.0;
     let cpu = |m: &Measurement| m.extra.0.iter().find(|(k, _)| *k == "cpu_ns_per_op").map(|&(_, v)| v);
@@ -105,7 +129,7 @@ fn verdict(ms: &[Measurement]) -> Option<String> {
         _ => String::new(),
     };
     Some(format!(
-        "target fast within 10 % of untracked on hot_update: fast is {over:+.1} % ({}){cpu_over}",
+        "target fast within 10 % of untracked on {case}: fast is {over:+.1} % ({}){cpu_over}",
         if over <= 10.0 { "met" } else { "NOT met" }
     ))
 }
@@ -301,12 +325,12 @@ fn hot_update(config: &Config, dir: &ScratchDir) -> anyhow::Result<Vec<Measureme
         .collect())
 }
 
-/// Allocates the hot set in `heap` and writes each of its pages once.
-fn hot_set(heap: &Heap) -> anyhow::Result<NonNull<u8>> {
+/// Allocates a block of `pages` pages in `heap` and writes each page once.
+fn hot_set(heap: &Heap, pages: usize) -> anyhow::Result<NonNull<u8>> {
     let ps = page_size();
-    let block = heap.alloc(HOT_PAGES * ps).map_err(|e| anyhow::anyhow!("allocating the hot set: {e}"))?;
-    for p in 0..HOT_PAGES {
-        // SAFETY: the block is ours and `HOT_PAGES * ps` bytes long.
+    let block = heap.alloc(pages * ps).map_err(|e| anyhow::anyhow!("allocating {pages} pages: {e}"))?;
+    for p in 0..pages {
+        // SAFETY: the block is ours and `pages * ps` bytes long.
         unsafe { block.as_ptr().add(p * ps).write_volatile(1) };
     }
     Ok(block)
@@ -339,8 +363,8 @@ struct HotLoop {
     minor_faults: u64,
 }
 
-/// Random 64 B updates of the hot set at `block` for `time`.
-fn hot_loop(block: NonNull<u8>, time: Duration, seed: u64) -> HotLoop {
+/// Random 64 B updates of the `pages` pages (a power of two) at `block` for `time`.
+fn hot_loop(block: NonNull<u8>, pages: usize, time: Duration, seed: u64) -> HotLoop {
     let ps = page_size();
     let slots = (ps / UPDATE) as u64;
     let mut rng = Rng::new(seed);
@@ -352,10 +376,10 @@ fn hot_loop(block: NonNull<u8>, time: Duration, seed: u64) -> HotLoop {
     loop {
         for i in 0..BATCH {
             let r = rng.next_u64();
-            let page = (r >> 40) as usize & (HOT_PAGES - 1);
+            let page = (r >> 32) as usize & (pages - 1);
             let slot = ((r >> 8) % slots) as usize;
-            // SAFETY: `page < HOT_PAGES` and `slot * UPDATE + UPDATE <= ps`:
-            // inside the hot-set block, which only this thread writes.
+            // SAFETY: `page < pages` and `slot * UPDATE + UPDATE <= ps`:
+            // inside the block, which only this thread writes.
             unsafe { ptr::write_bytes(black_box(base.add(page * ps + slot * UPDATE)), (ops + i) as u8, UPDATE) };
         }
         ops += BATCH;
@@ -374,20 +398,26 @@ fn hot_loop(block: NonNull<u8>, time: Duration, seed: u64) -> HotLoop {
 fn hot_rep_untracked(time: Duration, rep: u32) -> anyhow::Result<HotRep> {
     let heap = Heap::create_memfd(&HeapOptions::new(HOT_HEAP_SIZE))
         .map_err(|e| anyhow::anyhow!("Heap::create_memfd({} MiB): {e}", HOT_HEAP_SIZE >> 20))?;
-    let block = hot_set(&heap)?;
-    let r = hot_loop(block, time, SEED + u64::from(rep));
+    let block = hot_set(&heap, HOT_PAGES)?;
+    let r = hot_loop(block, HOT_PAGES, time, SEED + u64::from(rep));
     heap.close().map_err(|e| anyhow::anyhow!("closing the memfd heap: {e}"))?;
     let extra = Extra::default().with("cpu_ns_per_op", r.cpu_ns_per_op).with("minor_faults", r.minor_faults as f64);
     Ok(HotRep { ns_per_op: r.ns_per_op, extra })
 }
 
 fn hot_rep_fast(dir: &Path, time: Duration, rep: u32) -> anyhow::Result<HotRep> {
-    let path = dir.join(format!("hot-{rep}.heap"));
     let opts = HeapOptions::new(HOT_HEAP_SIZE).tracking(TrackMode::Fast).flush_interval(Some(FLUSH_EVERY));
-    let heap = Heap::create(&path, &opts).map_err(|e| anyhow::anyhow!("Heap::create({}): {e}", path.display()))?;
-    let block = hot_set(&heap)?;
+    tracked_rep(dir, &opts, HOT_PAGES, time, rep)
+}
+
+/// One repetition on a file-backed heap made with `opts`: `pages` pages
+/// written once, then `time` of random updates over them.
+fn tracked_rep(dir: &Path, opts: &HeapOptions, pages: usize, time: Duration, rep: u32) -> anyhow::Result<HotRep> {
+    let path = dir.join(format!("track-{rep}.heap"));
+    let heap = Heap::create(&path, opts).map_err(|e| anyhow::anyhow!("Heap::create({}): {e}", path.display()))?;
+    let block = hot_set(&heap, pages)?;
     let before = heap.flush_stats().expect("a file-backed heap has flush stats");
-    let r = hot_loop(block, time, SEED + u64::from(rep));
+    let r = hot_loop(block, pages, time, SEED + u64::from(rep));
     let after = heap.flush_stats().expect("a file-backed heap has flush stats");
     if let Some(p) = &after.poisoned {
         anyhow::bail!("the fast heap's durability was poisoned during hot_update: {p}");
@@ -402,6 +432,50 @@ fn hot_rep_fast(dir: &Path, time: Duration, rep: u32) -> anyhow::Result<HotRep> 
         .with("pages_per_flush", (after.pages_flushed - before.pages_flushed) as f64 / flushes.max(1) as f64)
         .with("pause_p50_us", after.pause_p50.as_secs_f64() * 1e6)
         .with("pause_p99_us", after.pause_p99.as_secs_f64() * 1e6);
+    Ok(HotRep { ns_per_op: r.ns_per_op, extra })
+}
+
+// ---------------------------------------------------------- random_update_1gib
+
+fn random_update(config: &Config, dir: &ScratchDir) -> anyhow::Result<Vec<Measurement>> {
+    progress(SUITE, format_args!("random_update_1gib ({} ms per rep and system)", config.hot_time.as_millis()));
+    let names = [BASELINE, "fast"];
+    let mut best: Vec<Option<HotRep>> = vec![None, None];
+    for rep in 0..config.reps {
+        for (i, best) in best.iter_mut().enumerate() {
+            let r = if i == 0 {
+                random_rep_untracked(config.hot_time, rep)?
+            } else {
+                tracked_rep(dir.path(), &HeapOptions::new(RANDOM_HEAP_SIZE), RANDOM_PAGES, config.hot_time, rep)?
+            };
+            if best.as_ref().is_none_or(|b| r.ns_per_op < b.ns_per_op) {
+                *best = Some(r);
+            }
+        }
+    }
+    Ok(names
+        .iter()
+        .zip(best)
+        .filter_map(|(name, b)| b.map(|b| (name, b)))
+        .map(|(name, b)| Measurement {
+            suite: SUITE,
+            case: "random_update_1gib",
+            system: name,
+            ns_per_op: b.ns_per_op,
+            threads: 1,
+            reps: config.reps,
+            extra: b.extra,
+        })
+        .collect())
+}
+
+fn random_rep_untracked(time: Duration, rep: u32) -> anyhow::Result<HotRep> {
+    let heap = Heap::create_memfd(&HeapOptions::new(RANDOM_HEAP_SIZE))
+        .map_err(|e| anyhow::anyhow!("Heap::create_memfd({} MiB): {e}", RANDOM_HEAP_SIZE >> 20))?;
+    let block = hot_set(&heap, RANDOM_PAGES)?;
+    let r = hot_loop(block, RANDOM_PAGES, time, SEED + u64::from(rep));
+    heap.close().map_err(|e| anyhow::anyhow!("closing the memfd heap: {e}"))?;
+    let extra = Extra::default().with("cpu_ns_per_op", r.cpu_ns_per_op).with("minor_faults", r.minor_faults as f64);
     Ok(HotRep { ns_per_op: r.ns_per_op, extra })
 }
 

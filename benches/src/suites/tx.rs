@@ -9,8 +9,9 @@
 //!   freed with the system's plain (non-transactional) free, so every system
 //!   allocates from the same steady state and no free is timed.
 //!
-//! remem: a file-backed heap of 1 GiB (`Heap::create`, fast tracking,
-//! `flush_interval(None)`: no background flush during the run), through
+//! remem: a file-backed heap of 1 GiB made as a user gets it
+//! (`Heap::create` with its defaults: fast tracking, background flush every
+//! second, which runs during the repetitions), through
 //! `Heap::tx_begin` / `tx_add_range` / `tx_alloc` / `tx_commit`. PMDK: the
 //! pool of the `alloc` suite (on /dev/shm, `PMEM_IS_PMEM_FORCE=1`), through
 //! `pmemobj_tx_begin(pop, NULL, TX_PARAM_NONE)` / `pmemobj_tx_add_range` /
@@ -98,6 +99,12 @@ pub fn run(systems: &[TxSystem], config: &Config) -> SuiteReport {
     }
     let mut legend: Vec<String> = Case::ALL.iter().map(|c| format!("{}: {}", c.name(), c.op())).collect();
     legend.push(
+        "remem: Heap::create with its defaults (fast tracking, background flush every second, running during \
+         the reps); PMDK: pool on /dev/shm with PMEM_IS_PMEM_FORCE=1"
+            .to_owned(),
+    );
+    legend.push(super::c::DURABILITY.to_owned());
+    legend.push(
         "remem: Heap::create, 1 GiB, TrackMode::Fast, flush_interval(None); pmdk: pool on /dev/shm, \
          PMEM_IS_PMEM_FORCE=1, pmemobj_tx_* calls with a NULL jmp_buf"
             .to_owned(),
@@ -129,10 +136,10 @@ fn verdicts(ms: &[Measurement]) -> Vec<String> {
 }
 
 /// One repetition of one case on one system: ns per op per thread.
-struct RunCase {
-    case: Case,
-    threads: usize,
-    rep_time: Duration,
+pub(crate) struct RunCase {
+    pub(crate) case: Case,
+    pub(crate) threads: usize,
+    pub(crate) rep_time: Duration,
 }
 
 impl TxVisitor for RunCase {
