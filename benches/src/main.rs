@@ -6,6 +6,7 @@
 //! cargo run --release -p remem-bench -- alloc --json   # one JSON object per line
 //! cargo run --release -p remem-bench -- tx track flush # several suites, in order
 //! cargo run --release -p remem-bench -- pull --json    # remem's TCP pull and recovery
+//! cargo run --release -p remem-bench -- failover --json --reps 3 --heap-gib 0.25   # a short failover run
 //! cargo run --release -p remem-bench -- mt             # larson, threadtest (C programs)
 //! cargo run --release -p remem-bench -- c cpp          # remem from C and C++ (libremem.so)
 //! ```
@@ -55,6 +56,8 @@ enum Suite {
     Flush,
     /// Pulling 256 MiB over remem's TCP transport against a TCP stream; recovering a 1 GiB heap.
     Pull,
+    /// Failover: SIGKILL of a database, then recovery of its 1/4/8 GiB heap, against a raw copy of the same bytes.
+    Failover,
     /// Multi-threaded allocator benchmarks larson and threadtest (C, through libremem) against glibc, jemalloc, mimalloc.
     Mt,
     /// remem from C through libremem.so: alloc/free and a transaction against malloc and PMDK; a transactional hash map against PMDK.
@@ -100,6 +103,10 @@ struct Cli {
     #[arg(long)]
     dir: Option<PathBuf>,
 
+    /// Heap sizes of the failover suite, in GiB (a short run: --heap-gib 0.25).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 4.0, 8.0])]
+    heap_gib: Vec<f64>,
+
     /// Length of one repetition of track's hot_update and random_update_1gib, in milliseconds.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
     hot_ms: u64,
@@ -121,6 +128,13 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("PMEM_IS_PMEM_FORCE", "1");
     }
 
+    // The database child of the failover suite.
+    if std::env::args_os().nth(1).is_some_and(|a| a == suites::failover::CHILD_CMD) {
+        let name = format!("remem-bench {}", suites::failover::CHILD_CMD);
+        let args =
+            suites::failover::DbArgs::parse_from(std::iter::once(name.into()).chain(std::env::args_os().skip(2)));
+        return suites::failover::db_main(&args);
+    }
     // The database child of the pull suite: `remem-bench __pull-db ...`.
     if std::env::args_os().nth(1).is_some_and(|a| a == suites::pull::CHILD_CMD) {
         let name = format!("remem-bench {}", suites::pull::CHILD_CMD);
@@ -142,7 +156,11 @@ fn main() -> anyhow::Result<()> {
         hot_time: Duration::from_millis(cli.hot_ms),
         kv_keys: cli.kv_keys,
         map_keys: cli.map_keys,
+        heap_gib: cli.heap_gib.clone(),
     };
+    if cli.heap_gib.iter().any(|&g| !(0.0625..=1024.0).contains(&g)) {
+        anyhow::bail!("--heap-gib: sizes from 0.0625 to 1024 GiB");
+    }
     if !config.dir.is_dir() {
         anyhow::bail!("--dir {}: not a directory", config.dir.display());
     }
@@ -174,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Track => suites::track::run(&config)?,
             Suite::Flush => suites::flush::run(&config)?,
             Suite::Pull => suites::pull::run(&config)?,
+            Suite::Failover => suites::failover::run(&config)?,
             Suite::Mt => suites::mt::run(&config).map_err(anyhow::Error::msg)?,
             Suite::C => suites::c::run_suite(&config, config.kv_keys)?,
             Suite::Cpp => suites::cpp::run_suite(&config, config.map_keys)?,

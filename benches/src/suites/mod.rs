@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod c;
 pub mod cpp;
+pub mod failover;
 pub mod flush;
 pub mod mt;
 pub mod pull;
@@ -33,6 +34,8 @@ pub struct Config {
     pub kv_keys: u64,
     /// Keys of the `cpp` suite's map.
     pub map_keys: u64,
+    /// Heap sizes of `failover`, in GiB.
+    pub heap_gib: Vec<f64>,
 }
 
 /// The best (smallest) ns/op of each system over `reps` rounds; within a
