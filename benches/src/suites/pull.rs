@@ -26,23 +26,15 @@
 //!   skipped by the loader like the rest of the heap's holes), then writes
 //!   one byte into each of the block's pages (dirty, never flushed), says
 //!   `ready` and sleeps. It is killed with SIGKILL; once the agent has
-//!   sealed (`seconds_seal`: from the kill until the agent's state is
-//!   `SEALED`, not part of the op) one op is timed:
-//!   `remem_recovery::recover::recover` (fence, load the baseline, pull the
-//!   sealed pages with CRC checks and a BLAKE3 of the whole image, heap
-//!   recovery, commit). `seconds_total`, `seconds_baseline`, `seconds_pull`,
-//!   `pages_pulled` and `image_identical` come from its `RecoverReport`;
-//!   untimed afterwards, the byte the child wrote into each dirtied page is
-//!   checked in the recovered heap, beside the first version's 0xFF
-//!   (`pages_checked`), and the heap is closed (`seconds_close`). One
-//!   repetition per `dirty_pct` (each takes seconds and a fresh child);
-//!   `--reps` does not apply. `recover()` sometimes fails in its pull
-//!   ("cannot wait for N completions: only 0 reads are outstanding": it
-//!   assumes one `wait` returns exactly the oldest batch's completions,
-//!   while `Initiator::wait` returns every ready one); the case then calls
-//!   it again, up to 5 times, and reports `recover_attempts` (calls made)
-//!   and `pull_retries` (reconnects inside the successful call, whose time
-//!   they are part of).
+//!   sealed, then `remem_recovery::recover::recover` (lock, lists, fence,
+//!   load the baseline, pull the sealed pages with a CRC per page and a
+//!   BLAKE3 of the whole image, heap recovery, commit). One op is the plain
+//!   wall time from the SIGKILL to `recover()` returning: the seal is
+//!   inside it. At least three repetitions (`--reps`, each a fresh child),
+//!   median reported with min and max; a reconnect inside `recover()`, a
+//!   failed `recover()` or a dirtied page missing from the recovered heap
+//!   fails the suite (never retried). Afterwards, untimed, the byte the
+//!   child wrote into each dirtied page is checked in the recovered heap.
 //!
 //! Single-threaded from the bench's side (the transport's and agent's
 //! threads are remem's own); `--threads` does not apply.
@@ -81,8 +73,8 @@ const DIRTY_PCTS: [u64; 2] = [1, 10];
 const PAGE: usize = remem_alloc::format::PAGE_SIZE;
 /// remem_tcp must reach this share of tcp_stream's throughput.
 const TARGET: f64 = 0.80;
-/// Calls of `recover()` before the case fails.
-const RECOVER_ATTEMPTS: u32 = 5;
+/// Repetitions of `recover_1gib` at least (each with a fresh child).
+const MIN_RECOVER_REPS: u32 = 3;
 /// What the child's block holds in its first (flushed) version.
 const FILL: u8 = 0xFF;
 /// Time the child has to create its heap and say `ready`.
@@ -100,27 +92,31 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
     measurements.extend(ms);
 
     let dir = ScratchDir::new(&config.dir, "pull").map_err(anyhow::Error::msg)?;
+    let reps = config.reps.max(MIN_RECOVER_REPS);
     for pct in DIRTY_PCTS {
-        progress(SUITE, format_args!("recover_1gib, {pct} % dirty"));
-        measurements.push(recover_case(dir.path(), pct)?);
+        let mut runs = Vec::new();
+        for r in 0..reps {
+            progress(SUITE, format_args!("recover_1gib, {pct} % dirty, repetition {}", r + 1));
+            runs.push(recover_case(dir.path(), pct, r)?);
+        }
+        measurements.push(summarize_recover(pct, runs));
     }
 
     legend.extend(pull_legend);
     legend.push(format!(
-        "recover_1gib: one op = recover() of a {} MiB heap (fence, load the baseline, pull the pages the \
-         agent sealed over TCP on 127.0.0.1, CRC + BLAKE3 checks, heap recovery, commit) after its database \
-         child was SIGKILLed with dirty_pct % of its data pages (one block, 0xFF in the flushed version) \
-         written since its only flush; agent in this process; ONE rep per dirty_pct (each takes seconds \
-         and a fresh child)",
+        "recover_1gib: one op = from the SIGKILL of the database child to recover() returning the open heap: \
+         the agent's seal (CRC of every page, BLAKE3 of the image), then recover() (lock, the agent's lists, \
+         fence, load the baseline, pull the sealed pages over TCP on 127.0.0.1 with a CRC per page, heap \
+         recovery, commit) of a {} MiB heap with dirty_pct % of its data pages (one block, 0xFF in the \
+         flushed version) written since its only flush; agent in this process; plain wall time, median of \
+         {reps} repetitions (each a fresh child; min and max beside); a reconnect inside recover() or a failed \
+         recover() fails the suite",
         HEAP_SIZE >> 20
     ));
     legend.push(format!(
-        "recover_1gib figures from RecoverReport: seconds_total (= ns/op), seconds_baseline (load), \
-         seconds_pull (page list + pull + checks), seconds_other = the rest (fence, heap recovery, commit \
-         flush); pull_mb_per_s = bytes_pulled / seconds_pull; not in the op: seconds_seal (kill until the \
-         agent sealed: CRC of every page + BLAKE3 of the image), seconds_close; pages_dirtied = the child's \
-         block, pages_checked = its bytes found in the recovered heap; recover_attempts = recover() calls \
-         made (a failed call is retried), pull_retries = reconnects inside the timed call; files in {}",
+        "recover_1gib figures (medians): seconds_seal (kill until sealed), seconds_recover (recover() alone), \
+         seconds_baseline and seconds_pull from RecoverReport; pages_checked = the child's bytes found in the \
+         recovered heap (must equal pages_dirtied); files in {}",
         dir.describe()
     ));
     Ok(SuiteReport { suite: SUITE, baseline: REMEM_TCP, legend, measurements })
@@ -230,10 +226,10 @@ fn mark(p: u64) -> (usize, u8) {
     ((p % 64) as usize * 64, (p % 251) as u8 + 1)
 }
 
-/// `recover_1gib` at `pct` % dirty: one repetition.
-fn recover_case(dir: &Path, pct: u64) -> anyhow::Result<Measurement> {
-    let baseline = dir.join(format!("heap-{pct}"));
-    let socket = dir.join(format!("agent-{pct}.sock"));
+/// `recover_1gib` at `pct` % dirty: repetition `rep`.
+fn recover_case(dir: &Path, pct: u64, rep: u32) -> anyhow::Result<RecoverRun> {
+    let baseline = dir.join(format!("heap-{pct}-{rep}"));
+    let socket = dir.join(format!("agent-{pct}-{rep}.sock"));
     let token = Token::generate().map_err(|e| anyhow::anyhow!("generating a token: {e}"))?;
     let mut serve = ServeOptions::new(token.clone());
     serve.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
@@ -284,61 +280,73 @@ fn recover_case(dir: &Path, pct: u64) -> anyhow::Result<Measurement> {
     }
     let seconds_seal = killed.elapsed().as_secs_f64();
 
-    // recover() can fail on its own (see the module docs); a failed attempt
-    // leaves the baseline as it was (but fenced) and the agent sealed, so it
-    // is tried again, and the attempts are reported.
-    let mut attempts = 0;
-    let (heap, report) = loop {
-        attempts += 1;
-        let mut o = RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token.clone()));
-        o.verify_image = true;
-        match recover(o) {
-            Ok(done) => break done,
-            Err(e) if attempts < RECOVER_ATTEMPTS => {
-                eprintln!("remem-bench: {SUITE} recover_1gib {pct} %: attempt {attempts} failed: {e}; trying again");
-            }
-            Err(e) => return Err(anyhow::anyhow!("recover({}): attempt {attempts} failed: {e}", baseline.display())),
-        }
-    };
+    let mut o = RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token.clone()));
+    o.verify_image = true;
+    let t = Instant::now();
+    let (heap, report) = recover(o).map_err(|e| anyhow::anyhow!("recover({}): {e}", baseline.display()))?;
+    let seconds_recover = t.elapsed().as_secs_f64();
+    let seconds_total = killed.elapsed().as_secs_f64();
+    if report.retries > 0 {
+        return Err(anyhow::anyhow!("recover() reconnected {} times: counted as a failure", report.retries));
+    }
     if report.image_identical != Some(true) {
         return Err(anyhow::anyhow!("recover: image_identical is {:?}, not Some(true)", report.image_identical));
     }
     let checked = check_marks(&heap, first_page, dirtied);
     if checked != dirtied {
-        eprintln!(
-            "remem-bench: {SUITE} recover_1gib {pct} %: only {checked} of {dirtied} dirtied pages hold the \
-             child's byte after recovery"
-        );
+        return Err(anyhow::anyhow!(
+            "recover_1gib {pct} %: only {checked} of {dirtied} dirtied pages hold the child's byte after recovery"
+        ));
     }
-    let closing = Instant::now();
     heap.close().map_err(|e| anyhow::anyhow!("closing the recovered heap: {e}"))?;
-    let seconds_close = closing.elapsed().as_secs_f64();
     drop(agent);
+    Ok(RecoverRun {
+        seconds_total,
+        seconds_seal,
+        seconds_recover,
+        seconds_baseline: report.seconds_baseline,
+        seconds_pull: report.seconds_pull,
+        pages_pulled: report.pages_pulled,
+        dirtied,
+    })
+}
 
-    let other = report.seconds - report.seconds_baseline - report.seconds_pull;
-    Ok(Measurement {
+/// One repetition of `recover_1gib`.
+struct RecoverRun {
+    seconds_total: f64,
+    seconds_seal: f64,
+    seconds_recover: f64,
+    seconds_baseline: f64,
+    seconds_pull: f64,
+    pages_pulled: u64,
+    dirtied: u64,
+}
+
+/// The median (nearest rank) of the repetitions, with min and max of the total.
+fn summarize_recover(pct: u64, runs: Vec<RecoverRun>) -> Measurement {
+    let med = |f: fn(&RecoverRun) -> f64| super::quantile(&runs.iter().map(f).collect::<Vec<_>>(), 0.5);
+    let totals: Vec<f64> = runs.iter().map(|r| r.seconds_total).collect();
+    let total = super::quantile(&totals, 0.5);
+    Measurement {
         suite: SUITE,
         case: "recover_1gib",
         system: REMEM_TCP,
-        ns_per_op: report.seconds * 1e9,
+        ns_per_op: total * 1e9,
         threads: 1,
-        reps: 1,
+        reps: runs.len() as u32,
         extra: Extra::default()
             .with("dirty_pct", pct as f64)
-            .with("seconds_total", report.seconds)
-            .with("seconds_baseline", report.seconds_baseline)
-            .with("seconds_pull", report.seconds_pull)
-            .with("seconds_other", other)
-            .with("pages_pulled", report.pages_pulled as f64)
-            .with("pull_mb_per_s", report.bytes_pulled as f64 / report.seconds_pull / 1e6)
-            .with("image_identical", 1.0)
-            .with("pages_dirtied", dirtied as f64)
-            .with("pages_checked", checked as f64)
-            .with("recover_attempts", f64::from(attempts))
-            .with("pull_retries", report.retries as f64)
-            .with("seconds_seal", seconds_seal)
-            .with("seconds_close", seconds_close),
-    })
+            .with("seconds_total", total)
+            .with("seconds_min", totals.iter().copied().fold(f64::INFINITY, f64::min))
+            .with("seconds_max", totals.iter().copied().fold(0.0, f64::max))
+            .with("seconds_seal", med(|r| r.seconds_seal))
+            .with("seconds_recover", med(|r| r.seconds_recover))
+            .with("seconds_baseline", med(|r| r.seconds_baseline))
+            .with("seconds_pull", med(|r| r.seconds_pull))
+            .with("pages_pulled", med(|r| r.pages_pulled as f64))
+            .with("pages_dirtied", med(|r| r.dirtied as f64))
+            .with("image_identical", 1.0),
+    }
 }
 
 /// How many of the `count` pages from `first` hold the child's byte, and
