@@ -111,6 +111,9 @@ pub enum OpenError {
     /// Dirty-page tracking could not be set up.
     #[error(transparent)]
     Track(#[from] crate::track::TrackError),
+    /// Lazy loading could not start.
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
     /// Another process has the heap open.
     #[error("{0} is open in another process (its lock file is held); close it there first")]
     Locked(PathBuf),

@@ -179,6 +179,8 @@ pub(crate) struct Inner {
     /// Per lane: the volatile part of its transaction.
     txv: Box<[Padded<LaneCell<crate::tx::TxVolatile>>]>,
     report: RecoveryReport,
+    /// The loader of a heap opened lazily ([`Heap::open_lazy`]).
+    lazy: std::sync::OnceLock<Arc<crate::lazy::Lazy>>,
 }
 
 impl HasLanes for Inner {
@@ -232,6 +234,10 @@ pub(crate) fn with_open_heap<R>(base: u64, f: impl FnOnce(&Heap) -> R) -> Option
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OpenError {
     let what = what.into();
     move |source| OpenError::Io { what, source }
+}
+
+fn lazy_err(e: crate::lazy::LazyError) -> OpenError {
+    OpenError::Lazy(e)
 }
 
 fn lock_path(path: &Path) -> PathBuf {
@@ -530,6 +536,90 @@ impl Heap {
         Ok(heap)
     }
 
+    /// Opens the heap whose baseline is at `path` *lazily*: returns as soon
+    /// as the pages the recovery pass reads are in, and fetches every other
+    /// page from `source` on first touch (userfaultfd) while a background
+    /// prefetcher brings in the rest. `source` gives the newest copy of each
+    /// page (a [`crate::source::Layered`] source over an agent and the
+    /// baseline, or a [`crate::source::BaselineSource`] alone). Writes are
+    /// tracked from the start; no flush commits until every page is in, then
+    /// the recovered state is committed once ([`Heap::lazy_status`],
+    /// [`Heap::wait_lazy`]). See [`crate::lazy`].
+    pub fn open_lazy(
+        path: impl AsRef<Path>,
+        opts: &HeapOptions,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
+        let (backend, file) = open_baseline_file(path.as_ref())?;
+        Self::open_lazy_inner(backend, opts, file, source)
+    }
+
+    /// [`Heap::open_lazy`] on a caller-provided baseline backend.
+    pub fn open_lazy_on(
+        backend: Arc<dyn Backend>,
+        opts: &HeapOptions,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
+        Self::open_lazy_inner(backend, opts, None, source)
+    }
+
+    fn open_lazy_inner(
+        backend: Arc<dyn Backend>,
+        opts: &HeapOptions,
+        file: LockedFile,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
+        region::check_page_size()?;
+        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
+        let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
+        let baseline = Baseline::open(backend).map_err(bl_err)?;
+        let mut first = vec![0u8; PAGE_SIZE];
+        baseline.read_page(0, &mut first).map_err(bl_err)?;
+        let header = decode_header(&first, &name)?;
+        baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
+        let info = baseline.info();
+        let size = header.layout.size;
+        let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
+        let region = Region::map(fd, header.base, size)?;
+        let (uffd, raw) =
+            crate::lazy::open_uffd(region.base(), region.len(), opts.tracking == TrackMode::Fast).map_err(lazy_err)?;
+        let (dur, wp) =
+            crate::lazy::durability(region.base(), region.len(), &header.uuid, baseline, opts.tracking, &raw)?;
+        let npages = header.layout.npages();
+        let lazy = crate::lazy::Lazy::new(region.base(), npages, (uffd, raw), source, dur.clone(), wp);
+        let lazy = Arc::new(lazy.map_err(lazy_err)?);
+        lazy.start_faults().map_err(lazy_err)?;
+        lazy.fetch_now(0, header.layout.first_data_page()).map_err(lazy_err)?;
+        let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(info.commit_unix_ns);
+        let from = BaselineInfo {
+            epoch: info.epoch,
+            committed_at,
+            age: committed_at.elapsed().unwrap_or_default(),
+            pages_from_journal: info.journal_pages,
+            generation: info.generation,
+        };
+        let meta = Self::meta_of(&region, &header);
+        let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
+        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), Some(from))?;
+        let _ = heap.inner.lazy.set(lazy.clone());
+        heap.start_flusher(opts);
+        let weak = Arc::downgrade(&heap.inner);
+        lazy.start_prefetch(Box::new(move || weak.upgrade().map(|inner| inner.flush()))).map_err(lazy_err)?;
+        Ok(heap)
+    }
+
+    /// Where lazy loading stands (`None` unless opened with [`Heap::open_lazy`]).
+    pub fn lazy_status(&self) -> Option<crate::lazy::LazyStatus> {
+        self.inner.lazy.get().map(|l| l.status())
+    }
+
+    /// Blocks until every page of a lazily opened heap is in and the
+    /// recovered state is committed (or loading failed: see
+    /// [`crate::lazy::LazyStatus::failed`]); `None` for a heap not opened lazily.
+    pub fn wait_lazy(&self) -> Option<crate::lazy::LazyStatus> {
+        self.inner.lazy.get().map(|l| l.wait_done())
+    }
+
     /// Creates a heap that lives only in a memfd (no image file): its
     /// memory outlives this process as long as some process holds the
     /// memfd (see [`Heap::memfd`] and [`Heap::attach`]).
@@ -611,6 +701,7 @@ impl Heap {
             opened_from,
             report,
             region,
+            lazy: std::sync::OnceLock::new(),
         };
         let inner = Arc::new(inner);
         let twin = Box::new(Heap { inner: inner.clone(), closed: true, registered: None });
@@ -1388,6 +1479,7 @@ pub struct HeapStats {
 
 impl Drop for Heap {
     fn drop(&mut self) {
+        let handle = self.registered.is_some();
         if let Some(twin) = self.registered.take() {
             let addr = &*twin as *const Heap as usize;
             OPEN.write().retain(|&(_, a)| a != addr);
@@ -1402,12 +1494,18 @@ impl Drop for Heap {
         } else if let Some(d) = &self.inner.durability {
             d.stop();
         }
+        if let (true, Some(l)) = (handle, self.inner.lazy.get()) {
+            l.stop();
+        }
     }
 }
 
 impl Inner {
     fn flush(&self) -> Result<u64, FlushError> {
         let d = self.durability.as_ref().ok_or(FlushError::NoBaseline)?;
+        if let Some(l) = self.lazy.get() {
+            l.wait_committable()?;
+        }
         d.flush(self.region.base(), |f| {
             let _paused = self.gate.pause();
             crate::flush::timed(f)

@@ -32,6 +32,7 @@ pub mod format;
 mod gate;
 mod heap;
 mod lanes;
+pub mod lazy;
 mod mem;
 mod meta;
 mod pages;

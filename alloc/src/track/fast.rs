@@ -59,6 +59,22 @@ impl FastTracker {
             "6.7",
             "use a memfd, anonymous or file mapping, or TrackMode::Off to opt out",
         )?;
+        let this = Self::with_uffd(region, uffd)?;
+        // Never seen clean: the first harvest reports every page.
+        this.marked.fill();
+        Ok(this)
+    }
+
+    /// A fast tracker on a userfaultfd someone else opened with
+    /// `WP_ASYNC` and registered over `region` for write-protection (and
+    /// for missing pages: the lazy loader, which shares its context so that
+    /// one context per range carries loading and tracking). Starts clean:
+    /// the loader installs every page write-protected.
+    pub(crate) fn on_shared(region: Region, uffd: Uffd) -> Result<Self> {
+        Self::with_uffd(region, uffd)
+    }
+
+    fn with_uffd(region: Region, uffd: Uffd) -> Result<Self> {
         let pagemap = Pagemap::open_self().map_err(TrackError::sys("open /proc/self/pagemap"))?;
         // One get-only call on the first page: proves PAGEMAP_SCAN exists
         // and sees the range as async-registered.
@@ -77,8 +93,6 @@ impl FastTracker {
             Err(e) => return Err(TrackError::Sys { op: "PAGEMAP_SCAN", source: e }),
         }
         let marked = DirtyBitmap::new(region.pages())?;
-        // Never seen clean: the first harvest reports every page.
-        marked.fill();
         Ok(Self { region, uffd, pagemap, marked })
     }
 

@@ -64,6 +64,10 @@ pub use error::{Result, TrackError};
 pub use fast::FastTracker;
 pub use features::UffdFeatures;
 pub use precise::PreciseTracker;
+pub(crate) use precise::WpFaults;
+pub(crate) use sys::{
+    poll_in2, uffd_copy, uffd_poison, EventFd, Uffd as RawUffd, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP,
+};
 
 use std::fmt;
 

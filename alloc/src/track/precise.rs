@@ -139,6 +139,36 @@ impl Shared {
     }
 }
 
+/// The write-protect fault path of a [`PreciseTracker`] built on a shared
+/// userfaultfd: the thread that reads the context's events calls
+/// [`WpFaults::fault`] for each write-protect fault. Allocates nothing and
+/// touches only the dirty set and the tracker's control block.
+pub(crate) struct WpFaults {
+    shared: Arc<Shared>,
+    uffd: Uffd,
+}
+
+impl WpFaults {
+    /// Records the write to the page at `addr` in the dirty set, then
+    /// un-protects it (which wakes the writer). On failure the tracker is
+    /// failed (its next harvest says so) and the region unregistered, so no
+    /// writer waits for ever.
+    pub(crate) fn fault(&self, addr: u64) -> io::Result<()> {
+        let sh = &*self.shared;
+        let ps = sh.region.page_size() as u64;
+        let addr = addr & !(ps - 1);
+        let _g = sh.lock_faults();
+        sh.ctl.faults.fetch_add(1, Ordering::Relaxed);
+        match sh.region.page_of(addr) {
+            Some(page) => {
+                sh.dirty.set(page);
+                self.uffd.writeprotect(addr, ps, false).inspect_err(|e| sh.fail(&self.uffd, OP_UNPROTECT, e))
+            }
+            None => self.uffd.wake(addr, ps),
+        }
+    }
+}
+
 /// Synchronous write-protect tracking: see the module docs.
 pub struct PreciseTracker {
     shared: Arc<Shared>,
@@ -214,6 +244,35 @@ impl PreciseTracker {
             std::thread::yield_now();
         }
         Ok(Self { shared, uffd: Some(uffd), handler: Some(handler), harvest_lock: Mutex::new(()) })
+    }
+
+    /// A precise tracker on a userfaultfd someone else opened and registered
+    /// over `region` for write-protection and missing pages (the lazy
+    /// loader: one context per range carries loading and tracking). It
+    /// starts no thread: whoever reads the context's events hands each
+    /// write-protect fault to the returned [`WpFaults`]. Starts clean: the
+    /// loader installs every page write-protected.
+    pub(crate) fn on_shared(region: Region, store: Option<Box<dyn WordStore>>, uffd: Uffd) -> Result<(Self, WpFaults)> {
+        let pages = region.pages();
+        let dirty = match store {
+            Some(s) => DirtyBitmap::with_store(s, pages)?,
+            None => DirtyBitmap::new(pages)?,
+        };
+        dirty.clear();
+        let snap = OwnedWords::new(DirtyBitmap::words_for(pages)).map_err(TrackError::sys("mmap"))?;
+        let ctl = MmapBox::new(Control {
+            fault_lock: Mutex::new(()),
+            ready: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            failed_op: AtomicU32::new(0),
+            failed_errno: AtomicI32::new(0),
+        })
+        .map_err(TrackError::sys("mmap"))?;
+        let doorbell = OwnedWords::new(region.page_size() / 8).map_err(TrackError::sys("mmap"))?;
+        let shared = Arc::new(Shared { region, dirty, snap, ctl, doorbell });
+        let sink = WpFaults { shared: Arc::clone(&shared), uffd: uffd.try_clone().map_err(TrackError::sys("dup"))? };
+        Ok((Self { shared, uffd: Some(uffd), handler: None, harvest_lock: Mutex::new(()) }, sink))
     }
 
     fn uffd(&self) -> &Uffd {

@@ -332,6 +332,75 @@ impl Uffd {
     }
 }
 
+/// `struct uffdio_copy` (40 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct UffdioCopy {
+    pub(crate) dst: u64,
+    pub(crate) src: u64,
+    pub(crate) len: u64,
+    pub(crate) mode: u64,
+    pub(crate) copy: i64,
+}
+
+/// `struct uffdio_poison` (32 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct UffdioPoison {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+    pub(crate) updated: i64,
+}
+
+pub(crate) const UFFDIO_COPY: u32 = iowr(UFFDIO, 0x03, size_of::<UffdioCopy>());
+pub(crate) const UFFDIO_POISON: u32 = iowr(UFFDIO, 0x08, size_of::<UffdioPoison>());
+/// `UFFDIO_COPY_MODE_DONTWAKE` (also `UFFDIO_POISON_MODE_DONTWAKE`).
+pub(crate) const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+/// `UFFDIO_COPY_MODE_WP`: install the pages write-protected.
+pub(crate) const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+
+/// `UFFDIO_COPY` of `len` bytes from `src` to `dst` (registered for MISSING
+/// faults) with `mode`, on the userfaultfd `fd`. Returns the bytes copied
+/// and the error, if any: on `EAGAIN` (and `EEXIST` at a later page) the
+/// kernel has copied a prefix, and the caller retries or skips from there.
+/// The `userfaultfd` crate's `copy` has no `UFFDIO_COPY_MODE_WP`.
+///
+/// # Safety
+///
+/// `src..src + len` must be readable memory of this process. `dst..dst + len`
+/// is written by the kernel only where no page exists yet (a missing page
+/// of a registered range), so it cannot overwrite anything a reference
+/// points to.
+pub(crate) unsafe fn uffd_copy(
+    fd: BorrowedFd<'_>,
+    dst: u64,
+    src: *const u8,
+    len: u64,
+    mode: u64,
+) -> (u64, Option<io::Error>) {
+    let mut c = UffdioCopy { dst, src: src as u64, len, mode, copy: 0 };
+    let r = ioctl_ptr(fd, UFFDIO_COPY, &mut c);
+    let copied = if c.copy > 0 { c.copy as u64 } else { 0 };
+    (copied, r.err())
+}
+
+/// `UFFDIO_POISON` of `len` bytes at `start` (Linux >= 6.6): touching those
+/// pages raises SIGBUS. The crate has no binding for it.
+pub(crate) fn uffd_poison(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> (u64, Option<io::Error>) {
+    let mut p = UffdioPoison { range: UffdioRange { start, len }, mode, updated: 0 };
+    let r = ioctl_ptr(fd, UFFDIO_POISON, &mut p);
+    let done = if p.updated > 0 { p.updated as u64 } else { 0 };
+    (done, r.err())
+}
+
+impl Uffd {
+    /// Adopts a descriptor that is a userfaultfd (e.g. one opened with the
+    /// `userfaultfd` crate, for a shared context).
+    pub(crate) fn from_owned(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+}
+
 impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
@@ -348,6 +417,46 @@ pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<i16> {
     // SAFETY: `p` is one pollfd, exclusively borrowed for the call.
     cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) })?;
     Ok(p.revents)
+}
+
+/// poll(2) for readability of two descriptors; returns both `revents`.
+pub(crate) fn poll_in2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<(i16, i16)> {
+    let mut p = [
+        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: `p` is two pollfds, exclusively borrowed for the call.
+    cvt(unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) })?;
+    Ok((p[0].revents, p[1].revents))
+}
+
+/// An eventfd: a descriptor another thread can make readable (to stop a
+/// thread waiting in poll(2)).
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) takes two integers and returns a new descriptor or -1.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the descriptor readable (for good: it is never read).
+    // eventfd(2) counters are host-endian u64 by definition.
+    #[allow(clippy::host_endian_bytes)]
+    pub(crate) fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) reads 8 bytes from `one`, which lives across the call.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -758,6 +867,12 @@ mod tests {
         assert_eq!(iowr(0xAA, 0x3F, 24), 0xC018_AA3F);
         assert_eq!(ior(0xAA, 0x01, 16), 0x8010_AA01);
         assert_eq!(io_(0xAA, 0), 0xAA00);
+        // <linux/userfaultfd.h>: _IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy) and
+        // _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison).
+        assert_eq!(UFFDIO_COPY, 0xC028_AA03);
+        assert_eq!(UFFDIO_POISON, 0xC020_AA08);
+        assert_eq!(offset_of!(UffdioCopy, copy), 32);
+        assert_eq!(offset_of!(UffdioPoison, updated), 24);
     }
 
     /// The kernel agrees: UFFDIO_API (our number and struct) succeeds and
