@@ -923,7 +923,10 @@ impl Heap {
                 let c = class_small(size);
                 let m = &self.inner.meta;
                 let (mem, lane) = (m.mem, m.lane(l));
-                return self.in_gate(l, |l| self.pop(l, c, mem, lane));
+                if let Some(off) = self.in_gate(l, |_| Self::pop_cached(c, mem, lane)) {
+                    return Ok(off);
+                }
+                // The cache is empty: refill on the slow path.
             }
         }
         self.alloc_off_slow(size, align)
@@ -953,15 +956,25 @@ impl Heap {
     /// refilling it first when it is empty.
     #[inline(always)]
     fn pop(&self, l: u32, c: usize, mem: Mem, lane: &LaneWords) -> Result<usize, AllocError> {
+        if lane.counts[c].load(Relaxed) == 0 {
+            self.refill(l, c)?;
+        }
+        Ok(Self::pop_cached(c, mem, lane).expect("a refill leaves blocks in the cache"))
+    }
+
+    /// Takes the top block of class `c` from a lane's cache (`lane`);
+    /// `None` (nothing done) when it is empty.
+    #[inline(always)]
+    fn pop_cached(c: usize, mem: Mem, lane: &LaneWords) -> Option<usize> {
         let count = &lane.counts[c];
-        let mut n = count.load(Relaxed);
+        let n = count.load(Relaxed);
         if n == 0 {
-            n = self.refill(l, c)?;
+            return None;
         }
         let off = (lane.entries[c][n as usize - 1].load(Relaxed) as usize) << 4;
         count.store(n - 1, Release);
         mem.u64(off + CANARY).store(0, Relaxed);
-        Ok(off)
+        Some(off)
     }
 
     fn oom(&self, size: usize) -> AllocError {
@@ -1147,9 +1160,12 @@ impl Heap {
             let canary_word = m.mem.u64(off + CANARY);
             let lane = m.lane(l);
             let canary = self.canary(off);
-            return self
-                .in_gate(l, |l| self.push(l, off, slab, c, (word, 1u64 << (idx % 64)), (canary_word, canary), lane))
-                .map_err(Error::from);
+            let bit = 1u64 << (idx % 64);
+            if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
+                return Ok(());
+            }
+            // The cache is full, or the block looks free: the slow path
+            // frees it into its slab or says what is wrong.
         }
         self.free_slow(ptr)
     }
@@ -1202,18 +1218,35 @@ impl Heap {
         (canary_word, canary): (&AtomicU64, u64),
         lane: &LaneWords,
     ) -> Result<(), PointerError> {
+        if Self::push_cached(off, c, (word, bit), (canary_word, canary), lane) {
+            return Ok(());
+        }
         if word.load(Relaxed) & bit == 0 || canary_word.load(Relaxed) == canary {
             return Err(self.double_free(off));
         }
+        self.push_to_slab(l, off, slab, c, (word, bit))
+    }
+
+    /// The fast part of [`Heap::push`]: pushes the block into the cache
+    /// when its bit is set, it carries no canary and the cache has room;
+    /// false (nothing done) otherwise.
+    #[inline(always)]
+    fn push_cached(
+        off: usize,
+        c: usize,
+        (word, bit): (&AtomicU64, u64),
+        (canary_word, canary): (&AtomicU64, u64),
+        lane: &LaneWords,
+    ) -> bool {
         let count = &lane.counts[c];
         let n = count.load(Relaxed);
-        if n < CLASSES[c].cache_cap {
-            canary_word.store(canary, Relaxed);
-            lane.entries[c][n as usize].store((off >> 4) as u32, Relaxed);
-            count.store(n + 1, Release);
-            return Ok(());
+        if word.load(Relaxed) & bit == 0 || canary_word.load(Relaxed) == canary || n >= CLASSES[c].cache_cap {
+            return false;
         }
-        self.push_to_slab(l, off, slab, c, (word, bit))
+        canary_word.store(canary, Relaxed);
+        lane.entries[c][n as usize].store((off >> 4) as u32, Relaxed);
+        count.store(n + 1, Release);
+        true
     }
 
     #[cold]
