@@ -102,7 +102,10 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
             dir.describe()
         ),
         format!(
-            "random_update_1gib: one op = a {UPDATE} B write at a uniformly random {UPDATE} B-aligned offset              of a {} MiB block, every page written once before, for {} ms per rep; untracked =              Heap::create_memfd; fast = Heap::create with its defaults (fast tracking, background flush every              second); heaps of {} MiB",
+            "random_update_1gib: one op = a {UPDATE} B write at a uniformly random {UPDATE} B-aligned offset \
+             of a {} MiB block, every page written once before, for {} ms per rep; untracked = \
+             Heap::create_memfd; fast = Heap::create with its defaults (fast tracking, background flush every \
+             second); heaps of {} MiB",
             (RANDOM_PAGES * page_size()) >> 20,
             config.hot_time.as_millis(),
             RANDOM_HEAP_SIZE >> 20

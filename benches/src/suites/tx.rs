@@ -99,16 +99,11 @@ pub fn run(systems: &[TxSystem], config: &Config) -> SuiteReport {
     }
     let mut legend: Vec<String> = Case::ALL.iter().map(|c| format!("{}: {}", c.name(), c.op())).collect();
     legend.push(
-        "remem: Heap::create with its defaults (fast tracking, background flush every second, running during \
-         the reps); PMDK: pool on /dev/shm with PMEM_IS_PMEM_FORCE=1"
+        "remem: Heap::create, 1 GiB, with its defaults (fast tracking, background flush every second, running \
+         during the reps); pmdk: pool on /dev/shm, PMEM_IS_PMEM_FORCE=1, pmemobj_tx_* calls with a NULL jmp_buf"
             .to_owned(),
     );
     legend.push(super::c::DURABILITY.to_owned());
-    legend.push(
-        "remem: Heap::create, 1 GiB, TrackMode::Fast, flush_interval(None); pmdk: pool on /dev/shm, \
-         PMEM_IS_PMEM_FORCE=1, pmemobj_tx_* calls with a NULL jmp_buf"
-            .to_owned(),
-    );
     legend.push(format!(
         "ns/op per thread, best of {} reps of {} ms; with N threads each runs its own loop at once",
         config.reps,
