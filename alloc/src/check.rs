@@ -38,6 +38,11 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// A report of a heap that could not be checked at all, for `why`.
+    pub(crate) fn refused(why: String) -> CheckReport {
+        CheckReport { problems: vec![why], ..CheckReport::default() }
+    }
+
     /// True when no invariant is broken and nothing leaked or is doubly owned.
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty() && self.leaked.is_empty() && self.doubly_owned.is_empty()

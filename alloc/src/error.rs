@@ -16,13 +16,35 @@ pub enum Error {
     Open(#[from] OpenError),
     /// An allocation could not be satisfied.
     #[error(transparent)]
-    Alloc(#[from] AllocError),
+    Alloc(AllocError),
     /// A pointer handed back to the heap was not acceptable.
     #[error(transparent)]
     Pointer(#[from] PointerError),
     /// A flush to the baseline failed, or durability is poisoned.
     #[error(transparent)]
-    Flush(#[from] crate::flush::FlushError),
+    Flush(crate::flush::FlushError),
+    /// This process is a fork of the one that opened the heap: the heap
+    /// cannot be used here (see [`crate::fork`]).
+    #[error(transparent)]
+    Forked(#[from] crate::fork::Forked),
+}
+
+impl From<AllocError> for Error {
+    fn from(e: AllocError) -> Error {
+        match e {
+            AllocError::Forked(f) => Error::Forked(f),
+            e => Error::Alloc(e),
+        }
+    }
+}
+
+impl From<crate::flush::FlushError> for Error {
+    fn from(e: crate::flush::FlushError) -> Error {
+        match e {
+            crate::flush::FlushError::Forked(f) => Error::Forked(f),
+            e => Error::Flush(e),
+        }
+    }
 }
 
 /// Why a heap could not be created or opened.
@@ -140,6 +162,10 @@ pub enum AllocError {
     /// The destination slot given to `alloc_into` is not in the heap's data area.
     #[error("destination slot {0:#x} is not an 8-byte aligned word in the heap's data area")]
     BadDestination(usize),
+    /// This process is a fork of the one that opened the heap (see
+    /// [`crate::fork`]); nothing was allocated.
+    #[error(transparent)]
+    Forked(#[from] crate::fork::Forked),
 }
 
 /// Why a pointer passed to `free`, `realloc`, `usable_size` or `set_root`

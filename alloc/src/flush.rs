@@ -48,6 +48,10 @@ pub enum FlushError {
     /// The heap has no baseline (a memfd-only heap).
     #[error("this heap has no baseline file to flush to (it lives in a memfd only)")]
     NoBaseline,
+    /// This process is a fork of the one that opened the heap; only that
+    /// process flushes it (see [`crate::fork`]).
+    #[error(transparent)]
+    Forked(#[from] crate::fork::Forked),
 }
 
 /// Durability statistics.

@@ -38,6 +38,7 @@ use crate::check::{CheckReport, LiveState};
 use crate::control::Control;
 use crate::error::{AllocError, Error, OpenError, PointerError, Result};
 use crate::flush::{Durability, FlushError, FlushStats};
+use crate::fork::{Forked, Owner};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
 use crate::lanes::{self, HasLanes, LaneSet};
 use crate::mem::Mem;
@@ -181,6 +182,9 @@ pub(crate) struct Inner {
     report: RecoveryReport,
     /// The loader of a heap opened lazily ([`Heap::open_lazy`]).
     lazy: std::sync::OnceLock<Arc<crate::lazy::Lazy>>,
+    /// The process (and fork generation) that opened the heap: in a forked
+    /// child every call is refused (see [`crate::fork`]).
+    owner: Owner,
 }
 
 impl HasLanes for Inner {
@@ -616,7 +620,11 @@ impl Heap {
     /// Blocks until every page of a lazily opened heap is in and the
     /// recovered state is committed (or loading failed: see
     /// [`crate::lazy::LazyStatus::failed`]); `None` for a heap not opened lazily.
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn wait_lazy(&self) -> Option<crate::lazy::LazyStatus> {
+        self.not_forked();
         self.inner.lazy.get().map(|l| l.wait_done())
     }
 
@@ -702,6 +710,7 @@ impl Heap {
             report,
             region,
             lazy: std::sync::OnceLock::new(),
+            owner: Owner::current(),
         };
         let inner = Arc::new(inner);
         let twin = Box::new(Heap { inner: inner.clone(), closed: true, registered: None });
@@ -724,6 +733,7 @@ impl Heap {
     }
 
     fn finish(&self) -> Result<()> {
+        self.inner.owner.check()?;
         let Some(d) = &self.inner.durability else { return Ok(()) };
         d.stop();
         self.inner.flush()?;
@@ -736,23 +746,30 @@ impl Heap {
     /// returns the epoch that is now durable (see [`crate::flush`] for the
     /// epoch switch and its pause).
     pub fn flush(&self) -> Result<u64, FlushError> {
+        self.inner.owner.check()?;
         self.inner.flush()
     }
 
     /// Blocks until flush epoch `epoch` is durable in the baseline (or
     /// fails because durability is poisoned).
     pub fn wait_durable(&self, epoch: u64) -> Result<(), FlushError> {
+        self.inner.owner.check()?;
         self.inner.durability.as_ref().ok_or(FlushError::NoBaseline)?.wait_durable(epoch)
     }
 
     /// The epoch that writes made now belong to: durable once
     /// `wait_durable(current_epoch())` returns.
     pub fn current_epoch(&self) -> Result<u64, FlushError> {
+        self.inner.owner.check()?;
         Ok(self.inner.durability.as_ref().ok_or(FlushError::NoBaseline)?.current_epoch())
     }
 
     /// Durability statistics (`None` for a memfd-only heap).
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn flush_stats(&self) -> Option<FlushStats> {
+        self.not_forked();
         self.inner.durability.as_ref().map(|d| d.stats())
     }
 
@@ -768,7 +785,11 @@ impl Heap {
 
     /// Pages that may differ from the baseline, as the dirty lists say:
     /// the current set (precise mode) and the set of the flush in progress.
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn dirty_pages(&self) -> Vec<u64> {
+        self.not_forked();
         let mut out = Vec::new();
         if let Some(d) = &self.inner.durability {
             d.dirty_pages(&mut out);
@@ -785,6 +806,7 @@ impl Heap {
     /// something the page tables do not see (device DMA, `O_DIRECT` reads
     /// into the heap, RDMA writes, io_uring fixed buffers).
     pub fn mark_dirty(&self, ptr: *const u8, len: usize) -> Result<()> {
+        self.inner.owner.check()?;
         let off = self.offset_of(ptr).ok_or(PointerError::NotInHeap(ptr as usize))?;
         if len == 0 {
             return Ok(());
@@ -851,8 +873,11 @@ impl Heap {
         (off < self.size() as usize).then(|| NonNull::new(self.inner.meta.mem.ptr(off)).expect("heap is not at 0"))
     }
 
+    /// Runs the mutating call `f` on this thread's lane. The lane cache
+    /// hit is the fast path; a forked child's cache is empty (see
+    /// [`crate::fork`]), so the slow path is where an inherited heap is refused.
     #[inline]
-    fn with_lane<R>(&self, f: impl FnOnce(u32) -> R) -> R {
+    fn with_lane<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
         match lanes::last(self.inner.id) {
             Some(l) => self.in_gate(l, f),
             None => self.with_lane_slow(f),
@@ -860,7 +885,8 @@ impl Heap {
     }
 
     #[cold]
-    fn with_lane_slow<R>(&self, f: impl FnOnce(u32) -> R) -> R {
+    fn with_lane_slow<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
+        self.inner.owner.check()?;
         let home: Arc<dyn HasLanes> = self.inner.clone();
         match lanes::acquire(self.inner.id, &home) {
             0 => {
@@ -1155,17 +1181,21 @@ impl Heap {
         // make the compiler load them again.
         let m = &self.inner.meta;
         let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
-        if let (Some(l), Some((slab, c, idx))) = (lanes::last(self.inner.id), m.block_at(off)) {
-            let word = m.slab_word(slab, idx / 64);
-            let canary_word = m.mem.u64(off + CANARY);
-            let lane = m.lane(l);
-            let canary = self.canary(off);
-            let bit = 1u64 << (idx % 64);
-            if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
-                return Ok(());
+        // No cached lane (a forked child has none: see `fork.rs`): the slow
+        // path, which refuses an inherited heap before touching its memory.
+        if let Some(l) = lanes::last(self.inner.id) {
+            if let Some((slab, c, idx)) = m.block_at(off) {
+                let word = m.slab_word(slab, idx / 64);
+                let canary_word = m.mem.u64(off + CANARY);
+                let lane = m.lane(l);
+                let canary = self.canary(off);
+                let bit = 1u64 << (idx % 64);
+                if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
+                    return Ok(());
+                }
+                // The cache is full, or the block looks free: the slow path
+                // frees it into its slab or says what is wrong.
             }
-            // The cache is full, or the block looks free: the slow path
-            // frees it into its slab or says what is wrong.
         }
         self.free_slow(ptr)
     }
@@ -1174,12 +1204,13 @@ impl Heap {
     fn free_slow(&self, ptr: NonNull<u8>) -> Result<()> {
         let p = ptr.as_ptr() as usize;
         let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
-        self.with_lane(|_| self.free_slow_in(off, p))
+        self.with_lane(|l| self.free_slow_in(l, off, p))
     }
 
-    fn free_slow_in(&self, off: usize, p: usize) -> Result<()> {
+    /// `free` on lane `l` (held by the caller).
+    fn free_slow_in(&self, l: u32, off: usize, p: usize) -> Result<()> {
         match self.inner.meta.locate(off) {
-            Located::Block { slab, class, idx } => self.with_lane(|l| self.free_small(l, off, slab, class, idx)),
+            Located::Block { slab, class, idx } => self.free_small(l, off, slab, class, idx),
             Located::Large { page, npages } => self.free_large(page, npages, p),
             Located::Nothing
                 if off.is_multiple_of(PAGE_SIZE)
@@ -1283,6 +1314,7 @@ impl Heap {
 
     /// Bytes usable in the block at `ptr` (at least what was asked for).
     pub fn usable_size(&self, ptr: NonNull<u8>) -> Result<usize> {
+        self.inner.owner.check()?;
         let p = ptr.as_ptr() as usize;
         let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
         let m = &self.inner.meta;
@@ -1411,16 +1443,41 @@ impl Heap {
     }
 
     /// This thread's private lane (taken now if need be); `None` when only
-    /// the shared lane is left.
-    pub(crate) fn private_lane(&self) -> Option<u32> {
+    /// the shared lane is left; `Err` in a forked child (the lane cache is
+    /// empty there, so the check costs nothing on the cached path).
+    pub(crate) fn private_lane(&self) -> Result<Option<u32>, Forked> {
         let l = match lanes::last(self.inner.id) {
             Some(l) => l,
             None => {
+                self.inner.owner.check()?;
                 let home: Arc<dyn HasLanes> = self.inner.clone();
                 lanes::acquire(self.inner.id, &home)
             }
         };
-        (l != 0).then_some(l)
+        Ok((l != 0).then_some(l))
+    }
+
+    /// `Err` when this process is a fork of the one that opened the heap
+    /// (see [`crate::fork`]): then every call on the heap fails with
+    /// [`Forked`] (or, for the few with no error to return, panics), raw
+    /// accesses to its memory fault, and dropping it releases nothing.
+    pub fn check_process(&self) -> Result<(), Forked> {
+        self.inner.owner.check()
+    }
+
+    /// Calls without an error return: panic in a forked child.
+    #[track_caller]
+    fn not_forked(&self) {
+        if let Err(e) = self.inner.owner.check() {
+            panic!("remem: {e}");
+        }
+    }
+
+    /// Transaction calls on lane `l`: refuse an inherited heap (one load
+    /// and compare; a transaction that began before `fork()` is refused here).
+    #[inline(always)]
+    pub(crate) fn tx_owner_check(&self) -> Result<(), Forked> {
+        self.inner.owner.check()
     }
 
     /// Puts the allocated small block at `off` into lane `l`'s cache if
@@ -1440,7 +1497,11 @@ impl Heap {
     }
 
     /// The root object, if one was set.
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn root(&self) -> Option<NonNull<u8>> {
+        self.not_forked();
         let r = self.inner.meta.root().load(Acquire);
         NonNull::new(r as *mut u8)
     }
@@ -1450,14 +1511,17 @@ impl Heap {
         if let Some(p) = ptr {
             self.usable_size(p)?;
         }
-        self.with_lane(|_| self.inner.meta.root().store(ptr.map_or(0, |p| p.as_ptr() as u64), Release));
-        Ok(())
+        self.with_lane(|_| {
+            self.inner.meta.root().store(ptr.map_or(0, |p| p.as_ptr() as u64), Release);
+            Ok(())
+        })
     }
 
     /// The root object; when there is none, allocates `size` zeroed bytes
     /// and makes them the root in one failure-atomic step. The bool is true
     /// when the root was created by this call.
     pub fn root_or_alloc(&self, size: usize) -> Result<(NonNull<u8>, bool)> {
+        self.inner.owner.check()?;
         let _g = self.inner.root_lock.lock();
         if let Some(r) = self.root() {
             return Ok((r, false));
@@ -1468,7 +1532,12 @@ impl Heap {
 
     /// Validates every allocator invariant. Call it while no other thread
     /// uses the heap; concurrent changes may be reported as problems.
+    /// In a forked child, on a heap the parent opened, the report has one
+    /// problem that says so (see [`crate::fork`]).
     pub fn check(&self) -> CheckReport {
+        if let Err(e) = self.inner.owner.check() {
+            return CheckReport::refused(e.to_string());
+        }
         let pages = self.inner.pages.lock();
         crate::check::check(&self.inner.meta, Some(LiveState { pages: &pages }), None)
     }
@@ -1477,6 +1546,9 @@ impl Heap {
     /// caller holds; allocated blocks not in it (nor the root) are reported
     /// as leaked, and pointers named twice or not allocated as doubly owned.
     pub fn check_live(&self, live: impl IntoIterator<Item = *const u8>) -> CheckReport {
+        if let Err(e) = self.inner.owner.check() {
+            return CheckReport::refused(e.to_string());
+        }
         let base = self.base() as usize;
         let mut live: Vec<u64> = live.into_iter().map(|p| (p as usize).wrapping_sub(base) as u64).collect();
         live.extend(crate::tx::log_blocks(&self.inner.meta));
@@ -1485,7 +1557,11 @@ impl Heap {
     }
 
     /// Statistics of the allocator.
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn stats(&self) -> HeapStats {
+        self.not_forked();
         let pages = self.inner.pages.lock();
         HeapStats {
             size: self.size(),
@@ -1512,6 +1588,9 @@ pub struct HeapStats {
 
 impl Drop for Heap {
     fn drop(&mut self) {
+        if self.inner.owner.inherited() {
+            return self.forget_inherited();
+        }
         let handle = self.registered.is_some();
         if let Some(twin) = self.registered.take() {
             let addr = &*twin as *const Heap as usize;
@@ -1529,6 +1608,27 @@ impl Drop for Heap {
         }
         if let (true, Some(l)) = (handle, self.inner.lazy.get()) {
             l.stop();
+        }
+    }
+}
+
+impl Heap {
+    /// Drop of a heap inherited across fork(), in the child: releases
+    /// nothing. The mapping is not in this process (and its address range
+    /// may hold a mapping the child made since), the flusher and tracker
+    /// threads do not exist here, and the files, lock and baseline belong
+    /// to the parent: the shared state is leaked, only the registry entry
+    /// is removed (if its lock is free: another thread of the parent may
+    /// have held it at the fork).
+    #[cold]
+    fn forget_inherited(&mut self) {
+        std::mem::forget(self.inner.clone());
+        if let Some(twin) = self.registered.take() {
+            let addr = &*twin as *const Heap as usize;
+            if let Some(mut open) = OPEN.try_write() {
+                open.retain(|&(_, a)| a != addr);
+            }
+            std::mem::forget(twin);
         }
     }
 }

@@ -60,6 +60,21 @@ thread_local! {
     static HELD: RefCell<HeldList> = const { RefCell::new(HeldList(Vec::new())) };
 }
 
+/// In a forked child (called by the fork handler, in the child's only
+/// thread): forgets this thread's lanes. The lanes belong to the parent's
+/// heaps, which the child cannot use; with the cache empty, the child's
+/// first call on such a heap takes the slow path, which refuses it. The
+/// list is leaked, not dropped: dropping would hand the lanes back under a
+/// lock another thread of the parent may have held at the fork.
+pub(crate) fn forget_after_fork() {
+    let _ = LAST.try_with(|l| l.set((0, 0)));
+    let _ = HELD.try_with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut() {
+            std::mem::forget(std::mem::take(&mut held.0));
+        }
+    });
+}
+
 /// The lane this thread holds for heap `heap_id`, if it used it last.
 #[inline]
 pub(crate) fn last(heap_id: u64) -> Option<u32> {

@@ -28,6 +28,7 @@ mod check;
 mod control;
 mod error;
 pub mod flush;
+pub mod fork;
 pub mod format;
 mod gate;
 mod heap;
@@ -49,6 +50,7 @@ pub use check::CheckReport;
 pub use control::{ctl, LEASE_PERIOD};
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
 pub use flush::{FlushError, FlushStats};
+pub use fork::Forked;
 pub use format::Header;
 pub use heap::{
     check_image, image_base, recover_image, BaselineInfo, BaselineLock, Heap, HeapOptions, HeapStats, PatchHook,

@@ -81,7 +81,10 @@ impl Region {
                 conflict: "the kernel placed it elsewhere".into(),
             });
         }
-        Ok(Region { fd, base: p.cast(), len: len as usize })
+        let region = Region { fd, base: p.cast(), len: len as usize };
+        dont_fork(region.base, region.len)
+            .map_err(io_err(format!("madvise(MADV_DONTFORK) on the heap at {base:#x}")))?;
+        Ok(region)
     }
 
     /// First byte.
@@ -111,6 +114,18 @@ impl Drop for Region {
         // nothing refers to it any more.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
+}
+
+/// Keeps `[base, base + len)` out of forked children: a child made by
+/// `fork()` has no mapping there, so its stray writes fault instead of
+/// reaching the parent's shared pages (see [`crate::fork`]).
+fn dont_fork(base: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: madvise on a range this process just mapped; MADV_DONTFORK
+    // changes no contents, only what fork() copies.
+    if unsafe { libc::madvise(base.cast(), len, libc::MADV_DONTFORK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `(start, end)` byte ranges of `fd` that hold data, by SEEK_DATA/SEEK_HOLE.
@@ -281,7 +296,9 @@ impl AnyMapping {
         if p == libc::MAP_FAILED {
             return Err(io_err("mapping a memfd")(io::Error::last_os_error()));
         }
-        Ok(AnyMapping { fd, base: p.cast(), len })
+        let map = AnyMapping { fd, base: p.cast(), len };
+        dont_fork(map.base, len).map_err(io_err("madvise(MADV_DONTFORK) on the control region"))?;
+        Ok(map)
     }
 
     /// First byte.

@@ -61,10 +61,23 @@ pub enum TxError {
     LogFull(AllocError),
     /// An allocation inside the transaction failed.
     #[error(transparent)]
-    Alloc(#[from] AllocError),
+    Alloc(AllocError),
     /// A pointer given to `free` was refused.
     #[error(transparent)]
     Pointer(#[from] PointerError),
+    /// This process is a fork of the one that opened the heap (see
+    /// [`crate::fork`]); nothing was changed.
+    #[error(transparent)]
+    Forked(#[from] crate::fork::Forked),
+}
+
+impl From<AllocError> for TxError {
+    fn from(e: AllocError) -> TxError {
+        match e {
+            AllocError::Forked(f) => TxError::Forked(f),
+            e => TxError::Alloc(e),
+        }
+    }
 }
 
 /// The volatile part of a lane's transaction.
@@ -354,15 +367,18 @@ impl Heap {
     }
 
     /// Nesting depth of this thread's transaction (0: none).
+    ///
+    /// # Panics
+    /// In a forked child, on a heap the parent opened (see [`crate::fork`]).
     pub fn tx_depth(&self) -> u32 {
-        match self.private_lane() {
+        match self.private_lane().unwrap_or_else(|e| panic!("remem: {e}")) {
             Some(l) if l != 0 => self.txv(l).depth,
             _ => 0,
         }
     }
 
     fn tx_lane(&self) -> Result<u32, TxError> {
-        match self.private_lane() {
+        match self.private_lane()? {
             // The `_in` functions check (under their one lock) that a
             // transaction is running.
             Some(l) if l != 0 => Ok(l),
@@ -371,7 +387,7 @@ impl Heap {
     }
 
     fn tx_begin_lane(&self) -> Result<u32, TxError> {
-        let l = self.private_lane().ok_or(TxError::NoLane(self.nlanes() - 1))?;
+        let l = self.private_lane()?.ok_or(TxError::NoLane(self.nlanes() - 1))?;
         self.in_gate(l, |l| self.tx_begin_in(l))
     }
 
@@ -468,6 +484,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_add_range_lane(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
+        self.tx_owner_check()?;
         self.in_gate(l, |l| self.tx_add_range_lane_in(l, ptr, len))
     }
 
@@ -503,6 +520,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_alloc_lane(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
+        self.tx_owner_check()?;
         self.in_gate(l, |l| self.tx_alloc_lane_in(l, size, zero))
     }
 
@@ -521,12 +539,14 @@ impl Heap {
     }
 
     pub(crate) fn tx_free_lane(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
+        self.tx_owner_check()?;
         self.in_gate(l, |l| self.tx_free_lane_in(l, ptr))
     }
 
     fn tx_free_lane_in(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
         self.usable_size(ptr).map_err(|e| match e {
             crate::Error::Pointer(p) => TxError::Pointer(p),
+            crate::Error::Forked(f) => TxError::Forked(f),
             _ => TxError::Pointer(PointerError::NotABlock(ptr.as_ptr() as usize)),
         })?;
         let g = self.txv(l);
@@ -544,6 +564,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_commit_lane(&self, l: u32) -> Result<(), TxError> {
+        self.tx_owner_check()?;
         self.in_gate(l, |l| self.tx_commit_lane_in(l))
     }
 
@@ -577,6 +598,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_abort_lane(&self, l: u32) -> Result<(), TxError> {
+        self.tx_owner_check()?;
         self.in_gate(l, |l| self.tx_abort_lane_in(l))
     }
 

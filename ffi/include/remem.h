@@ -141,6 +141,15 @@ typedef enum {
    * Any other failure; remem_last_error() says what it was.
    */
   REMEM_ERROR = 19,
+  /**
+   * This process is a fork() of the one that opened the heap: an
+   * inherited heap cannot be used in the child (its memory is not mapped
+   * there; raw accesses to it fault), and every call with its handle
+   * fails with this status, remem_close() included (which then releases
+   * nothing the parent uses). Open the heap again in this process.
+   * Children that only exec (system, popen, posix_spawn) are unaffected.
+   */
+  REMEM_FORKED = 20,
 } remem_status;
 
 /**

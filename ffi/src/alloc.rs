@@ -215,7 +215,10 @@ pub unsafe extern "C" fn remem_root(heap: *mut remem_heap, out: *mut *mut c_void
     boundary("remem_root", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let root = with_heap(t, heap, |h| Ok(h.root()))?;
+        let root = with_heap(t, heap, |h| {
+            h.check_process()?;
+            Ok(h.root())
+        })?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
         unsafe { out.write(root.map_or(std::ptr::null_mut(), |p| p.as_ptr().cast())) };
         Ok(())

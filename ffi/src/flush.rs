@@ -99,6 +99,7 @@ pub unsafe extern "C" fn remem_durability(
     boundary("remem_durability", |t| {
         let out = non_null(out, "out")?;
         let s = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
             h.flush_stats().ok_or_else(|| Fail::from(remem_alloc::FlushError::NoBaseline))
         })?;
         let ns = |d: std::time::Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;

@@ -246,10 +246,14 @@ pub unsafe extern "C" fn remem_attach(fd: c_int, out: *mut *mut remem_heap) -> r
 /// other value is reported as REMEM_BAD_HANDLE.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_close(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_close", |_| {
+    boundary("remem_close", |t| {
         if heap.is_null() {
             return Ok(());
         }
+        // An inherited handle in a forked child stays open and is refused:
+        // closing would wait for calls in flight of threads that are not in
+        // the child.
+        handles::with_heap(t, heap, |h| Ok(h.check_process()?))?;
         Ok(handles::remove(heap)?.close()?)
     })
 }
@@ -270,6 +274,7 @@ pub unsafe extern "C" fn remem_memfd(heap: *mut remem_heap, out_fd: *mut c_int) 
     boundary("remem_memfd", |t| {
         let out = non_null(out_fd, "out_fd")?;
         let fd = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
             h.memfd().try_clone().map_err(|e| Fail::new(REMEM_IO, format!("duplicating the memfd: {e}")))
         })?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
@@ -318,6 +323,7 @@ pub unsafe extern "C" fn remem_stats(heap: *mut remem_heap, out: *mut remem_heap
     boundary("remem_stats", |t| {
         let out = non_null(out, "out")?;
         let stats = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
             let s = h.stats();
             Ok(remem_heap_stats {
                 base: h.base().cast(),
@@ -347,6 +353,7 @@ pub unsafe extern "C" fn remem_recovery(heap: *mut remem_heap, out: *mut remem_r
     boundary("remem_recovery", |t| {
         let out = non_null(out, "out")?;
         let r = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
             let r = h.recovery_report();
             Ok(remem_recovery_report {
                 txs_rolled_back: r.txs_rolled_back,
@@ -404,7 +411,10 @@ fn report(out: *mut remem_check_report, r: &CheckReport) -> FfiResult {
 pub unsafe extern "C" fn remem_check(heap: *mut remem_heap, out: *mut remem_check_report) -> remem_status {
     boundary("remem_check", |t| {
         let out = non_null(out, "out")?;
-        let r = handles::with_heap(t, heap, |h| Ok(h.check()))?;
+        let r = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
+            Ok(h.check())
+        })?;
         report(out, &r)
     })
 }
@@ -437,7 +447,10 @@ pub unsafe extern "C" fn remem_check_live(
             // SAFETY: not NULL; the caller guarantees `n` readable pointers.
             unsafe { std::slice::from_raw_parts(live, n) }
         };
-        let r = handles::with_heap(t, heap, |h| Ok(h.check_live(live.iter().map(|p| p.cast::<u8>()))))?;
+        let r = handles::with_heap(t, heap, |h| {
+            h.check_process()?;
+            Ok(h.check_live(live.iter().map(|p| p.cast::<u8>())))
+        })?;
         report(out, &r)
     })
 }

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::thread::{ThreadState, THREAD};
-use remem_alloc::{AllocError, Error, OpenError, PointerError, TxError};
+use remem_alloc::{AllocError, Error, Forked, OpenError, PointerError, TxError};
 
 /// What a remem function did. Every function returns one; REMEM_OK (0) is
 /// success, and for every other value remem_last_error() says more.
@@ -66,6 +66,13 @@ pub enum remem_status {
     REMEM_TX_LOG_FULL = 18,
     /// Any other failure; remem_last_error() says what it was.
     REMEM_ERROR = 19,
+    /// This process is a fork() of the one that opened the heap: an
+    /// inherited heap cannot be used in the child (its memory is not mapped
+    /// there; raw accesses to it fault), and every call with its handle
+    /// fails with this status, remem_close() included (which then releases
+    /// nothing the parent uses). Open the heap again in this process.
+    /// Children that only exec (system, popen, posix_spawn) are unaffected.
+    REMEM_FORKED = 20,
 }
 
 use remem_status::*;
@@ -97,6 +104,7 @@ fn alloc_status(e: &AllocError) -> remem_status {
         AllocError::BadSize(0) | AllocError::Alignment(_) => REMEM_BAD_ARGUMENT,
         AllocError::BadSize(_) => REMEM_OUT_OF_MEMORY,
         AllocError::BadDestination(_) => REMEM_INVALID_POINTER,
+        AllocError::Forked(_) => REMEM_FORKED,
         _ => REMEM_ERROR,
     }
 }
@@ -131,6 +139,7 @@ fn open_status(e: &OpenError) -> remem_status {
 pub(crate) fn flush_status(e: &remem_alloc::FlushError) -> remem_status {
     match e {
         remem_alloc::FlushError::NoBaseline => REMEM_UNSUPPORTED,
+        remem_alloc::FlushError::Forked(_) => REMEM_FORKED,
         _ => REMEM_IO,
     }
 }
@@ -148,6 +157,7 @@ impl From<Error> for Fail {
             Error::Alloc(a) => alloc_status(a),
             Error::Pointer(p) => pointer_status(p),
             Error::Flush(f) => flush_status(f),
+            Error::Forked(_) => REMEM_FORKED,
             _ => REMEM_ERROR,
         };
         Fail::new(status, e.to_string())
@@ -164,9 +174,16 @@ impl From<TxError> for Fail {
             TxError::LogFull(_) => REMEM_TX_LOG_FULL,
             TxError::Alloc(a) => alloc_status(a),
             TxError::Pointer(p) => pointer_status(p),
+            TxError::Forked(_) => REMEM_FORKED,
             _ => REMEM_ERROR,
         };
         Fail::new(status, e.to_string())
+    }
+}
+
+impl From<Forked> for Fail {
+    fn from(e: Forked) -> Fail {
+        Fail::new(REMEM_FORKED, e.to_string())
     }
 }
 
@@ -269,6 +286,7 @@ pub extern "C" fn remem_status_name(status: c_int) -> *const c_char {
         17 => c"REMEM_NO_LANE",
         18 => c"REMEM_TX_LOG_FULL",
         19 => c"REMEM_ERROR",
+        20 => c"REMEM_FORKED",
         _ => c"REMEM_UNKNOWN_STATUS",
     };
     name.as_ptr()

@@ -85,13 +85,15 @@ fn bad_handles_are_reported() {
 
 #[test]
 fn status_names_cover_every_status() {
-    for s in 0..=REMEM_ERROR as i32 {
+    for s in 0..=REMEM_FORKED as i32 {
         // SAFETY: static strings.
         let name = unsafe { CStr::from_ptr(remem_status_name(s)) }.to_str().unwrap();
         assert!(name.starts_with("REMEM_") && name != "REMEM_UNKNOWN_STATUS", "{s}: {name}");
     }
     // SAFETY: as above.
     assert_eq!(unsafe { CStr::from_ptr(remem_status_name(-1)) }.to_str().unwrap(), "REMEM_UNKNOWN_STATUS");
+    // SAFETY: as above.
+    assert_eq!(unsafe { CStr::from_ptr(remem_status_name(21)) }.to_str().unwrap(), "REMEM_UNKNOWN_STATUS");
 }
 
 #[test]

@@ -170,7 +170,10 @@ pub unsafe extern "C" fn remem_tx_abort(heap: *mut remem_heap) -> remem_status {
 pub unsafe extern "C" fn remem_tx_depth(heap: *mut remem_heap, out: *mut u32) -> remem_status {
     boundary("remem_tx_depth", |t| {
         let out = non_null(out, "out")?;
-        let d = with_heap(t, heap, |h| Ok(h.tx_depth()))?;
+        let d = with_heap(t, heap, |h| {
+            h.check_process()?;
+            Ok(h.tx_depth())
+        })?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
         unsafe { out.write(d) };
         Ok(())
