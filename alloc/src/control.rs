@@ -205,3 +205,147 @@ impl Control {
         self.map.fd()
     }
 }
+
+/// Why bytes that claim to be a control region were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Shorter than its header, or than the sets its header describes.
+    #[error("the control region is {len} bytes, it needs {need}")]
+    Short {
+        /// Bytes given.
+        len: usize,
+        /// Bytes its header calls for.
+        need: u64,
+    },
+    /// Not a control region.
+    #[error("bad magic (not a remem control region)")]
+    Magic,
+    /// A format version this build does not read.
+    #[error("control region version {0}, this build reads version 1")]
+    Version(u32),
+    /// A field is out of range or inconsistent with another.
+    #[error("invalid control region: {0}")]
+    Invalid(String),
+}
+
+/// A control region read back as bytes (from a memfd another process
+/// handed over, or from the network), validated before any of it is used:
+/// every length and offset is checked against the bytes present and
+/// against the largest heap remem makes, and nothing is allocated from an
+/// unchecked length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlView {
+    /// 0 off, 1 precise, 2 fast.
+    pub mode: u32,
+    /// The heap's UUID.
+    pub uuid: [u8; 16],
+    /// Pages in the heap.
+    pub npages: u64,
+    /// The epoch writes landed in.
+    pub current_epoch: u64,
+    /// The last epoch durable in the baseline.
+    pub committed_epoch: u64,
+    /// Pid of the owner.
+    pub owner_pid: u64,
+    /// 0 open, 1 closed cleanly, 2 poisoned.
+    pub state: u64,
+    /// Pages in the current or closing set, ascending.
+    pub dirty: Vec<u64>,
+}
+
+impl ControlView {
+    /// Decodes and validates `b`.
+    pub fn decode(b: &[u8]) -> Result<ControlView, ControlError> {
+        if b.len() < PAGE_SIZE {
+            return Err(ControlError::Short { len: b.len(), need: PAGE_SIZE as u64 });
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        if b[ctl::MAGIC..ctl::MAGIC + 8] != ctl::MAGIC_BYTES {
+            return Err(ControlError::Magic);
+        }
+        let version = u32_at(ctl::VERSION);
+        if version != 1 {
+            return Err(ControlError::Version(version));
+        }
+        let mode = u32_at(ctl::MODE);
+        if mode > 2 {
+            return Err(ControlError::Invalid(format!("tracking mode {mode}")));
+        }
+        let npages = u64_at(ctl::NPAGES);
+        let max_pages = crate::format::MAX_HEAP / PAGE_SIZE as u64;
+        if npages == 0 || npages > max_pages {
+            return Err(ControlError::Invalid(format!("{npages} pages (1..={max_pages})")));
+        }
+        let words = u64_at(ctl::WORDS);
+        if words != npages.div_ceil(64) {
+            return Err(ControlError::Invalid(format!("{words} words per set for {npages} pages")));
+        }
+        let set_bytes = words * 8;
+        let mut sets = [&b[..0], &b[..0]];
+        for (i, field) in [ctl::CURRENT_OFF, ctl::CLOSING_OFF].into_iter().enumerate() {
+            let off = u64_at(field);
+            if off < PAGE_SIZE as u64 {
+                return Err(ControlError::Invalid(format!("a dirty set at offset {off}, inside the header")));
+            }
+            let end = off.checked_add(set_bytes).ok_or_else(|| ControlError::Invalid(format!("set offset {off}")))?;
+            if end > b.len() as u64 {
+                return Err(ControlError::Short { len: b.len(), need: end });
+            }
+            sets[i] = &b[off as usize..end as usize];
+        }
+        let mut dirty = Vec::new();
+        for w in 0..words as usize {
+            let word = |s: &[u8]| u64::from_le_bytes(s[8 * w..8 * w + 8].try_into().expect("8 bytes"));
+            let mut bits = word(sets[0]) | word(sets[1]);
+            while bits != 0 {
+                let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                if p >= npages {
+                    return Err(ControlError::Invalid(format!("page {p} listed dirty in a heap of {npages} pages")));
+                }
+                dirty.push(p);
+                bits &= bits - 1;
+            }
+        }
+        Ok(ControlView {
+            mode,
+            uuid: b[ctl::UUID..ctl::UUID + 16].try_into().expect("16 bytes"),
+            npages,
+            current_epoch: u64_at(ctl::CURRENT_EPOCH),
+            committed_epoch: u64_at(ctl::COMMITTED_EPOCH),
+            owner_pid: u64_at(ctl::OWNER_PID),
+            state: u64_at(ctl::STATE),
+            dirty,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_control_region_decodes_and_damage_is_refused() {
+        let c = Control::create(&[3; 16], 1000, TrackMode::Precise).unwrap();
+        let len = PAGE_SIZE + 2 * (DirtyBitmap::words_for(1000) * 8).next_multiple_of(PAGE_SIZE);
+        c.current_words()[0].fetch_or(1 << 7, Ordering::Relaxed);
+        c.closing_words()[999 / 64].fetch_or(1 << (999 % 64), Ordering::Relaxed);
+        // SAFETY: the mapping is `len` bytes (see `create`) and stays mapped while `c` lives.
+        let bytes = unsafe { std::slice::from_raw_parts(c.mem.ptr(0), len) }.to_vec();
+        let v = ControlView::decode(&bytes).unwrap();
+        assert_eq!((v.mode, v.uuid, v.npages, v.dirty.clone()), (1, [3; 16], 1000, vec![7, 999]));
+        // Cut inside the closing set (it starts at 2 pages and holds 16 words).
+        assert!(matches!(ControlView::decode(&bytes[..2 * PAGE_SIZE + 100]), Err(ControlError::Short { .. })));
+        let mut bad = bytes.clone();
+        bad[ctl::CURRENT_OFF..ctl::CURRENT_OFF + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(ControlView::decode(&bad).is_err());
+        let mut bad = bytes.clone();
+        bad[ctl::NPAGES..ctl::NPAGES + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(ControlView::decode(&bad).is_err());
+        let mut bad = bytes;
+        // A bit past the last page.
+        bad[PAGE_SIZE + 15 * 8 + 7] = 0x80;
+        assert!(ControlView::decode(&bad).is_err());
+    }
+}

@@ -136,8 +136,12 @@ pub enum OpenError {
     /// Lazy loading could not start.
     #[error(transparent)]
     Lazy(#[from] crate::lazy::LazyError),
-    /// Another process has the heap open.
-    #[error("{0} is open in another process (its lock file is held); close it there first")]
+    /// Another open of the same baseline file holds its lock (by this path
+    /// or any other: symlink, hard link, another mount).
+    #[error(
+        "{0} is in use: another open of this baseline file (in this or another process, by this path or a link to \
+         it) holds its lock; close it there first, or check a copy"
+    )]
     Locked(PathBuf),
 }
 

@@ -319,13 +319,16 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        let version = u32_at(hdr::VERSION);
-        if version != VERSION {
-            return Err(HeaderError::Version(version));
-        }
+        // The CRC before the version: every version keeps magic, version and
+        // this CRC in place, so a damaged version field reads as damage, not
+        // as a newer format.
         let crc = crc32fast::hash(&b[..hdr::CRC]);
         if crc != u32_at(hdr::CRC) {
             return Err(HeaderError::Crc);
+        }
+        let version = u32_at(hdr::VERSION);
+        if version != VERSION {
+            return Err(HeaderError::Version(version));
         }
         if u32_at(hdr::PAGE_SIZE) as usize != PAGE_SIZE {
             return Err(HeaderError::Invalid(format!("page size {}", u32_at(hdr::PAGE_SIZE))));
@@ -395,6 +398,14 @@ mod tests {
             bad[i] ^= 0x10;
             assert!(Header::decode(&bad).is_err(), "flip at byte {i} not detected");
         }
+    }
+
+    #[test]
+    fn a_damaged_version_field_reads_as_damage_not_as_another_format() {
+        let h = Header { uuid: [7; 16], base: 0x5e00_0000_0000, generation: 3, layout: Layout::for_size(64 << 20) };
+        let mut b = h.encode();
+        b[hdr::VERSION] ^= 0x01;
+        assert_eq!(Header::decode(&b), Err(HeaderError::Crc));
     }
 
     #[test]

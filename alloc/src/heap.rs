@@ -56,6 +56,7 @@ pub struct HeapOptions {
     base: Option<u64>,
     tracking: TrackMode,
     flush_interval: Option<Duration>,
+    read_only: bool,
 }
 
 impl HeapOptions {
@@ -63,7 +64,13 @@ impl HeapOptions {
     /// GiB) at a base address remem chooses, tracked in fast mode, flushed
     /// every second.
     pub fn new(size: u64) -> HeapOptions {
-        HeapOptions { size, base: None, tracking: TrackMode::Fast, flush_interval: Some(Duration::from_secs(1)) }
+        HeapOptions {
+            size,
+            base: None,
+            tracking: TrackMode::Fast,
+            flush_interval: Some(Duration::from_secs(1)),
+            read_only: false,
+        }
     }
 
     /// Maps the heap at `base` (64 KiB aligned). Every process that opens
@@ -88,10 +95,21 @@ impl HeapOptions {
         self.flush_interval = every;
         self
     }
+
+    /// Opens the heap without ever writing its baseline (`remem check`,
+    /// `remem inspect`): a shared lock instead of the exclusive one (so a
+    /// live writer keeps it out, and several readers can look at once), the
+    /// file opened read-only, recovery run on the in-memory copy only, no
+    /// tracking and no flushes; closing just unmaps it. Applies to opens by
+    /// path.
+    pub fn read_only(mut self, yes: bool) -> HeapOptions {
+        self.read_only = yes;
+        self
+    }
 }
 
 /// The baseline a heap was opened from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BaselineInfo {
     /// The last committed flush epoch.
@@ -105,6 +123,10 @@ pub struct BaselineInfo {
     pub pages_from_journal: u64,
     /// The heap's generation in the baseline.
     pub generation: u64,
+    /// A superblock slot that was damaged or torn and refused, so the
+    /// baseline was opened from the other, possibly older, slot: say so to
+    /// the operator (`remem check` and `remem inspect` print it).
+    pub discarded_slot: Option<crate::baseline::DiscardedSlot>,
 }
 
 /// A hook that patches a loaded heap image: gets the header and the
@@ -244,12 +266,6 @@ fn lazy_err(e: crate::lazy::LazyError) -> OpenError {
     OpenError::Lazy(e)
 }
 
-fn lock_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
-}
-
 /// A heap's baseline file and the lock that keeps other processes out
 /// (`None` for a caller-provided backend).
 type LockedFile = Option<(PathBuf, File)>;
@@ -269,17 +285,23 @@ fn read_header_page(memfd: &File, first: &mut [u8]) -> Result<(), OpenError> {
     memfd.read_exact_at(first, 0).map_err(io("reading the heap header from the memfd"))
 }
 
-/// Locks an existing baseline file and opens it: what every open by path needs.
-fn open_baseline_file(path: &Path) -> Result<(Arc<dyn Backend>, LockedFile), OpenError> {
-    let lock = take_lock(path)?;
-    let backend = FileBackend::open(path).map_err(io(format!("opening baseline {}", path.display())))?;
+/// Locks an existing baseline file and opens it: what every open by path
+/// needs. A writer takes the exclusive lock and opens the file read-write; a
+/// read-only open ([`HeapOptions::read_only`]) takes the shared lock and opens
+/// it read-only, so nothing it does can write the file.
+fn open_baseline_file(path: &Path, read_only: bool) -> Result<(Arc<dyn Backend>, LockedFile), OpenError> {
+    let lock = take_lock(path, if read_only { LockKind::Reader } else { LockKind::Writer })?;
+    let what = format!("opening baseline {}", path.display());
+    let backend =
+        if read_only { FileBackend::open_read_only(path) } else { FileBackend::open(path) }.map_err(io(what))?;
     Ok((Arc::new(backend), Some((path.to_owned(), lock))))
 }
 
-/// The exclusive lock on a baseline that every opener of the file takes:
-/// held, nobody else can open the heap or recover it. Taken alone by a
-/// recovery before it fences the old owner, then handed to
-/// [`Heap::open_patched`].
+/// The exclusive lock on a baseline that every writer of the file takes:
+/// held, nobody else can open the heap for writing or recover it. Taken
+/// alone by a recovery before it fences the old owner, then handed to
+/// [`Heap::open_patched`]. It is an OFD lock on the baseline file itself,
+/// so every path to the file (symlink, hard link, another mount) meets it.
 #[derive(Debug)]
 pub struct BaselineLock {
     path: PathBuf,
@@ -287,24 +309,23 @@ pub struct BaselineLock {
 }
 
 impl BaselineLock {
-    /// Takes the lock of the baseline at `path` without waiting;
-    /// [`OpenError::Locked`] when another process (or heap) holds it.
+    /// Takes the writer's lock of the baseline at `path` without waiting;
+    /// [`OpenError::Locked`] when another open of the same file (by any
+    /// path, in any process) holds it.
     pub fn take(path: impl AsRef<Path>) -> Result<BaselineLock> {
         let path = path.as_ref();
-        Ok(BaselineLock { path: path.to_owned(), file: take_lock(path)? })
+        Ok(BaselineLock { path: path.to_owned(), file: take_lock(path, LockKind::Writer)? })
     }
 
     /// Takes over the baseline of an owner that is proven hung (its lease
-    /// expired: see `control.rs`) and still holds the lock: takes the lock
-    /// of `<path>.takeover` instead, which every recovery that takes over
-    /// holds, so two of them exclude each other. The hung process keeps its
-    /// own lock until it exits; the generation fence keeps it from
-    /// committing in the meantime.
+    /// expired: see `control.rs`) and still holds the writer's lock: takes
+    /// the file's *takeover* lock instead (another byte of the same OFD lock
+    /// space), which every recovery that takes over holds, so two of them
+    /// exclude each other. The hung process keeps its own lock until it
+    /// exits; the generation fence keeps it from committing in the meantime.
     pub fn take_over(path: impl AsRef<Path>) -> Result<BaselineLock> {
         let path = path.as_ref();
-        let mut p = path.as_os_str().to_owned();
-        p.push(".takeover");
-        Ok(BaselineLock { path: path.to_owned(), file: take_lock(Path::new(&p))? })
+        Ok(BaselineLock { path: path.to_owned(), file: take_lock(path, LockKind::Takeover)? })
     }
 
     /// The baseline file.
@@ -313,15 +334,28 @@ impl BaselineLock {
     }
 }
 
-fn take_lock(path: &Path) -> Result<File, OpenError> {
-    let lp = lock_path(path);
+/// Which of the baseline file's locks (see [`region::try_lock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LockKind {
+    /// Exclusive on the writer byte: a database or a recovery.
+    Writer,
+    /// Shared on the writer byte: `check`, `inspect`, read-only opens.
+    Reader,
+    /// Exclusive on the takeover byte: a recovery of a hung owner.
+    Takeover,
+}
+
+/// Takes one of the baseline's locks: an OFD lock on the file itself (its
+/// inode), so every path to the same file meets it.
+fn take_lock(path: &Path, kind: LockKind) -> Result<File, OpenError> {
+    let exclusive = kind != LockKind::Reader;
     let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lp)
-        .map_err(io(format!("opening lock file {}", lp.display())))?;
-    if !region::try_lock(&f).map_err(io(format!("locking {}", lp.display())))? {
+        .read(true)
+        .write(exclusive)
+        .open(path)
+        .map_err(io(format!("opening baseline {} to lock it", path.display())))?;
+    let byte = if kind == LockKind::Takeover { region::LOCK_TAKEOVER } else { region::LOCK_WRITER };
+    if !region::try_lock(&f, exclusive, byte).map_err(io(format!("locking {}", path.display())))? {
         return Err(OpenError::Locked(path.to_owned()));
     }
     Ok(f)
@@ -335,8 +369,11 @@ impl Heap {
         if path.exists() {
             return Err(OpenError::AlreadyExists(path.to_owned()).into());
         }
-        let lock = take_lock(path)?;
+        // The file is created exclusively (O_EXCL), then locked: until the
+        // new baseline's superblock is written, any other open finds it too
+        // short and fails.
         let backend = FileBackend::create(path).map_err(io(format!("creating baseline {}", path.display())))?;
+        let lock = take_lock(path, LockKind::Writer)?;
         Self::create_inner(Arc::new(backend), opts, Some((path.to_owned(), lock)))
     }
 
@@ -443,7 +480,7 @@ impl Heap {
     /// baseline has them).
     pub fn open_with(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
         let path = path.as_ref();
-        let (backend, file) = open_baseline_file(path)?;
+        let (backend, file) = open_baseline_file(path, opts.read_only)?;
         Self::open_inner(backend, opts, file)
     }
 
@@ -484,7 +521,7 @@ impl Heap {
         dirty: &[u64],
     ) -> Result<Heap> {
         let path = path.as_ref();
-        let (backend, file) = open_baseline_file(path)?;
+        let (backend, file) = open_baseline_file(path, false)?;
         Self::open_filled(backend, opts, file, Fill::Memfd(memfd, dirty.to_vec()))
     }
 
@@ -527,15 +564,22 @@ impl Heap {
             age: committed_at.elapsed().unwrap_or_default(),
             pages_from_journal: from_journal,
             generation: info.generation,
+            discarded_slot: baseline.discarded_slot().cloned(),
         };
-        // Track before recovering, so that recovery's repairs are flushed.
-        let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
-        for &p in dirty.iter().filter(|&&p| p < header.layout.npages()) {
-            dur.tracker.mark_dirty(p, 1);
-        }
+        // Track before recovering, so that recovery's repairs are flushed
+        // (a read-only open repairs its private copy only).
+        let dur = if opts.read_only {
+            None
+        } else {
+            let dur = Self::durability(&region, &header, baseline, opts.tracking)?;
+            for &p in dirty.iter().filter(|&&p| p < header.layout.npages()) {
+                dur.tracker.mark_dirty(p, 1);
+            }
+            Some(dur)
+        };
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
-        let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), Some(from))?;
+        let mut heap = Self::assemble(region, meta, header, file, report, vol, dur, Some(from))?;
         heap.start_flusher(opts);
         Ok(heap)
     }
@@ -554,7 +598,7 @@ impl Heap {
         opts: &HeapOptions,
         source: Arc<dyn crate::source::PageSource>,
     ) -> Result<Heap> {
-        let (backend, file) = open_baseline_file(path.as_ref())?;
+        let (backend, file) = open_baseline_file(path.as_ref(), false)?;
         Self::open_lazy_inner(backend, opts, file, source)
     }
 
@@ -775,7 +819,7 @@ impl Heap {
 
     /// The baseline this heap was loaded from (`None` when created, or memfd-only).
     pub fn opened_from(&self) -> Option<BaselineInfo> {
-        self.inner.opened_from
+        self.inner.opened_from.clone()
     }
 
     /// The tracking mode (`None` for a memfd-only heap).

@@ -30,6 +30,8 @@ mod error;
 pub mod flush;
 pub mod fork;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 mod heap;
 mod lanes;
@@ -47,7 +49,7 @@ mod tx;
 
 pub use api::{GlobalHeap, HeapRef};
 pub use check::CheckReport;
-pub use control::{ctl, LEASE_PERIOD};
+pub use control::{ctl, ControlError, ControlView, LEASE_PERIOD};
 pub use error::{AllocError, Error, OpenError, PointerError, Result};
 pub use flush::{FlushError, FlushStats};
 pub use fork::Forked;

@@ -221,19 +221,40 @@ pub(crate) fn random_uuid() -> Result<[u8; 16], OpenError> {
     Ok(u)
 }
 
-/// An exclusive, non-blocking `flock` on `file`; `false` when another
-/// process holds it.
-pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a descriptor we hold.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+/// The byte of a baseline file whose OFD lock a writer holds (exclusive)
+/// or a reader shares.
+pub(crate) const LOCK_WRITER: i64 = 0;
+/// The byte whose OFD lock a recovery that takes over from a hung owner
+/// holds (the hung owner keeps [`LOCK_WRITER`]).
+pub(crate) const LOCK_TAKEOVER: i64 = 1;
+
+/// A non-blocking open-file-description (OFD) lock on byte `byte` of
+/// `file` (a lock on a byte range need not lie inside the file's data):
+/// exclusive (`file` must be open for writing) or shared. `false` when
+/// another open of the same file holds a conflicting lock. The lock belongs
+/// to the file's inode, not to the name it was opened by, so a symlink, a
+/// hard link or another mount path of the same file meets the same lock;
+/// it is released when the last descriptor of this open is closed (and,
+/// unlike a POSIX record lock, not when some other descriptor of the same
+/// file is closed), and it conflicts with another open of the same file in
+/// the same process too.
+pub(crate) fn try_lock(file: &File, exclusive: bool, byte: i64) -> io::Result<bool> {
+    // SAFETY: `flock` is plain old data; all-zero is a valid value (and
+    // OFD locks require `l_pid` to be 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: fcntl(F_OFD_SETLK) on a descriptor we hold, with a valid `flock`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     if r == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
     }
 }
 

@@ -115,6 +115,12 @@ impl FileBackend {
         Ok(FileBackend { file: OpenOptions::new().read(true).write(true).open(path)? })
     }
 
+    /// Opens an existing file for reading only: every write through this
+    /// backend fails (EBADF), so a reader cannot change the file by mistake.
+    pub fn open_read_only(path: &Path) -> io::Result<FileBackend> {
+        Ok(FileBackend { file: File::open(path)? })
+    }
+
     /// Wraps an open file (opened for reading, and for writing if the baseline will write).
     pub fn from_file(file: File) -> FileBackend {
         FileBackend { file }

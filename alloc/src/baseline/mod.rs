@@ -174,4 +174,4 @@ mod tests;
 pub use backend::{Backend, FileBackend};
 pub use error::{BaselineError, PageSource, Result};
 pub use faulty::{FaultyBackend, Persist, SyncFault};
-pub use store::{Baseline, CommitInfo, LoadReport};
+pub use store::{Baseline, CommitInfo, DiscardedSlot, LoadReport};

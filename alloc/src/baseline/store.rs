@@ -73,6 +73,7 @@ struct JEntry {
 /// The committed state read back from a backend.
 struct Committed {
     sb: Superblock,
+    discarded: Option<DiscardedSlot>,
     table: Vec<u32>,
     journal: BTreeMap<u64, JEntry>,
 }
@@ -95,6 +96,8 @@ pub struct Baseline<B: Backend> {
     buf: Vec<u8>,
     /// Why writes are refused, after a failed write or sync.
     poisoned: Option<String>,
+    /// The superblock slot refused when this baseline was opened.
+    discarded: Option<DiscardedSlot>,
 }
 
 impl<B: Backend> std::fmt::Debug for Baseline<B> {
@@ -138,8 +141,34 @@ fn read_at<B: Backend>(backend: &B, off: u64, buf: &mut [u8], what: &str) -> Res
     backend.read_at(off, buf).map_err(io_err(format!("reading {what} ({} bytes at offset {off})", buf.len())))
 }
 
-/// Reads both superblock slots and returns the valid one with the highest `seq`.
-fn read_superblock<B: Backend>(backend: &B) -> Result<Superblock> {
+/// A superblock slot that held something (not blank) but was refused, so
+/// the baseline was opened from the other slot: the newest commit may be
+/// the one that was lost (a torn superblock write of a commit that never
+/// completed, or damage to the file). Reported by `open`, never silent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardedSlot {
+    /// Which slot (0 or 1).
+    pub slot: u64,
+    /// Why it was refused.
+    pub reason: SlotError,
+    /// The `seq` of the slot that was used instead.
+    pub used_seq: u64,
+}
+
+impl std::fmt::Display for DiscardedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "superblock slot {} was discarded ({}); opened from the other slot (seq {}): if slot {} held a newer \
+             commit, its flush is lost",
+            self.slot, self.reason, self.used_seq, self.slot
+        )
+    }
+}
+
+/// Reads both superblock slots and returns the valid one with the highest
+/// `seq`, and the other slot when it was refused rather than blank.
+fn read_superblock_slots<B: Backend>(backend: &B) -> Result<(Superblock, Option<DiscardedSlot>)> {
     let len = backend_len(backend)?;
     if len < TABLE_OFF {
         let why = format!("the file is {len} bytes, too short to hold the two {SLOT_SIZE}-byte superblock slots");
@@ -156,20 +185,32 @@ fn read_superblock<B: Backend>(backend: &B) -> Result<Superblock> {
     };
     match (decode(0), decode(1)) {
         (Ok(a), Ok(b)) if a.seq == b.seq => Err(corrupt(format!("both superblock slots claim seq {}", a.seq))),
-        (Ok(a), Ok(b)) => Ok(if a.seq > b.seq { a } else { b }),
+        (Ok(a), Ok(b)) if a.uuid != b.uuid || a.heap_size != b.heap_size => Err(corrupt(format!(
+            "the two superblock slots describe different heaps ({} bytes and {} bytes, or another UUID): the file \
+             was pieced together from two baselines",
+            a.heap_size, b.heap_size
+        ))),
+        (Ok(a), Ok(b)) => Ok((if a.seq > b.seq { a } else { b }, None)),
         // Never fall back to an older slot past a newer format: refuse instead.
         (Err(SlotError::Version(found)), _) | (_, Err(SlotError::Version(found))) => {
             Err(BaselineError::Version { found, supported: VERSION })
         }
-        (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(s),
+        (Ok(s), Err(SlotError::Blank)) | (Err(SlotError::Blank), Ok(s)) => Ok((s, None)),
+        (Ok(s), Err(reason)) => Ok((s, Some(DiscardedSlot { slot: 1, reason, used_seq: s.seq }))),
+        (Err(reason), Ok(s)) => Ok((s, Some(DiscardedSlot { slot: 0, reason, used_seq: s.seq }))),
         (Err(e0), Err(e1)) => Err(BaselineError::NoSuperblock { slot0: e0.to_string(), slot1: e1.to_string() }),
     }
+}
+
+/// Reads both superblock slots and returns the valid one with the highest `seq`.
+fn read_superblock<B: Backend>(backend: &B) -> Result<Superblock> {
+    read_superblock_slots(backend).map(|(sb, _)| sb)
 }
 
 /// Reads the committed state: superblock, CRC table, journal index. Reads every
 /// segment header of the committed journal, not the pages.
 fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
-    let sb = read_superblock(backend)?;
+    let (sb, discarded) = read_superblock_slots(backend)?;
     let layout = sb.layout();
     let len = backend_len(backend)?;
     let need = layout.journal_off + sb.journal_len;
@@ -190,7 +231,7 @@ fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
         off += n as u64;
     }
     let journal = read_journal(backend, &sb, &layout)?;
-    Ok(Committed { sb, table, journal })
+    Ok(Committed { sb, discarded, table, journal })
 }
 
 /// Indexes the committed journal: the newest entry per page.
@@ -296,6 +337,7 @@ impl<B: Backend> Baseline<B> {
             journal: BTreeMap::new(),
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
+            discarded: None,
         };
         let r = this.backend.set_len(layout.journal_off);
         this.check_io(r, || format!("extending the new baseline to {} bytes", layout.journal_off))?;
@@ -319,7 +361,14 @@ impl<B: Backend> Baseline<B> {
             journal: c.journal,
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
+            discarded: c.discarded,
         })
+    }
+
+    /// The superblock slot that was refused when this baseline was opened
+    /// (damaged or torn, not blank), if any: the newest commit may be lost.
+    pub fn discarded_slot(&self) -> Option<&DiscardedSlot> {
+        self.discarded.as_ref()
     }
 
     /// The committed state this instance knows.

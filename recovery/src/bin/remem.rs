@@ -97,13 +97,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Open a heap (running its recovery) and validate every allocator invariant.
+    /// Open a heap (running its recovery on a private copy) and validate every allocator invariant.
+    /// Never writes the baseline unless --repair is given.
     Check {
         /// The baseline file.
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Commit the recovery pass's repairs (rolled-back transactions, returned caches) to the
+        /// baseline; without it the file is opened read-only and left exactly as it was.
+        #[arg(long)]
+        repair: bool,
     },
     /// Run the whole cycle: create a heap, work on it, kill the database, recover it elsewhere, verify.
     Demo {
@@ -220,24 +225,41 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { path, json } => inspect(&path, json),
-        Cmd::Check { path, json } => {
-            let heap = Heap::open_with(&path, &HeapOptions::new(0).flush_interval(None))?;
+        Cmd::Check { path, json, repair } => {
+            // The check always runs on a read-only, private copy; --repair
+            // then reopens the heap for writing and commits only a heap that
+            // passed.
+            let heap = Heap::open_with(&path, &HeapOptions::new(0).flush_interval(None).read_only(true))?;
             let r = heap.check();
+            let discarded = heap.opened_from().and_then(|f| f.discarded_slot).map(|d| d.to_string());
             if json {
                 println!(
                     "{}",
                     serde_json::json!({"ok": r.is_ok(), "problems": r.problems, "slabs": r.slabs,
                         "allocated_blocks": r.allocated_blocks, "large_runs": r.large_runs,
                         "allocated_bytes": r.allocated_bytes, "free_pages": r.free_pages,
-                        "recovery": heap.recovery_report().to_string()})
+                        "recovery": heap.recovery_report().to_string(), "discarded_slot": discarded,
+                        "repaired": repair})
                 );
             } else {
+                if let Some(d) = &discarded {
+                    println!("WARNING: {d}");
+                }
                 println!("{}\n{r}", heap.recovery_report());
+                if !repair {
+                    println!("(read-only: the baseline was not changed; --repair commits the recovery pass)");
+                }
             }
             let ok = r.is_ok();
             heap.close()?;
             if !ok {
-                bail!("the heap is damaged (see above)");
+                bail!("the heap is damaged (see above); nothing was written to the baseline");
+            }
+            if repair {
+                let heap = Heap::open_with(&path, &HeapOptions::new(0).flush_interval(None))?;
+                let epoch = heap.flush()?;
+                heap.close()?;
+                println!("repaired: the recovery pass is committed to the baseline (epoch {epoch})");
             }
             Ok(())
         }
@@ -281,7 +303,8 @@ struct Verify {
 }
 
 fn inspect(path: &Path, json: bool) -> Result<()> {
-    let b = Baseline::open(FileBackend::open(path).with_context(|| format!("opening {}", path.display()))?)?;
+    let backend = FileBackend::open_read_only(path).with_context(|| format!("opening {}", path.display()))?;
+    let b = Baseline::open(backend)?;
     let i = b.info();
     let age = (std::time::UNIX_EPOCH + Duration::from_nanos(i.commit_unix_ns)).elapsed().unwrap_or_default();
     let mut first = vec![0u8; 4096];
@@ -293,7 +316,8 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "{}",
             serde_json::json!({"uuid": uuid, "size": b.heap_size(), "base": format!("{:#x}", h.base),
                 "epoch": i.epoch, "generation": i.generation, "seq": i.seq, "journal_len": i.journal_len,
-                "journal_pages": i.journal_pages, "age_seconds": age.as_secs_f64()})
+                "journal_pages": i.journal_pages, "age_seconds": age.as_secs_f64(),
+                "discarded_slot": b.discarded_slot().map(|d| d.to_string())})
         );
     } else {
         println!(
@@ -307,6 +331,9 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             i.journal_pages,
             i.journal_len
         );
+        if let Some(d) = b.discarded_slot() {
+            println!("WARNING: {d}");
+        }
     }
     Ok(())
 }
