@@ -626,6 +626,7 @@ impl Heap {
         let header = decode_header(&first, &name)?;
         baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
         let info = baseline.info();
+        let discarded_slot = baseline.discarded_slot().cloned();
         let size = header.layout.size;
         let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
         let region = Region::map(fd, header.base, size)?;
@@ -645,6 +646,7 @@ impl Heap {
             age: committed_at.elapsed().unwrap_or_default(),
             pages_from_journal: info.journal_pages,
             generation: info.generation,
+            discarded_slot,
         };
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
