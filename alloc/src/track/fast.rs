@@ -9,7 +9,7 @@
 //!
 //! The dirty set exists only in the page tables between harvests: once the
 //! process is gone, pages written since the last harvest are unknown (the
-//! agent must seal the lists, see DESIGN.md). No thread, no lock.
+//! agent must seal the lists, see docs/design.md). No thread, no lock.
 //!
 //! [`Tracker::harvest_into`] moves each `PAGEMAP_SCAN` batch into the
 //! closing bitmap as soon as the ioctl returns, so a closing bitmap in a
@@ -124,7 +124,7 @@ impl FastTracker {
             }
             // A call that returns fewer regions than the buffer holds has
             // walked the whole range. Its walk_end can then be stale (an
-            // internal 512-region boundary, DESIGN.md), so it is not used
+            // internal 512-region boundary, docs/design.md), so it is not used
             // to decide completion.
             if n < vec.len() {
                 return Ok(());

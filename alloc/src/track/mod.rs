@@ -24,7 +24,7 @@
 //! ## Two epochs across a flush
 //!
 //! A flusher that must keep the dirty lists complete while it flushes
-//! (DESIGN.md, F2) keeps a second bitmap, the *closing* epoch, next to the
+//! (docs/design.md, F2) keeps a second bitmap, the *closing* epoch, next to the
 //! tracker's *current* set, both in the shared control region:
 //!
 //! ```text
@@ -150,7 +150,7 @@ pub trait Tracker: Send + Sync + fmt::Debug {
     ///   Once this call returns, `closing` holds every page written before
     ///   the scan passed it; pages written after the scan, i.e. between
     ///   harvests, are known only to the page tables and are lost with the
-    ///   process (the agent must seal the lists, DESIGN.md). `closing` is
+    ///   process (the agent must seal the lists, docs/design.md). `closing` is
     ///   complete *after each harvest*, not at every instant.
     /// - **Off**: sets every page in `closing` and reports every page.
     ///
