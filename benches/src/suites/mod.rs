@@ -50,6 +50,18 @@ pub fn best_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> V
     best
 }
 
+/// Every ns/op of each system over `reps` rounds (within a round the
+/// systems take turns, so bursts of noise hit them alike).
+pub fn all_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> Vec<Vec<f64>> {
+    let mut all = vec![Vec::new(); systems.len()];
+    for _ in 0..reps {
+        for (system, all) in systems.iter().zip(&mut all) {
+            all.push(run(system));
+        }
+    }
+    all
+}
+
 /// Says what runs now on stderr, when stderr is a terminal.
 pub fn progress(suite: &str, what: std::fmt::Arguments<'_>) {
     if std::io::stderr().is_terminal() {

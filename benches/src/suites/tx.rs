@@ -20,13 +20,15 @@
 //!
 //! As in `alloc`, each repetition runs every system in turn, each case runs
 //! on every `--threads` count (each thread its own loop and its own block),
-//! and the figure is the best repetition.
+//! and the figure is the median repetition (`min_ns`, `max_ns`: the
+//! fastest and the slowest).
 
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::{best_of, progress, Config};
+use super::{all_of, progress, Config};
+use crate::native::median;
 use crate::peers::{TxPeer, TxSystem, TxVisitor};
 use crate::report::{Extra, Measurement, SuiteReport, BASELINE};
 
@@ -81,18 +83,20 @@ pub fn run(systems: &[TxSystem], config: &Config) -> SuiteReport {
     for case in Case::ALL {
         for &threads in &config.threads {
             progress(SUITE, format_args!("{} on {threads} thread(s)", case.name()));
-            let best = best_of(systems, config.reps, |system| {
+            let all = all_of(systems, config.reps, |system| {
                 system.visit(&mut RunCase { case, threads, rep_time: config.rep_time })
             });
-            for (system, ns_per_op) in systems.iter().zip(best) {
+            for (system, ns) in systems.iter().zip(all) {
+                let lo = ns.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = ns.iter().copied().fold(0.0, f64::max);
                 measurements.push(Measurement {
                     suite: SUITE,
                     case: case.name(),
                     system: system.name(),
-                    ns_per_op,
+                    ns_per_op: median(&ns),
                     threads,
                     reps: config.reps,
-                    extra: Extra::default(),
+                    extra: Extra::default().with("min_ns", lo).with("max_ns", hi),
                 });
             }
         }
@@ -105,7 +109,8 @@ pub fn run(systems: &[TxSystem], config: &Config) -> SuiteReport {
     );
     legend.push(super::c::DURABILITY.to_owned());
     legend.push(format!(
-        "ns/op per thread, best of {} reps of {} ms; with N threads each runs its own loop at once",
+        "ns/op per thread, median of {} reps of {} ms (min_ns, max_ns: fastest and slowest); with N threads \
+         each runs its own loop at once",
         config.reps,
         config.rep_time.as_millis()
     ));
