@@ -154,6 +154,16 @@ pub enum ConnectError {
         /// What the target said.
         reason: String,
     },
+    /// A handshake or channel message from the target failed authentication:
+    /// something on the path altered, replayed or injected bytes (the
+    /// target itself proved it holds the token).
+    #[error("the connection to {addr} was tampered with: {what}")]
+    Tampered {
+        /// The target's address.
+        addr: SocketAddr,
+        /// What failed.
+        what: String,
+    },
     /// The peer broke the protocol.
     #[error("the peer at {addr} does not speak remem's transport protocol: {what}")]
     Protocol {

@@ -17,9 +17,10 @@
 //!   ┌────┴──────────────┐                     ┌───────┴────────────┐
 //!  TcpTarget      VerbsTarget                TcpInitiator    VerbsInitiator
 //!   │  (feature `verbs`) │                     │                  │
-//!   └─ server.rs: accept loop, handshake.rs ◀──┴── handshake.rs ──┘
-//!      (auth by token: challenge-response over the TCP control connection;
-//!       regions, and for verbs the queue-pair data, exchanged there)
+//!   └─ server.rs: gate, handshake.rs ◀─────────┴── handshake.rs ──┘
+//!      (a Noise handshake keyed by the token over the TCP control
+//!       connection, channel.rs; then regions, and for verbs the queue-pair
+//!       data, exchanged sealed; TCP data frames sealed too)
 //! ```
 //!
 //! Both transports have the semantics of an RDMA reliable connection:
@@ -34,16 +35,29 @@
 //! that stops answering but keeps its socket open is noticed only through
 //! [`Initiator::wait`]'s timeout; the caller then drops the initiator.
 //!
-//! Authentication: both sides hold the same 32-byte [`Token`], from the
-//! `REMEM_TOKEN` environment variable or a file with mode 0600 (never argv,
-//! never logged). The handshake proves knowledge of it in both directions
-//! (keyed BLAKE3 over both nonces); a wrong token is an error on both sides
-//! and the connection is closed. A target listens on loopback unless told
-//! otherwise ([`ServeOptions::listen`]).
+//! Authentication and encryption: both sides hold the same 32-byte
+//! [`Token`], from the `REMEM_TOKEN` environment variable or a file with
+//! mode 0600 (never argv, never logged). The handshake is Noise
+//! `NNpsk0_25519_AESGCM_SHA256` with a pre-shared key derived from the
+//! token (`channel.rs`): a wrong token is an error on both sides and the
+//! connection is closed; the session keys come from that handshake's fresh
+//! Diffie-Hellman, and every byte after it (ACCEPT, the queue-pair data of
+//! verbs, every TCP request and response) is sealed with AES-256-GCM and
+//! numbered, so nobody on the path can read, alter, replay, reorder or
+//! inject a frame, not even a relay that passed a genuine handshake
+//! through. TCP responses also carry a CRC-32 of their data computed from
+//! the source memory ([`Completion::crc`]). RDMA one-sided reads are not
+//! encrypted (no NIC here can): the verbs transport authenticates its key
+//! exchange the same way, and is for trusted fabrics only
+//! (docs/security.md). A target listens on loopback unless told otherwise
+//! ([`ServeOptions::listen`]), caps its connections, and gives a peer one
+//! deadline for the whole handshake.
 //!
 //! Files: `region.rs` (descriptors, requests, completions), `memory.rs`
-//! (what a target serves), `token.rs`, `handshake.rs` (control messages,
-//! pure encoding plus the blocking exchange), `wire.rs` (TCP data frames),
+//! (what a target serves), `token.rs`, `channel.rs` (the Noise session),
+//! `handshake.rs` (control messages, pure encoding plus the blocking
+//! exchange), `wire.rs` (TCP data frames), `fuzzing.rs` (entry points of
+//! the fuzz targets, also replayed as tests),
 //! `ledger.rs` (queue depth and buffer accounting shared by both
 //! initiators), `server.rs` (accept loop), `tcp/`, `verbs/` (every `unsafe`
 //! of this crate), `bench.rs`, `error.rs`, `tests.rs`.
@@ -54,7 +68,10 @@
 //! (`REMEM_RDMA_DEVICE` and `REMEM_RDMA_GID_INDEX` choose the device and GID).
 
 mod bench;
+mod channel;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod ledger;
 mod memory;
@@ -240,8 +257,11 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// The shared secret initiators must prove they hold.
     pub token: Token,
-    /// Time a peer has to complete the handshake.
+    /// Time a peer has to complete the whole handshake, from its connection.
     pub handshake_timeout: Duration,
+    /// Authenticated connections served at once (each has a thread); more
+    /// are refused as busy. Unauthenticated ones never get a thread.
+    pub max_connections: usize,
     /// A connection whose peer accepts no data for this long is dropped.
     pub write_timeout: Duration,
     /// The RDMA device (verbs only).
@@ -255,6 +275,7 @@ impl ServeOptions {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
             token,
             handshake_timeout: Duration::from_secs(10),
+            max_connections: 64,
             write_timeout: Duration::from_secs(60),
             device: DeviceOptions::from_env(),
         }
@@ -283,7 +304,7 @@ pub struct ConnectOptions {
     pub token: Token,
     /// Reads that may be posted and not yet polled.
     pub depth: usize,
-    /// Time allowed for the TCP connection and the handshake.
+    /// Time allowed for the TCP connection and the whole handshake.
     pub timeout: Duration,
     /// The RDMA device (verbs only).
     pub device: DeviceOptions,

@@ -98,6 +98,10 @@ pub struct Completion {
     pub status: Status,
     /// Bytes transferred (the request's length on success, else 0).
     pub len: u32,
+    /// CRC-32 (IEEE) of the bytes, computed by the target from its memory
+    /// (TCP on success); `None` where the transport has none (verbs: the
+    /// NIC reads the memory). Check it against the bytes where they landed.
+    pub crc: Option<u32>,
 }
 
 #[cfg(test)]

@@ -1,26 +1,38 @@
 //! A target's listener: accepts connections, authenticates them, hands the
 //! authenticated ones to the transport, and closes everything on drop.
 //!
-//! One thread accepts; each connection has its own thread (a target serves
-//! a few initiators, not thousands).
+//! One thread (the gate) accepts and reads every new connection's first
+//! two frames (HELLO and the first Noise message, under 150 bytes) without
+//! blocking, polling them all at once: a peer that connects and stays
+//! silent, or trickles bytes, costs one file descriptor and a few bytes of
+//! memory, never a thread, and is dropped when the handshake deadline
+//! (measured from `accept`, for the whole handshake) passes. At most
+//! [`MAX_PENDING`] connections wait there; a new one pushes the oldest out.
+//! Only a peer whose first Noise message opens with the token gets a
+//! thread, and at most [`ServeOptions::max_connections`] threads serve at
+//! once (more are told "busy").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
+use super::channel::Channel;
 use super::error::ServeError;
-use super::handshake;
+use super::handshake::{self, Deadline, Refused};
 use super::token::Token;
 use super::{Kind, ServeOptions, TargetStats};
 
-/// How often the accept loop looks at the closed flag.
+/// How often the gate looks at the closed flag.
 const ACCEPT_TICK: Duration = Duration::from_millis(50);
+/// Connections waiting for their first two frames, at most.
+pub(crate) const MAX_PENDING: usize = 256;
 
 /// The transport-specific part of a target.
 pub(crate) trait Service: Send + Sync + 'static {
@@ -28,8 +40,9 @@ pub(crate) trait Service: Send + Sync + 'static {
     fn kind(&self) -> Kind;
 
     /// Runs one authenticated connection until it ends: sends ACCEPT (or a
-    /// REJECT), then serves. `conn` has the handshake's timeouts set.
-    fn serve(&self, conn: TcpStream, peer: SocketAddr, counters: &Counters);
+    /// REJECT) through `ch`, then serves. `conn` is blocking; what remains
+    /// of the handshake must finish by `deadline`.
+    fn serve(&self, conn: TcpStream, ch: Channel, peer: SocketAddr, deadline: Instant, counters: &Counters);
 }
 
 /// A target's counters.
@@ -62,9 +75,10 @@ struct Shared {
     closed: AtomicBool,
     token: Token,
     handshake_timeout: Duration,
+    max_connections: usize,
     counters: Counters,
-    /// Open connections (a clone of each socket, to shut it down), and the
-    /// threads serving them.
+    /// Connections with a thread (a clone of each socket, to shut it down),
+    /// and those threads.
     conns: Mutex<Conns>,
 }
 
@@ -93,13 +107,14 @@ impl Server {
             closed: AtomicBool::new(false),
             token: opts.token.clone(),
             handshake_timeout: opts.handshake_timeout,
+            max_connections: opts.max_connections.max(1),
             counters: Counters::default(),
             conns: Mutex::new(Conns::default()),
         });
         let sh = shared.clone();
         let acceptor = thread::Builder::new()
             .name(format!("remem-{}-accept", service.kind()))
-            .spawn(move || accept_loop(&listener, &sh, &service))
+            .spawn(move || gate(&listener, &sh, &service))
             .map_err(|source| ServeError::Io { what: "spawning the accept thread", source })?;
         Ok(Server { shared, local_addr, acceptor: Some(acceptor) })
     }
@@ -132,67 +147,181 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, service: &Arc<dyn Service>) {
-    let tick = Timespec { tv_sec: 0, tv_nsec: ACCEPT_TICK.as_nanos() as _ };
-    while !shared.closed.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        if poll(&mut fds, Some(&tick)).is_err() {
-            continue;
-        }
-        let (stream, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                log::warn!("remem transport: accept failed: {e}");
-                thread::sleep(ACCEPT_TICK);
-                continue;
+/// A connection whose first frames are still arriving.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// Where a pending connection stands.
+enum Step {
+    /// More bytes are needed.
+    Wait,
+    /// Judged: authenticated (its first Noise message opened) or refused.
+    Done(Result<Box<snow::HandshakeState>, Refused>),
+}
+
+impl Pending {
+    /// Reads what the peer sent, never more than the two frames need.
+    fn step(&mut self, kind: Kind, token: &Token) -> Step {
+        loop {
+            let need = match handshake::preauth_need(&self.buf, kind) {
+                Ok(n) => n,
+                Err(e) => return Step::Done(Err(e)),
+            };
+            let have = self.buf.len();
+            if need == have {
+                return Step::Done(handshake::open_preauth(&self.buf, token, kind).map(Box::new));
             }
-        };
-        if let Err(e) = start_conn(stream, peer, shared, service) {
-            log::warn!("remem transport: dropped connection from {peer}: {e}");
+            self.buf.resize(need, 0);
+            match (&self.stream).read(&mut self.buf[have..]) {
+                Ok(0) => {
+                    let e = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Step::Done(Err(Refused::Io { what: "reading HELLO", source: e }));
+                }
+                Ok(n) => self.buf.truncate(have + n),
+                Err(e) => {
+                    self.buf.truncate(have);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => return Step::Wait,
+                        io::ErrorKind::Interrupted => {}
+                        _ => return Step::Done(Err(Refused::Io { what: "reading HELLO", source: e })),
+                    }
+                }
+            }
         }
     }
 }
 
-fn start_conn(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Arc<Shared>,
-    service: &Arc<dyn Service>,
-) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(shared.handshake_timeout))?;
-    stream.set_write_timeout(Some(shared.handshake_timeout))?;
-    let clone = stream.try_clone()?;
+fn refuse(shared: &Shared, mut stream: &TcpStream, peer: SocketAddr, e: &Refused) {
+    Counters::add(&shared.counters.rejected, 1);
+    if let Some(code) = e.reject() {
+        // Non-blocking and tiny: the socket buffer takes it, or it is lost.
+        let _ = stream.write_all(&handshake::reject_frame(code, &e.to_string()));
+    }
+    match e {
+        Refused::BadKey | Refused::BadConfirm(_) => log::warn!("remem transport: refused {peer}: {e}"),
+        _ => log::info!("remem transport: refused {peer}: {e}"),
+    }
+}
+
+fn timespec(d: Duration) -> Timespec {
+    Timespec { tv_sec: d.as_secs().min(i64::MAX as u64) as i64, tv_nsec: i64::from(d.subsec_nanos()) }
+}
+
+fn gate(listener: &TcpListener, shared: &Arc<Shared>, service: &Arc<dyn Service>) {
+    let kind = service.kind();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut ready: Vec<bool> = Vec::new();
+    while !shared.closed.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        let wait = pending.iter().map(|p| p.deadline.saturating_duration_since(now)).min().unwrap_or(ACCEPT_TICK);
+        ready.clear();
+        {
+            let mut fds = Vec::with_capacity(1 + pending.len());
+            fds.push(PollFd::new(listener, PollFlags::IN));
+            fds.extend(pending.iter().map(|p| PollFd::new(&p.stream, PollFlags::IN)));
+            let tick = timespec(wait.min(ACCEPT_TICK));
+            if poll(&mut fds, Some(&tick)).is_err() {
+                continue;
+            }
+            ready.extend(fds.iter().map(|f| !f.revents().is_empty()));
+        }
+        // Pending connections with something to read, and expired ones.
+        let now = Instant::now();
+        let mut keep = VecDeque::with_capacity(pending.len());
+        for (mut p, r) in pending.drain(..).zip(ready.iter().skip(1).copied()) {
+            let step = if r { p.step(kind, &shared.token) } else { Step::Wait };
+            match step {
+                Step::Wait if now >= p.deadline => refuse(shared, &p.stream, p.peer, &Refused::Deadline),
+                Step::Wait => keep.push_back(p),
+                Step::Done(Err(e)) => refuse(shared, &p.stream, p.peer, &e),
+                Step::Done(Ok(hs)) => start_conn(p, hs, shared, service),
+            }
+        }
+        pending = keep;
+        if !ready.first().copied().unwrap_or(false) {
+            continue;
+        }
+        loop {
+            let (stream, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("remem transport: accept failed: {e}");
+                    thread::sleep(ACCEPT_TICK);
+                    break;
+                }
+            };
+            if stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true)).is_err() {
+                continue;
+            }
+            if pending.len() >= MAX_PENDING {
+                if let Some(old) = pending.pop_front() {
+                    refuse(shared, &old.stream, old.peer, &Refused::Deadline);
+                }
+            }
+            let deadline = Instant::now() + shared.handshake_timeout;
+            pending.push_back(Pending { stream, peer, buf: Vec::new(), deadline });
+        }
+    }
+}
+
+/// Gives an authenticated connection its thread, within the cap.
+fn start_conn(p: Pending, hs: Box<snow::HandshakeState>, shared: &Arc<Shared>, service: &Arc<dyn Service>) {
+    let Pending { stream, peer, deadline, .. } = p;
     let mut conns = shared.conns.lock();
     if shared.closed.load(Ordering::SeqCst) {
-        return Ok(()); // dropped: the target is closing
+        return; // dropped: the target is closing
     }
     conns.threads.retain(|t| !t.is_finished());
+    if conns.sockets.len() >= shared.max_connections {
+        let open = conns.sockets.len() as u64;
+        drop(conns);
+        return refuse(shared, &stream, peer, &Refused::Busy(open));
+    }
+    let clone = match stream.set_nonblocking(false).and_then(|()| stream.try_clone()) {
+        Ok(c) => c,
+        Err(e) => return refuse(shared, &stream, peer, &Refused::Io { what: "setting the socket up", source: e }),
+    };
     let id = conns.next_id;
     conns.next_id += 1;
     let (sh, svc) = (shared.clone(), service.clone());
-    let t = thread::Builder::new()
+    let spawned = thread::Builder::new()
         .name(format!("remem-{}-conn", service.kind()))
-        .spawn(move || run_conn(stream, peer, id, &sh, &*svc))?;
-    conns.sockets.insert(id, clone);
-    conns.threads.push(t);
-    Ok(())
+        .spawn(move || run_conn(stream, hs, peer, deadline, id, &sh, &*svc));
+    match spawned {
+        Ok(t) => {
+            conns.sockets.insert(id, clone);
+            conns.threads.push(t);
+        }
+        Err(e) => {
+            drop(conns);
+            refuse(shared, &clone, peer, &Refused::Internal(format!("no thread for the connection: {e}")));
+        }
+    }
 }
 
-fn run_conn(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared, service: &dyn Service) {
+fn run_conn(
+    stream: TcpStream,
+    hs: Box<snow::HandshakeState>,
+    peer: SocketAddr,
+    deadline: Instant,
+    id: u64,
+    shared: &Shared,
+    service: &dyn Service,
+) {
     let c = &shared.counters;
-    match handshake::respond(&mut stream, &shared.token, service.kind()) {
-        Err(e) => {
-            Counters::add(&c.rejected, 1);
-            log::warn!("remem transport: refused connection from {peer}: {e}");
-        }
-        Ok(()) => {
+    match handshake::finish(&mut Deadline { s: &stream, at: deadline }, *hs) {
+        Err(e) => refuse(shared, &stream, peer, &e),
+        Ok(ch) => {
             Counters::add(&c.accepted, 1);
             Counters::add(&c.active, 1);
-            service.serve(stream, peer, c);
+            service.serve(stream, ch, peer, deadline, c);
             c.active.fetch_sub(1, Ordering::Relaxed);
         }
     }

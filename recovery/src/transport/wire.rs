@@ -1,14 +1,26 @@
 //! The TCP transport's data frames, after the handshake. Pure.
 //!
+//! Both directions are byte streams sealed by the channel (`channel.rs`):
+//! the frames below are its plaintext, cut into Noise messages anywhere.
+//! The target packs the responses to many requests into each message (up
+//! to 65519 bytes of plaintext), so that the AEAD's per-message cost is
+//! spread over many pages.
+//!
 //! ```text
 //! request  (initiator → target), 32 bytes:
 //!   0  op u8 (1 = READ; there is no other)   1  reserved [3]
 //!   4  rkey u32        8  addr u64          16  len u32    20  reserved u32
 //!  24  seq u64  (the initiator's count of requests on this connection)
-//! response (target → initiator), 16 bytes, then `len` bytes of data on OK:
+//! response (target → initiator), 16 bytes, then on OK `len` bytes of data
+//! and the CRC-32 (IEEE, `crc32fast`) of those bytes, u32:
 //!   0  status u8 (0 OK, 1 ACCESS, 2 BAD_REQUEST)   1  reserved [3]
 //!   4  len u32         8  seq u64  (the request's)
 //! ```
+//!
+//! The CRC is computed by the target from the copy of the source memory it
+//! seals, so it matches the bytes sent even while the memory changes; the
+//! initiator hands it to the caller in [`Completion::crc`](super::Completion::crc),
+//! which checks the page where it lands (end to end, past every copy).
 //!
 //! Responses come in request order. After an ACCESS or BAD_REQUEST response
 //! the target sends nothing more on the connection (the error state of an
@@ -18,6 +30,8 @@
 pub(crate) const REQ_LEN: usize = 32;
 /// Response header length.
 pub(crate) const RESP_LEN: usize = 16;
+/// Bytes of the CRC after an OK response's data.
+pub(crate) const CRC_LEN: usize = 4;
 /// The only operation.
 pub(crate) const OP_READ: u8 = 1;
 

@@ -1,34 +1,28 @@
-//! The TCP initiator: single-threaded and non-blocking. `post` queues
+//! The TCP initiator: single-threaded and non-blocking. `post` seals the
 //! requests and sends what the socket takes; `poll` and `wait` send the
-//! rest and receive responses with `readv` straight into the local buffers
-//! (header and data of up to [`MAX_GATHER`] responses per call, no copy in
-//! user space). The window offered to each `readv` follows what the last
-//! one completed, so that a trickle of responses does not cost a full
-//! 1022-entry iovec per call.
+//! rest, read sealed bytes, open each whole Noise message and copy the
+//! responses it carries into the local buffers ([`Receiver`], pure).
 //!
 //! Requests and responses move in the same calls, so a large batch never
 //! deadlocks on full socket buffers in both directions.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
+use crate::transport::channel::Channel;
 use crate::transport::error::{BufError, ConnectError, PollError, PostError};
-use crate::transport::handshake;
+use crate::transport::handshake::{self, Deadline};
 use crate::transport::ledger::Ledger;
-use crate::transport::wire::{Request, Response, WireStatus, OP_READ, RESP_LEN};
+use crate::transport::wire::{Request, Response, WireStatus, CRC_LEN, OP_READ, RESP_LEN};
 use crate::transport::{BufId, Completion, ConnectOptions, Initiator, Kind, ReadRequest, RegionDesc, Status};
 
-/// Responses received per `readv`: two iovecs each, within `IOV_MAX`.
-const MAX_GATHER: usize = 511;
-/// The smallest gather window.
-const MIN_GATHER: usize = 32;
 /// Receive buffer asked for (the kernel caps it at `net.core.rmem_max`).
 const RCVBUF: usize = 4 << 20;
-/// `readv` calls per `poll`, so that a fast stream cannot hold `poll` forever.
+/// Socket reads per `poll`, so that a fast stream cannot hold `poll` forever.
 const READS_PER_POLL: usize = 64;
 
 /// A TCP initiator; see the [module](crate::transport) docs.
@@ -38,20 +32,13 @@ pub struct TcpInitiator {
     regions: Vec<RegionDesc>,
     ledger: Ledger,
     bufs: Vec<Box<[u8]>>,
-    /// Reads sent (or queued in `tx`), in order: their responses come in this order.
-    pending: VecDeque<Pending>,
-    /// Completions not yet handed to the caller, with their buffers.
-    ready: VecDeque<(Completion, BufId)>,
-    /// Encoded requests not yet taken by the socket, from `tx_sent` on.
+    ch: Channel,
+    rx: Receiver,
+    /// Sealed requests not yet taken by the socket, from `tx_sent` on.
     tx: Vec<u8>,
     tx_sent: usize,
-    /// Progress within the response to `pending.front()`.
-    front: Front,
-    /// Where the headers of the responses after the front land.
-    scratch: Vec<[u8; RESP_LEN]>,
-    /// Responses offered to the next `readv`: twice what the last one
-    /// completed, so that the per-call work follows what actually arrives.
-    window: usize,
+    /// Requests of one `post`, before sealing.
+    plain_tx: Vec<u8>,
     next_seq: u64,
     failed: bool,
 }
@@ -66,13 +53,14 @@ impl std::fmt::Debug for TcpInitiator {
     }
 }
 
+/// A read on the wire, waiting for its response.
 #[derive(Clone, Copy, Debug)]
-struct Pending {
-    wr_id: u64,
-    seq: u64,
-    buf: BufId,
-    offset: usize,
-    len: usize,
+pub(crate) struct Pending {
+    pub(crate) wr_id: u64,
+    pub(crate) seq: u64,
+    pub(crate) buf: BufId,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -80,22 +68,102 @@ struct Front {
     hdr: [u8; RESP_LEN],
     hdr_got: usize,
     data_got: usize,
+    crc: [u8; CRC_LEN],
+    crc_got: usize,
+}
+
+/// The responses side, pure: the reads on the wire, in order, and the
+/// progress within the first one's response. Every header is checked
+/// against the read it answers before a byte of data lands.
+#[derive(Debug, Default)]
+pub(crate) struct Receiver {
+    pub(crate) pending: VecDeque<Pending>,
+    pub(crate) ready: VecDeque<(Completion, BufId)>,
+    front: Front,
+}
+
+impl Receiver {
+    /// Consumes opened response bytes, landing data in `bufs` (every
+    /// pending read's range lies inside its buffer: the ledger checked it).
+    /// `Err`: the connection must fail with this status for the oldest read.
+    pub(crate) fn feed(&mut self, mut b: &[u8], bufs: &mut [Box<[u8]>]) -> Result<(), (Status, String)> {
+        while !b.is_empty() {
+            let Some(&p) = self.pending.front() else {
+                return Err((Status::ConnectionLost, "a response nobody asked for".into()));
+            };
+            let f = &mut self.front;
+            if f.hdr_got < RESP_LEN {
+                let n = b.len().min(RESP_LEN - f.hdr_got);
+                f.hdr[f.hdr_got..f.hdr_got + n].copy_from_slice(&b[..n]);
+                f.hdr_got += n;
+                b = &b[n..];
+                if f.hdr_got < RESP_LEN {
+                    return Ok(());
+                }
+                match Response::decode(&f.hdr) {
+                    Some(r) if r.seq != p.seq => {
+                        let why = format!("response to request {} while expecting {}", r.seq, p.seq);
+                        return Err((Status::ConnectionLost, why));
+                    }
+                    Some(r) if r.status == WireStatus::Access => {
+                        return Err((Status::AccessError, "access error".into()))
+                    }
+                    Some(r) if r.status == WireStatus::Ok && r.len as usize == p.len => {}
+                    other => {
+                        return Err((
+                            Status::ConnectionLost,
+                            format!("bad response {other:?} to a read of {} bytes", p.len),
+                        ))
+                    }
+                }
+            }
+            if f.data_got < p.len {
+                let n = b.len().min(p.len - f.data_got);
+                let at = p.offset + f.data_got;
+                let Some(dst) = bufs.get_mut(p.buf.index()).and_then(|buf| buf.get_mut(at..at + n)) else {
+                    return Err((Status::ConnectionLost, "a read outside its buffer".into()));
+                };
+                dst.copy_from_slice(&b[..n]);
+                f.data_got += n;
+                b = &b[n..];
+                if f.data_got < p.len {
+                    return Ok(());
+                }
+            }
+            let n = b.len().min(CRC_LEN - f.crc_got);
+            f.crc[f.crc_got..f.crc_got + n].copy_from_slice(&b[..n]);
+            f.crc_got += n;
+            b = &b[n..];
+            if f.crc_got < CRC_LEN {
+                return Ok(());
+            }
+            let crc = Some(u32::from_le_bytes(f.crc));
+            self.pending.pop_front();
+            self.ready
+                .push_back((Completion { wr_id: p.wr_id, status: Status::Success, len: p.len as u32, crc }, p.buf));
+            self.front = Front::default();
+        }
+        Ok(())
+    }
 }
 
 impl TcpInitiator {
-    /// Connects and authenticates.
+    /// Connects and authenticates, all within `opts.timeout`.
     pub fn connect(opts: &ConnectOptions) -> Result<TcpInitiator, ConnectError> {
         let addr = opts.addr;
+        let deadline = Instant::now() + opts.timeout;
         let io = |what| move |source| ConnectError::Io { addr, what, source };
-        let mut stream =
+        let stream =
             TcpStream::connect_timeout(&addr, opts.timeout).map_err(|source| ConnectError::Connect { addr, source })?;
         stream.set_nodelay(true).map_err(io("TCP_NODELAY"))?;
-        stream.set_read_timeout(Some(opts.timeout)).map_err(io("socket timeout"))?;
-        stream.set_write_timeout(Some(opts.timeout)).map_err(io("socket timeout"))?;
-        let welcome = handshake::initiate(&mut stream, &opts.token, Kind::Tcp, addr)?;
+        let (welcome, mut ch) =
+            handshake::initiate(&mut Deadline { s: &stream, at: deadline }, &opts.token, Kind::Tcp, addr)?;
         if !welcome.endpoint.is_empty() {
             let what = format!("a TCP target sent a {}-byte endpoint", welcome.endpoint.len());
             return Err(ConnectError::Protocol { addr, what });
+        }
+        if !ch.take_pending().is_empty() {
+            return Err(ConnectError::Protocol { addr, what: "data before any request".into() });
         }
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&stream, RCVBUF);
         stream.set_nonblocking(true).map_err(io("O_NONBLOCK"))?;
@@ -105,13 +173,11 @@ impl TcpInitiator {
             regions: welcome.regions,
             ledger: Ledger::new(opts.depth),
             bufs: Vec::new(),
-            pending: VecDeque::new(),
-            ready: VecDeque::new(),
+            ch,
+            rx: Receiver::default(),
             tx: Vec::new(),
             tx_sent: 0,
-            front: Front::default(),
-            scratch: vec![[0; RESP_LEN]; MAX_GATHER],
-            window: MIN_GATHER,
+            plain_tx: Vec::new(),
             next_seq: 0,
             failed: false,
         })
@@ -125,16 +191,16 @@ impl TcpInitiator {
         }
         self.failed = true;
         let mut head = Some(head);
-        while let Some(p) = self.pending.pop_front() {
+        while let Some(p) = self.rx.pending.pop_front() {
             let status = head.take().unwrap_or(Status::Flushed);
-            self.ready.push_back((Completion { wr_id: p.wr_id, status, len: 0 }, p.buf));
+            self.rx.ready.push_back((Completion { wr_id: p.wr_id, status, len: 0, crc: None }, p.buf));
         }
         self.tx.clear();
         self.tx_sent = 0;
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    /// Sends queued requests until the socket would block.
+    /// Sends sealed requests until the socket would block.
     fn flush_tx(&mut self) -> io::Result<()> {
         while self.tx_sent < self.tx.len() {
             match (&self.stream).write(&self.tx[self.tx_sent..]) {
@@ -150,83 +216,22 @@ impl TcpInitiator {
         Ok(())
     }
 
-    /// One `readv` into the headers and buffers of the next responses.
-    fn receive(&mut self) -> io::Result<usize> {
-        let k = self.pending.len().min(self.window);
-        let ranges: Vec<(usize, usize, usize)> = self
-            .pending
-            .iter()
-            .take(k)
-            .enumerate()
-            .map(|(i, p)| {
-                let done = if i == 0 { self.front.data_got } else { 0 };
-                (p.buf.index(), p.offset + done, p.offset + p.len)
-            })
-            .collect();
-        let TcpInitiator { stream, bufs, front, scratch, .. } = self;
-        // Overlapping destinations cannot be borrowed at once: then one at a time.
-        let slices = match carve(bufs, &ranges) {
-            Some(s) => s,
-            None => carve(bufs, &ranges[..1]).unwrap_or_default(),
+    /// Opens every whole message received and lands its responses.
+    fn open_all(&mut self) {
+        let TcpInitiator { ch, rx, bufs, .. } = self;
+        let failure = loop {
+            match ch.open_next() {
+                Ok(Some(plain)) => {
+                    if let Err(f) = rx.feed(plain, bufs) {
+                        break Some(f);
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => break Some((Status::ConnectionLost, format!("the connection was tampered with: {e}"))),
+            }
         };
-        if slices.is_empty() {
-            return Err(io::Error::other("no destination for the next response"));
-        }
-        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(2 * slices.len());
-        let mut dests = slices.into_iter().zip(scratch.iter_mut());
-        if let Some((dst, _)) = dests.next() {
-            if front.hdr_got < RESP_LEN {
-                iov.push(IoSliceMut::new(&mut front.hdr[front.hdr_got..]));
-            }
-            iov.push(IoSliceMut::new(dst));
-        }
-        for (dst, hdr) in dests {
-            iov.push(IoSliceMut::new(hdr));
-            iov.push(IoSliceMut::new(dst));
-        }
-        (&*stream).read_vectored(&mut iov)
-    }
-
-    /// Accounts for `n` bytes that `receive` placed.
-    fn consume(&mut self, mut n: usize) {
-        let mut i = 0;
-        while n > 0 {
-            let Some(&p) = self.pending.front() else {
-                return self.fail(Status::ConnectionLost, &"a response nobody asked for");
-            };
-            let f = &mut self.front;
-            if f.hdr_got < RESP_LEN {
-                let take = n.min(RESP_LEN - f.hdr_got);
-                f.hdr_got += take;
-                n -= take;
-                if f.hdr_got < RESP_LEN {
-                    return;
-                }
-                match Response::decode(&f.hdr) {
-                    Some(r) if r.seq != p.seq => {
-                        let why = format!("response to request {} while expecting {}", r.seq, p.seq);
-                        return self.fail(Status::ConnectionLost, &why);
-                    }
-                    Some(r) if r.status == WireStatus::Access => {
-                        return self.fail(Status::AccessError, &"access error");
-                    }
-                    Some(r) if r.status == WireStatus::Ok && r.len as usize == p.len => {}
-                    other => {
-                        let why = format!("bad response {other:?} to a read of {} bytes", p.len);
-                        return self.fail(Status::ConnectionLost, &why);
-                    }
-                }
-            }
-            let take = n.min(p.len - f.data_got);
-            f.data_got += take;
-            n -= take;
-            if f.data_got < p.len {
-                return;
-            }
-            self.pending.pop_front();
-            self.ready.push_back((Completion { wr_id: p.wr_id, status: Status::Success, len: p.len as u32 }, p.buf));
-            i += 1;
-            self.front = Front { hdr: self.scratch.get(i).copied().unwrap_or_default(), hdr_got: 0, data_got: 0 };
+        if let Some((status, why)) = failure {
+            self.fail(status, &why);
         }
     }
 
@@ -239,67 +244,32 @@ impl TcpInitiator {
             return self.fail(Status::ConnectionLost, &e);
         }
         for _ in 0..READS_PER_POLL {
-            if self.pending.is_empty() || self.failed {
+            if self.rx.pending.is_empty() || self.failed {
                 break;
             }
-            match self.receive() {
+            match self.ch.fill_from(&mut &self.stream) {
                 Ok(0) => self.fail(Status::ConnectionLost, &"the target closed the connection"),
-                Ok(n) => {
-                    let before = self.ready.len();
-                    self.consume(n);
-                    let completed = self.ready.len().saturating_sub(before);
-                    self.window = (2 * completed).clamp(MIN_GATHER, MAX_GATHER);
-                }
+                Ok(_) => self.open_all(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => self.fail(Status::ConnectionLost, &e),
             }
-            if let Err(e) = self.flush_tx() {
-                self.fail(Status::ConnectionLost, &e);
+            if !self.failed {
+                if let Err(e) = self.flush_tx() {
+                    self.fail(Status::ConnectionLost, &e);
+                }
             }
         }
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
-        let n = max.min(self.ready.len());
-        for (c, buf) in self.ready.drain(..n) {
+        let n = max.min(self.rx.ready.len());
+        for (c, buf) in self.rx.ready.drain(..n) {
             self.ledger.returned(buf);
             out.push(c);
         }
         n
     }
-}
-
-/// Disjoint mutable slices `bufs[b][start..end]` for each `(b, start, end)`
-/// of `ranges`, in the order given; `None` if two of them overlap.
-fn carve<'a>(bufs: &'a mut [Box<[u8]>], ranges: &[(usize, usize, usize)]) -> Option<Vec<&'a mut [u8]>> {
-    let mut order: Vec<usize> = (0..ranges.len()).collect();
-    // Reads are usually posted in buffer order: then there is nothing to sort.
-    if !ranges.windows(2).all(|w| (w[0].0, w[0].1) <= (w[1].0, w[1].1)) {
-        order.sort_unstable_by_key(|&i| (ranges[i].0, ranges[i].1));
-    }
-    let mut out: Vec<Option<&'a mut [u8]>> = (0..ranges.len()).map(|_| None).collect();
-    let mut next = order.iter().peekable();
-    for (b, buf) in bufs.iter_mut().enumerate() {
-        let mut rest: &'a mut [u8] = buf;
-        let mut base = 0;
-        while let Some(&&i) = next.peek() {
-            let (rb, start, end) = ranges[i];
-            if rb != b {
-                break;
-            }
-            next.next();
-            if start < base {
-                return None;
-            }
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - base);
-            let (mid, tail) = tail.split_at_mut(end - start);
-            out[i] = Some(mid);
-            rest = tail;
-            base = end;
-        }
-    }
-    out.into_iter().collect()
 }
 
 fn timespec(d: Duration) -> Timespec {
@@ -325,22 +295,25 @@ impl Initiator for TcpInitiator {
 
     fn buf(&self, id: BufId) -> Result<&[u8], BufError> {
         self.ledger.check_idle(id)?;
-        Ok(&self.bufs[id.index()])
+        self.bufs.get(id.index()).map(|b| &b[..]).ok_or(BufError::Unknown(id))
     }
 
     fn post(&mut self, reads: &[ReadRequest]) -> Result<(), PostError> {
         self.ledger.check_batch(reads)?;
+        self.plain_tx.clear();
         for r in reads {
             self.ledger.posted(r.buf);
             if self.failed {
-                self.ready.push_back((Completion { wr_id: r.wr_id, status: Status::Flushed, len: 0 }, r.buf));
+                self.rx
+                    .ready
+                    .push_back((Completion { wr_id: r.wr_id, status: Status::Flushed, len: 0, crc: None }, r.buf));
                 continue;
             }
             let seq = self.next_seq;
             self.next_seq += 1;
             let req = Request { op: OP_READ, rkey: r.region.rkey, addr: r.remote_addr(), len: r.len, seq };
-            self.tx.extend_from_slice(&req.encode());
-            self.pending.push_back(Pending {
+            self.plain_tx.extend_from_slice(&req.encode());
+            self.rx.pending.push_back(Pending {
                 wr_id: r.wr_id,
                 seq,
                 buf: r.buf,
@@ -349,7 +322,9 @@ impl Initiator for TcpInitiator {
             });
         }
         if !self.failed {
-            if let Err(e) = self.flush_tx() {
+            if let Err(e) = self.ch.seal(&self.plain_tx, &mut self.tx) {
+                self.fail(Status::ConnectionLost, &e);
+            } else if let Err(e) = self.flush_tx() {
                 self.fail(Status::ConnectionLost, &e);
             }
         }
@@ -357,7 +332,7 @@ impl Initiator for TcpInitiator {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> Result<usize, PollError> {
-        if self.ready.len() < max {
+        if self.rx.ready.len() < max {
             self.progress();
         }
         Ok(self.drain(out, max))
@@ -371,7 +346,7 @@ impl Initiator for TcpInitiator {
         let deadline = Instant::now() + timeout;
         loop {
             self.progress();
-            if self.ready.len() >= min {
+            if self.rx.ready.len() >= min {
                 return Ok(self.drain(out, usize::MAX));
             }
             let now = Instant::now();
@@ -400,29 +375,57 @@ impl Initiator for TcpInitiator {
 mod tests {
     use super::*;
 
-    fn bufs() -> Vec<Box<[u8]>> {
-        vec![vec![0u8; 16].into_boxed_slice(), vec![0u8; 8].into_boxed_slice()]
+    fn pending(wr_id: u64, seq: u64, buf: u32, offset: usize, len: usize) -> Pending {
+        Pending { wr_id, seq, buf: BufId(buf), offset, len }
+    }
+
+    fn ok(seq: u64, data: &[u8]) -> Vec<u8> {
+        let mut v = Response { status: WireStatus::Ok, len: data.len() as u32, seq }.encode().to_vec();
+        v.extend_from_slice(data);
+        v.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        v
     }
 
     #[test]
-    fn carve_gives_disjoint_slices_in_request_order() {
-        let mut b = bufs();
-        let s = carve(&mut b, &[(1, 4, 8), (0, 8, 16), (0, 0, 4), (1, 0, 2)]).unwrap();
-        let lens: Vec<usize> = s.iter().map(|s| s.len()).collect();
-        assert_eq!(lens, [4, 8, 4, 2]);
-        for (k, s) in s.into_iter().enumerate() {
-            s.fill(k as u8 + 1);
+    fn responses_split_anywhere_land_with_their_crc() {
+        let mut stream = ok(0, b"abcdef");
+        stream.extend_from_slice(&ok(1, &[7u8; 100]));
+        for step in [1, 2, 3, 5, 16, 17, 1000] {
+            let mut bufs = vec![vec![0u8; 200].into_boxed_slice()];
+            let mut rx = Receiver::default();
+            rx.pending.extend([pending(10, 0, 0, 0, 6), pending(11, 1, 0, 50, 100)]);
+            for piece in stream.chunks(step) {
+                rx.feed(piece, &mut bufs).unwrap();
+            }
+            let done: Vec<_> = rx.ready.iter().map(|(c, _)| (c.wr_id, c.status, c.crc)).collect();
+            assert_eq!(
+                done,
+                [
+                    (10, Status::Success, Some(crc32fast::hash(b"abcdef"))),
+                    (11, Status::Success, Some(crc32fast::hash(&[7u8; 100])))
+                ]
+            );
+            assert_eq!(&bufs[0][..6], b"abcdef");
+            assert_eq!(&bufs[0][50..150], &[7u8; 100][..]);
         }
-        assert_eq!(&b[0][..], &[3, 3, 3, 3, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2]);
-        assert_eq!(&b[1][..], &[4, 4, 0, 0, 1, 1, 1, 1]);
     }
 
     #[test]
-    fn carve_refuses_overlaps() {
-        let mut b = bufs();
-        assert!(carve(&mut b, &[(0, 0, 8), (0, 7, 9)]).is_none());
-        assert!(carve(&mut b, &[(0, 2, 4), (0, 2, 4)]).is_none());
-        assert!(carve(&mut b, &[(0, 0, 8), (0, 8, 9)]).is_some());
-        assert_eq!(carve(&mut b, &[]).map(|v| v.len()), Some(0));
+    fn wrong_headers_fail_before_any_data_lands() {
+        let mut bufs = vec![vec![0u8; 16].into_boxed_slice()];
+        for (bytes, status) in [
+            (ok(5, b"12345678"), Status::ConnectionLost),
+            (ok(0, b"1234"), Status::ConnectionLost),
+            (Response { status: WireStatus::Access, len: 0, seq: 0 }.encode().to_vec(), Status::AccessError),
+            (Response { status: WireStatus::BadRequest, len: 0, seq: 0 }.encode().to_vec(), Status::ConnectionLost),
+            (vec![9u8; 16], Status::ConnectionLost),
+        ] {
+            let mut rx = Receiver::default();
+            rx.pending.push_back(pending(1, 0, 0, 0, 8));
+            assert_eq!(rx.feed(&bytes, &mut bufs).unwrap_err().0, status);
+            assert_eq!(&bufs[0][..], &[0u8; 16], "nothing landed");
+        }
+        let mut rx = Receiver::default();
+        assert!(rx.feed(&[0], &mut bufs).is_err(), "a response nobody asked for");
     }
 }

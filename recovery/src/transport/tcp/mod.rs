@@ -2,8 +2,8 @@
 //! connection (see the [parent module](crate::transport)). The target's
 //! threads answer the reads; the wire format is in `wire.rs`.
 
-mod initiator;
-mod target;
+pub(crate) mod initiator;
+pub(crate) mod target;
 
 pub use initiator::TcpInitiator;
 pub use target::TcpTarget;

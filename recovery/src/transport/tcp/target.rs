@@ -1,28 +1,35 @@
-//! The TCP target: a thread per connection reads requests and answers them
-//! with one `writev` per chunk of up to [`CHUNK`] requests, straight from
-//! the served memory (no copy in user space).
+//! The TCP target: a thread per connection opens the sealed requests and
+//! answers them in chunks of up to [`CHUNK`]: it resolves a chunk under
+//! the region table's lock (held for lookups only), copies each response's
+//! bytes out of the served memory into a staging buffer (computing their
+//! CRC there), seals the staging buffer a Noise message at a time, and
+//! writes the sealed bytes only after every view of the memory is
+//! released. No lock, and no memory view (which may be a lock guard), is
+//! ever held across a blocking write: a peer that stops reading stalls its
+//! own connection only, never registration, deregistration or the owner's
+//! writes.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
+use crate::transport::channel::{Channel, MAX_MSG, MAX_PLAIN};
 use crate::transport::error::{RegisterError, ServeError};
-use crate::transport::handshake::{self, Frame, RejectCode, MAX_REGIONS};
+use crate::transport::handshake::{self, Deadline, Frame, RejectCode, MAX_REGIONS};
 use crate::transport::memory::{MemoryView, SourceMemory};
 use crate::transport::server::{Counters, Server, Service};
 use crate::transport::token::random;
 use crate::transport::wire::{Request, Response, WireStatus, OP_READ, REQ_LEN};
 use crate::transport::{Kind, RegionDesc, ServeOptions, Target, TargetStats, MAX_READ_LEN};
 
-/// Requests answered per `writev`: two iovecs each, plus one for an error
-/// header, within Linux's `IOV_MAX` of 1024.
-const CHUNK: usize = 511;
-/// Bytes of requests read at once.
-const RX_LEN: usize = 64 << 10;
+/// Requests resolved per look at the region table.
+const CHUNK: usize = 512;
+/// Sealed bytes gathered before a write (every view released first).
+const OUT_FLUSH: usize = 1 << 20;
 /// Send buffer asked for (the kernel caps it at `net.core.wmem_max`).
 const SNDBUF: usize = 4 << 20;
 
@@ -106,15 +113,17 @@ impl Service for TcpService {
         Kind::Tcp
     }
 
-    fn serve(&self, mut conn: TcpStream, peer: SocketAddr, counters: &Counters) {
+    fn serve(&self, mut conn: TcpStream, mut ch: Channel, peer: SocketAddr, deadline: Instant, counters: &Counters) {
         let mut regions: Vec<RegionDesc> = self.regions.read().values().map(|s| s.desc).collect();
+        let mut d = Deadline { s: &conn, at: deadline };
         if regions.len() > MAX_REGIONS {
-            handshake::send_reject(&mut conn, RejectCode::Internal, "the target has too many regions");
+            let body = handshake::encode_reject(RejectCode::Internal, "the target has too many regions");
+            let _ = ch.write_frame(&mut d, Frame::Reject, &body);
             return;
         }
         regions.sort_by_key(|r| r.addr);
         let accept = handshake::encode_accept(&regions, &[]);
-        if let Err(e) = handshake::write_frame(&mut conn, Frame::Accept, &accept) {
+        if let Err(e) = ch.write_frame(&mut d, Frame::Accept, &accept) {
             log::warn!("remem transport: sending ACCEPT to {peer}: {e}");
             return;
         }
@@ -124,7 +133,9 @@ impl Service for TcpService {
         if conn.set_read_timeout(None).and_then(|()| conn.set_write_timeout(Some(self.write_timeout))).is_err() {
             return;
         }
-        if let Err(e) = self.serve_requests(&mut conn, counters) {
+        let reqs = ch.take_pending();
+        let mut tx = Outbox::new(ch);
+        if let Err(e) = self.serve_requests(&mut conn, &mut tx, reqs, counters) {
             if !matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
                 log::info!("remem transport: connection from {peer} ended: {e}");
             }
@@ -132,21 +143,79 @@ impl Service for TcpService {
     }
 }
 
+/// The sending half of a connection: plaintext written straight into
+/// the open Noise message at the end of `out` and sealed there, sealed
+/// messages gathered into writes.
+struct Outbox {
+    ch: Channel,
+    out: Vec<u8>,
+    /// Where the open message's plaintext starts in `out`.
+    open: Option<usize>,
+}
+
+impl Outbox {
+    fn new(ch: Channel) -> Outbox {
+        Outbox { ch, out: Vec::with_capacity(OUT_FLUSH + 2 * MAX_MSG), open: None }
+    }
+
+    /// Room left in the open message, opening one if none is.
+    fn room(&mut self) -> usize {
+        let out = &mut self.out;
+        let start = *self.open.get_or_insert_with(|| Channel::begin(out));
+        MAX_PLAIN - (self.out.len() - start)
+    }
+
+    /// Appends `bytes` as plaintext, sealing each message that fills up;
+    /// `crc`, if given, also hashes them (from where they lie in `out`).
+    fn push(&mut self, mut bytes: &[u8], mut crc: Option<&mut crc32fast::Hasher>) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = self.room().min(bytes.len());
+            let from = self.out.len();
+            self.out.extend_from_slice(&bytes[..n]);
+            if let Some(c) = crc.as_deref_mut() {
+                c.update(&self.out[from..]);
+            }
+            bytes = &bytes[n..];
+            if self.room() == 0 {
+                self.seal()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the open message, if any.
+    fn seal(&mut self) -> io::Result<()> {
+        match self.open.take() {
+            Some(start) => self.ch.finish(&mut self.out, start).map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+
+    /// Seals what is open and writes every sealed byte (blocking: the
+    /// caller holds no lock and no view).
+    fn write(&mut self, conn: &mut impl Write) -> io::Result<()> {
+        self.seal()?;
+        conn.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+}
+
 impl TcpService {
-    fn serve_requests(&self, conn: &mut TcpStream, counters: &Counters) -> io::Result<()> {
-        let mut rx = vec![0u8; RX_LEN];
-        let mut have = 0;
+    fn serve_requests(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut Outbox,
+        mut reqs: Vec<u8>,
+        counters: &Counters,
+    ) -> io::Result<()> {
         loop {
-            let n = match conn.read(&mut rx[have..]) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            have += n;
-            let whole = have / REQ_LEN * REQ_LEN;
-            for chunk in rx[..whole].chunks(CHUNK * REQ_LEN) {
-                if let Answered::Failed = self.answer(conn, chunk, counters)? {
+            while let Some(p) = tx.ch.open_next().map_err(io::Error::other)? {
+                reqs.extend_from_slice(p);
+            }
+            let whole = reqs.len() / REQ_LEN * REQ_LEN;
+            for chunk in reqs[..whole].chunks(CHUNK * REQ_LEN) {
+                if let Answered::Failed = self.answer(conn, tx, chunk, counters)? {
                     // Error state: nothing more is answered. Half-close so
                     // that the error response is not lost to a reset, and
                     // wait for the initiator to hang up.
@@ -156,13 +225,21 @@ impl TcpService {
                     return Ok(());
                 }
             }
-            rx.copy_within(whole..have, 0);
-            have -= whole;
+            reqs.drain(..whole);
+            if tx.ch.fill_from(conn)? == 0 {
+                return Ok(());
+            }
         }
     }
 
-    /// Answers up to [`CHUNK`] requests with one gathered write.
-    fn answer(&self, conn: &mut TcpStream, chunk: &[u8], counters: &Counters) -> io::Result<Answered> {
+    /// Answers up to [`CHUNK`] requests.
+    fn answer(
+        &self,
+        conn: &mut impl Write,
+        tx: &mut Outbox,
+        chunk: &[u8],
+        counters: &Counters,
+    ) -> io::Result<Answered> {
         // Resolve every request to (region index, start, end) while holding
         // the table; the regions stay alive through their Arcs.
         let mut used: Vec<Arc<Served>> = Vec::new();
@@ -192,29 +269,39 @@ impl TcpService {
                 plan.push((req.seq, idx, start, start + req.len as usize));
             }
         }
-        let views: Vec<MemoryView<'_>> = used.iter().map(|s| s.memory.view()).collect();
-        // A view shorter than at registration cannot serve the range.
-        if let Some(cut) = plan.iter().position(|&(_, i, _, end)| end > views[i].len()) {
-            failure = Some((WireStatus::Access, plan[cut].0));
-            plan.truncate(cut);
+        let mut views: Vec<MemoryView<'_>> = used.iter().map(|s| s.memory.view()).collect();
+        let mut served = 0u64;
+        for &(seq, i, start, end) in &plan {
+            // A view shorter than at registration cannot serve the range.
+            if end > views[i].len() {
+                failure = Some((WireStatus::Access, seq));
+                break;
+            }
+            tx.push(&Response { status: WireStatus::Ok, len: (end - start) as u32, seq }.encode(), None)?;
+            let mut crc = crc32fast::Hasher::new();
+            let mut at = start;
+            while at < end {
+                if tx.out.len() >= OUT_FLUSH {
+                    drop(views);
+                    tx.write(conn)?;
+                    views = used.iter().map(|s| s.memory.view()).collect();
+                    if end > views[i].len() {
+                        return Err(io::Error::other("a region shrank while one of its reads was being sent"));
+                    }
+                }
+                let n = tx.room().min(end - at);
+                tx.push(&views[i][at..at + n], Some(&mut crc))?;
+                at += n;
+            }
+            tx.push(&crc.finalize().to_le_bytes(), None)?;
+            served += 1;
         }
-        let mut headers: Vec<[u8; 16]> = plan
-            .iter()
-            .map(|&(seq, _, start, end)| Response { status: WireStatus::Ok, len: (end - start) as u32, seq }.encode())
-            .collect();
+        drop(views);
         if let Some((status, seq)) = failure {
-            headers.push(Response { status, len: 0, seq }.encode());
+            tx.push(&Response { status, len: 0, seq }.encode(), None)?;
         }
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * headers.len());
-        for (h, &(_, i, start, end)) in headers.iter().zip(&plan) {
-            iov.push(IoSlice::new(h));
-            iov.push(IoSlice::new(&views[i][start..end]));
-        }
-        if failure.is_some() {
-            iov.push(IoSlice::new(&headers[plan.len()]));
-        }
-        write_all_vectored(conn, &mut iov)?;
-        Counters::add(&counters.reads_served, plan.len() as u64);
+        tx.write(conn)?;
+        Counters::add(&counters.reads_served, served);
         if failure.is_some() {
             Counters::add(&counters.access_errors, 1);
             return Ok(Answered::Failed);
@@ -223,15 +310,37 @@ impl TcpService {
     }
 }
 
-fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// The fuzz target `transport_requests` (`transport::fuzzing`): `data` as
+/// opened request bytes on a connection of a target serving `table`
+/// (addresses in the requests are offsets from each region's start),
+/// answered into a sink.
+pub(crate) fn answer_for_fuzzing(table: HashMap<u32, Arc<dyn SourceMemory>>, ch: Channel, data: &[u8]) {
+    let svc = TcpService { regions: RwLock::new(HashMap::new()), write_timeout: Duration::from_secs(1) };
+    let mut bases = HashMap::new();
+    for (rkey, memory) in table {
+        let (addr, len) = {
+            let v = memory.view();
+            (v.as_ptr() as u64, v.len() as u64)
+        };
+        bases.insert(rkey, addr);
+        svc.regions.write().insert(rkey, Arc::new(Served { desc: RegionDesc { addr, rkey, len }, memory }));
+    }
+    let mut reqs = data.to_vec();
+    for raw in reqs.chunks_exact_mut(REQ_LEN) {
+        let Ok(bytes) = <&[u8; REQ_LEN]>::try_from(&*raw) else { continue };
+        let mut r = Request::decode(bytes);
+        if let Some(base) = bases.get(&r.rkey) {
+            r.addr = r.addr.wrapping_add(*base);
+        }
+        raw.copy_from_slice(&r.encode());
+    }
+    let mut tx = Outbox::new(ch);
+    let counters = Counters::default();
+    let whole = reqs.len() / REQ_LEN * REQ_LEN;
+    for chunk in reqs[..whole].chunks(CHUNK * REQ_LEN) {
+        match svc.answer(&mut io::sink(), &mut tx, chunk, &counters) {
+            Ok(Answered::Ok) => {}
+            _ => break,
         }
     }
-    Ok(())
 }

@@ -11,7 +11,7 @@ use super::device::Device;
 use super::mr::LocalBuf;
 use super::post::{status_of, ReadWr, WrBatch};
 use super::qp::Qp;
-use crate::transport::handshake::{self, Frame, QpEndpoint};
+use crate::transport::handshake::{self, Deadline, Frame, QpEndpoint};
 use crate::transport::ledger::Ledger;
 use crate::transport::{
     BufError, BufId, Completion, ConnectError, ConnectOptions, Initiator, Kind, PollError, PostError, ReadRequest,
@@ -59,16 +59,19 @@ impl VerbsInitiator {
         let addr = opts.addr;
         let io = |what| move |source| ConnectError::Io { addr, what, source };
         let protocol = |what: String| ConnectError::Protocol { addr, what };
-        let mut s =
+        let deadline = Instant::now() + opts.timeout;
+        let s =
             TcpStream::connect_timeout(&addr, opts.timeout).map_err(|source| ConnectError::Connect { addr, source })?;
         s.set_nodelay(true).map_err(io("TCP_NODELAY"))?;
-        s.set_read_timeout(Some(opts.timeout)).map_err(io("socket timeout"))?;
-        s.set_write_timeout(Some(opts.timeout)).map_err(io("socket timeout"))?;
-        let welcome = handshake::initiate(&mut s, &opts.token, Kind::Verbs, addr)?;
+        let mut d = Deadline { s: &s, at: deadline };
+        let (welcome, mut ch) = handshake::initiate(&mut d, &opts.token, Kind::Verbs, addr)?;
         let remote = QpEndpoint::decode(&welcome.endpoint).map_err(protocol)?;
         qp.connect(&remote, ibv_access_flags(0))?;
-        handshake::write_frame(&mut s, Frame::Endpoint, &qp.endpoint().encode()).map_err(io("sending ENDPOINT"))?;
-        let (ty, body) = handshake::read_frame(&mut s).map_err(io("reading READY"))?.map_err(protocol)?;
+        ch.write_frame(&mut d, Frame::Endpoint, &qp.endpoint().encode()).map_err(io("sending ENDPOINT"))?;
+        let (ty, body) = ch
+            .read_frame(&mut d)
+            .map_err(io("reading READY"))?
+            .map_err(|what| ConnectError::Tampered { addr, what })?;
         handshake::expect(ty, body, Frame::Ready, addr)?;
         s.set_read_timeout(None).map_err(io("socket timeout"))?;
         let depth = qp.depth() as usize;
@@ -111,7 +114,7 @@ impl VerbsInitiator {
                 self.ledger.returned(buf);
                 let status = status_of(wc.status);
                 let len = if status == Status::Success { wc.byte_len } else { 0 };
-                out.push(Completion { wr_id, status, len });
+                out.push(Completion { wr_id, status, len, crc: None });
             }
             total += n;
             if n < want {

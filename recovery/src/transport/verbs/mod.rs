@@ -6,10 +6,20 @@
 //! connection queue pair whose only access flag is remote read. The
 //! initiator's queue pair grants no remote access at all; its buffers are
 //! registered for local write (the device writes READ results there). The
-//! queue pairs learn about each other over the authenticated TCP control
-//! connection (`handshake.rs`: ACCEPT carries the target's endpoint,
-//! ENDPOINT the initiator's, READY says the target's QP is ready), which
-//! then stays open: closing it tears the target's queue pair down.
+//! queue pairs learn about each other over the TCP control connection,
+//! authenticated and encrypted like the TCP transport's (a Noise handshake
+//! keyed by the token, `channel.rs`; then ACCEPT carries the target's
+//! endpoint, ENDPOINT the initiator's, READY says the target's QP is ready,
+//! all sealed), which then stays open: closing it tears the target's queue
+//! pair down.
+//!
+//! **Trusted fabrics only.** The RDMA READs themselves travel in the clear:
+//! no NIC here encrypts one-sided reads, and their only credential is the
+//! rkey, which anyone on the fabric who sees the traffic learns. Whoever
+//! can sniff or inject on the RDMA fabric can read the served memory (never
+//! write it: the regions grant remote read only). Use verbs only on a
+//! fabric no untrusted host can reach, and TCP everywhere else
+//! (docs/security.md).
 //!
 //! Calls used, all through `rdma_sys`:
 //!

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::RwLock;
 use rdma_sys::ibv_access_flags;
@@ -13,7 +14,8 @@ use rdma_sys::ibv_access_flags;
 use super::device::Device;
 use super::mr::Mr;
 use super::qp::Qp;
-use crate::transport::handshake::{self, Frame, QpEndpoint, RejectCode, MAX_REGIONS};
+use crate::transport::channel::Channel;
+use crate::transport::handshake::{self, Deadline, Frame, QpEndpoint, RejectCode, MAX_REGIONS};
 use crate::transport::memory::SourceMemory;
 use crate::transport::server::{Counters, Server, Service};
 use crate::transport::{Kind, RegionDesc, RegisterError, ServeError, ServeOptions, Target, TargetStats};
@@ -93,13 +95,14 @@ impl Service for VerbsService {
         Kind::Verbs
     }
 
-    fn serve(&self, mut conn: TcpStream, peer: SocketAddr, _counters: &Counters) {
-        let qp = match self.connect_qp(&mut conn) {
+    fn serve(&self, conn: TcpStream, mut ch: Channel, peer: SocketAddr, deadline: Instant, _counters: &Counters) {
+        let qp = match self.connect_qp(&mut Deadline { s: &conn, at: deadline }, &mut ch) {
             Ok(Some(qp)) => qp,
             Ok(None) => return, // the initiator went away
             Err(why) => {
                 log::warn!("remem transport: verbs connection from {peer}: {why}");
-                handshake::send_reject(&mut conn, RejectCode::Internal, &why);
+                let body = handshake::encode_reject(RejectCode::Internal, &why);
+                let _ = ch.write_frame(&mut Deadline { s: &conn, at: deadline }, Frame::Reject, &body);
                 return;
             }
         };
@@ -109,7 +112,7 @@ impl Service for VerbsService {
             return;
         }
         let mut byte = [0u8; 1];
-        match conn.read(&mut byte) {
+        match (&conn).read(&mut byte) {
             Ok(0) | Err(_) => {}
             Ok(_) => log::warn!("remem transport: verbs initiator {peer} sent data on the control connection"),
         }
@@ -120,7 +123,7 @@ impl Service for VerbsService {
 impl VerbsService {
     /// ACCEPT with this connection's queue pair, ENDPOINT, then READY.
     /// `Err` is a reason to send the initiator; `Ok(None)` a broken socket.
-    fn connect_qp(&self, conn: &mut TcpStream) -> Result<Option<Qp>, String> {
+    fn connect_qp(&self, conn: &mut Deadline<'_>, ch: &mut Channel) -> Result<Option<Qp>, String> {
         let qp = Qp::new(&self.dev, 1).map_err(|e| format!("the target cannot create a queue pair: {e}"))?;
         let mut regions: Vec<RegionDesc> = self.regions.read().values().map(|s| s.desc).collect();
         if regions.len() > MAX_REGIONS {
@@ -128,10 +131,10 @@ impl VerbsService {
         }
         regions.sort_by_key(|r| r.addr);
         let accept = handshake::encode_accept(&regions, &qp.endpoint().encode());
-        if handshake::write_frame(conn, Frame::Accept, &accept).is_err() {
+        if ch.write_frame(conn, Frame::Accept, &accept).is_err() {
             return Ok(None);
         }
-        let remote = match handshake::read_frame(conn) {
+        let remote = match ch.read_frame(conn) {
             Ok(Ok((Frame::Endpoint, body))) => QpEndpoint::decode(&body)?,
             Ok(Ok((ty, _))) => return Err(format!("expected ENDPOINT, got {ty:?}")),
             Ok(Err(e)) => return Err(e),
@@ -139,7 +142,7 @@ impl VerbsService {
         };
         qp.connect(&remote, ibv_access_flags::IBV_ACCESS_REMOTE_READ)
             .map_err(|e| format!("the target cannot connect its queue pair: {e}"))?;
-        if handshake::write_frame(conn, Frame::Ready, &[]).is_err() {
+        if ch.write_frame(conn, Frame::Ready, &[]).is_err() {
             return Ok(None);
         }
         Ok(Some(qp))
