@@ -16,7 +16,11 @@
 //! instead of a compiler fence.
 //!
 //! Records are never freed (a closer may be reading one while its thread
-//! exits), only reused by later threads. A call made while its thread's
+//! exits), only reused by later threads. In a forked child, the records of
+//! the parent's other threads may still name handles they were calling on
+//! at the fork; the child refuses to close inherited handles (see
+//! `remem_close`), and handles it opens itself have new generations, so
+//! no closer waits on such a record. A call made while its thread's
 //! thread-locals are being torn down, or nested in another call, takes a
 //! record for the duration of the call.
 
@@ -168,8 +172,15 @@ pub(crate) fn wait_until_left(v: u64) {
     fence(SeqCst);
     if ASYMMETRIC.load(SeqCst) {
         // SAFETY: membarrier takes no pointers; the process registered in `init`.
-        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
-        assert_eq!(r, 0, "membarrier failed after registration: {}", std::io::Error::last_os_error());
+        let barrier = || unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
+        if barrier() != 0 {
+            // A forked child may not inherit the registration: register
+            // again (idempotent) and retry.
+            // SAFETY: membarrier takes no pointers.
+            unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) };
+            let r = barrier();
+            assert_eq!(r, 0, "membarrier failed after registration: {}", std::io::Error::last_os_error());
+        }
     }
     fence(SeqCst);
     let mut p = RECORDS.load(Acquire);
