@@ -80,6 +80,12 @@ pub unsafe extern "C" fn remem_alloc_aligned(
     out: *mut *mut c_void,
 ) -> remem_status {
     boundary("remem_alloc_aligned", |t| {
+        // Checked here as well as in the heap: the contract is the C API's.
+        if !align.is_power_of_two() || align > 4096 {
+            // SAFETY: forwarded from the caller.
+            unsafe { clear_out(out, "out") }?;
+            return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("alignment {align} is not a power of two up to 4096")));
+        }
         // SAFETY: forwarded from the caller.
         unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_aligned(size, align)?)) }
     })

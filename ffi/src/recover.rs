@@ -37,6 +37,7 @@ fn recover_status(e: &RecoverError) -> remem_status {
         RecoverError::AgentUnreachable { .. } | RecoverError::Baseline { .. } => REMEM_IO,
         RecoverError::NoAgent | RecoverError::NoToken => REMEM_BAD_ARGUMENT,
         RecoverError::OwnerAlive { .. } => REMEM_TX_ABORTED,
+        RecoverError::Heap(e) => crate::status::error_status(e),
         _ => REMEM_ERROR,
     }
 }

@@ -150,17 +150,21 @@ impl From<remem_alloc::FlushError> for Fail {
     }
 }
 
+/// The status of a heap error.
+pub(crate) fn error_status(e: &Error) -> remem_status {
+    match e {
+        Error::Open(o) => open_status(o),
+        Error::Alloc(a) => alloc_status(a),
+        Error::Pointer(p) => pointer_status(p),
+        Error::Flush(f) => flush_status(f),
+        Error::Forked(_) => REMEM_FORKED,
+        _ => REMEM_ERROR,
+    }
+}
+
 impl From<Error> for Fail {
     fn from(e: Error) -> Fail {
-        let status = match &e {
-            Error::Open(o) => open_status(o),
-            Error::Alloc(a) => alloc_status(a),
-            Error::Pointer(p) => pointer_status(p),
-            Error::Flush(f) => flush_status(f),
-            Error::Forked(_) => REMEM_FORKED,
-            _ => REMEM_ERROR,
-        };
-        Fail::new(status, e.to_string())
+        Fail::new(error_status(&e), e.to_string())
     }
 }
 
