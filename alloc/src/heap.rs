@@ -1239,8 +1239,8 @@ impl Heap {
                 if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
                     return Ok(());
                 }
-                // The cache is full, or the block looks free: the slow path
-                // frees it into its slab or says what is wrong.
+                // The cache is full, or the block looks free.
+                return self.free_full(l, off, slab, c, idx);
             }
         }
         self.free_slow(ptr)
@@ -1324,6 +1324,14 @@ impl Heap {
         lane.entries[c][n as usize].store((off >> 4) as u32, Relaxed);
         count.store(n + 1, Release);
         true
+    }
+
+    /// After [`Heap::push_cached`] failed: frees the block into its slab
+    /// when the cache is full, or says what is wrong with it.
+    #[cold]
+    #[inline(never)]
+    fn free_full(&self, l: u32, off: usize, slab: u64, c: usize, idx: usize) -> Result<()> {
+        self.in_gate(l, |l| self.free_small(l, off, slab, c, idx)).map_err(Error::from)
     }
 
     #[cold]
