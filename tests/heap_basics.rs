@@ -2,7 +2,7 @@
 
 use std::ptr::NonNull;
 
-use remem::alloc::{Error, PointerError};
+use remem::alloc::{AllocError, Error, PointerError};
 use remem::{Heap, HeapOptions};
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -77,6 +77,12 @@ fn bad_pointers_are_refused() {
     assert!(heap.alloc(0).is_err());
     assert!(heap.alloc(usize::MAX).is_err());
     assert!(heap.alloc_aligned(8, 8192).is_err());
+    for align in [0, 3, 24] {
+        assert!(
+            matches!(heap.alloc_aligned(8, align), Err(Error::Alloc(AllocError::Alignment(a))) if a == align),
+            "alignment {align} accepted"
+        );
+    }
     heap.free(q).unwrap();
     assert!(heap.check().is_ok());
 }

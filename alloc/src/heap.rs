@@ -990,7 +990,7 @@ impl Heap {
         // The fast path: a small block from this thread's lane cache. The
         // views are taken before entering the gate, whose store would make
         // the compiler load them again.
-        if align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
+        if align.is_power_of_two() && align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
             if let Some(l) = lanes::last(self.inner.id) {
                 let c = class_small(size);
                 let m = &self.inner.meta;
