@@ -533,3 +533,70 @@ fn a_hung_owner_in_fast_mode_is_refused_unless_data_loss_is_allowed() {
     drop(c);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// Child: a recovery (`recover()`) of `REMEM_TEST_BASELINE` from the agent
+/// at `REMEM_TEST_RECOVER_ADDR` with the token `REMEM_TEST_RECOVER_TOKEN` (hex).
+#[test]
+fn child_recover() {
+    let (Ok(path), Ok(addr), Ok(token)) = (
+        std::env::var("REMEM_TEST_BASELINE"),
+        std::env::var("REMEM_TEST_RECOVER_ADDR"),
+        std::env::var("REMEM_TEST_RECOVER_TOKEN"),
+    ) else {
+        return;
+    };
+    let token = Token::from_hex(&token, "test").unwrap();
+    let (heap, _) = recover(RecoverOptions::new(&path, Some(addr.parse().unwrap()), Some(token))).unwrap();
+    heap.close().unwrap();
+    println!("recovered");
+}
+
+/// Issue 9 §5: a recovery killed (SIGKILL) in the middle of its pull
+/// resumes from its resume file (`<baseline>.recovering`) when run again:
+/// it pulls fewer pages, and the heap is whole.
+#[test]
+fn a_killed_recovery_resumes_where_it_stopped() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let s = setup("resume");
+    let data_pages = 50_000;
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", format!("256,{data_pages},1,0,fast"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::kill_after(child, "ack ", Duration::ZERO);
+    assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(120)), info::SEALED);
+    // The first recovery, in a child process, killed once its resume file holds some pages.
+    let resume = remem::recovery::recover::resume::path_of(&s.baseline);
+    let mut first = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_recover", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_RECOVER_ADDR", s.agent.local_addr().to_string())
+        .env("REMEM_TEST_RECOVER_TOKEN", s.token.to_hex().as_str())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&resume).map_or(0, |m| m.len()) < 20 << 20 {
+        assert!(first.try_wait().unwrap().is_none(), "the first recovery ended before it could be killed");
+        assert!(std::time::Instant::now() < deadline, "no resume file grew");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (heap, report) =
+        recover(RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()))).unwrap();
+    assert!(report.pages_resumed >= 4_000, "{report:?}");
+    assert!(report.pages_pulled + report.pages_resumed >= data_pages as u64, "{report:?}");
+    assert!(report.pages_pulled < data_pages as u64, "fewer pages pulled the second time: {report:?}");
+    let d = scatter::find(&heap, data_pages).unwrap();
+    scatter::verify(d, |_| 1).unwrap();
+    heap.close().unwrap();
+    assert!(!resume.exists(), "the resume file is removed once the recovery is committed");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -41,6 +41,7 @@ use crate::transport::{Kind, Token};
 mod agent_source;
 mod agent_view;
 pub mod pull;
+pub mod resume;
 
 pub use agent_source::AgentSource;
 use agent_view::agent_view;
@@ -111,6 +112,9 @@ pub struct RecoverReport {
     pub bytes_pulled: u64,
     /// Pulled pages whose CRC matched the agent's.
     pub pages_verified: u64,
+    /// Pages taken from the resume file of an interrupted earlier recovery
+    /// (`<baseline>.recovering`) instead of being pulled again.
+    pub pages_resumed: u64,
     /// The whole image equalled the agent's memory (BLAKE3), when asked ([`RecoverOptions::verify_image`]).
     pub image_identical: Option<bool>,
     /// Seconds spent loading the baseline.
@@ -261,6 +265,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         _ => None,
     };
     let verify_image = opts.verify_image;
+    let mut resumed = 0u64;
     let mut hook = |header: &remem_alloc::Header, dst: &mut [u8], ranges: &[(u64, u64)]| -> Result<Vec<u64>, String> {
         report.seconds_baseline = t_load.elapsed().as_secs_f64();
         let Some((digest, src)) = source.as_ref() else { return Ok(Vec::new()) };
@@ -268,13 +273,51 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             return Err("the agent's heap has another size".into());
         }
         let t = Instant::now();
-        let bad = src
-            .pull_all_into(dst, |done, total| {
-                if let Some(f) = progress.as_mut() {
-                    f(done, total);
+        let total = src.pages().len() as u64;
+        let mut done = 0u64;
+        let mut tick = |n: u64| {
+            done += n;
+            if let Some(f) = progress.as_mut() {
+                f(done, total);
+            }
+        };
+        // Pages a killed earlier recovery already pulled, when still current.
+        let mut resume = if src.verifies() {
+            match resume::ResumeFile::open(&resume::path_of(&path), &header.uuid, header.layout.npages()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    log::warn!("remem recover: no resume file ({e}): pulling every page");
+                    None
                 }
+            }
+        } else {
+            None
+        };
+        let mut to_pull = Vec::with_capacity(src.pages().len());
+        for &p in src.pages() {
+            let held = resume.as_ref().is_some_and(|r| r.crc_of(p).is_some() && r.crc_of(p) == src.crc(p));
+            let at = p as usize * 4096;
+            let ok = held && resume.as_ref().is_some_and(|r| r.read(p, &mut dst[at..at + 4096]).unwrap_or(false));
+            if ok {
+                resumed += 1;
+            } else {
+                to_pull.push(p);
+            }
+        }
+        tick(resumed);
+        let bad = src
+            .pull_into(&to_pull, dst, |p, page| {
+                if let Some(r) = resume.as_mut() {
+                    r.append(p, crc32fast::hash(page), page).map_err(|e| format!("writing the resume file: {e}"))?;
+                }
+                tick(1);
+                Ok(())
             })
             .map_err(|e| e.to_string())?;
+        if let Some(r) = resume.as_mut() {
+            r.sync().map_err(|e| format!("syncing the resume file: {e}"))?;
+        }
+        drop(resume);
         if let Some(p) = bad.first() {
             return Err(format!(
                 "{} pulled pages do not match the agent's CRC (first: page {p}); nothing was committed",
@@ -285,7 +328,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         let identical =
             (verify_image && src.verifies()).then(|| crate::digest::image_digest(dst, ranges, &pages) == *digest);
         let verified = if src.verifies() { pages.len() as u64 } else { 0 };
-        pulled = (pages.len() as u64, verified, identical, t.elapsed().as_secs_f64());
+        pulled = (pages.len() as u64 - resumed, verified, identical, t.elapsed().as_secs_f64());
         if identical == Some(false) {
             return Err("the assembled image differs from the agent's memory (BLAKE3)".into());
         }
@@ -312,7 +355,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     report.image_identical = pulled.2;
     report.seconds_pull = pulled.3;
     let npages = heap.size() / 4096;
-    report.pages_from_baseline = npages - report.pages_pulled;
+    report.pages_from_baseline = npages - report.pages_pulled - resumed;
     report.uuid = heap.uuid();
     let Some(from) = heap.opened_from() else {
         return Err(RecoverError::Baseline { path, reason: "the heap was not opened from its baseline".into() });
@@ -322,6 +365,10 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     report.rpo_seconds = if report.baseline_only { from.age.as_secs_f64() } else { 0.0 };
     // 5. Commit the recovered heap.
     report.committed_epoch = heap.flush().map_err(remem_alloc::Error::from)?;
+    report.pages_resumed = resumed;
+    if std::fs::remove_file(resume::path_of(&path)).is_ok() {
+        log::debug!("remem recover: resume file removed");
+    }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((heap, report))
 }

@@ -173,23 +173,29 @@ impl AgentSource {
         }
     }
 
-    /// Pulls every claimed page into `image` (the heap's bytes); returns the
-    /// pages whose CRC did not match (left as they were in `image`).
-    pub fn pull_all_into(&self, image: &mut [u8], mut progress: impl FnMut(u64, u64)) -> Result<Vec<u64>, SourceError> {
-        let total = self.pages.len() as u64;
-        let mut done = 0u64;
+    /// The agent's CRC of `page` (none from a hung owner).
+    pub fn crc(&self, page: u64) -> Option<u32> {
+        self.crcs.as_ref().and_then(|c| c.get(page as usize).copied())
+    }
+
+    /// Pulls `pages` (sorted) into `image` (the heap's bytes), calling
+    /// `on_page(page, bytes)` for each page that passed its CRC check;
+    /// returns the pages whose CRC did not match (left as they were in `image`).
+    pub fn pull_into(
+        &self,
+        pages: &[u64],
+        image: &mut [u8],
+        mut on_page: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<Vec<u64>, SourceError> {
         let mut bad = Vec::new();
-        self.pull_runs(&runs_of(self.pages.iter().copied()), |p, page, ok| {
+        self.pull_runs(&runs_of(pages.iter().copied()), |p, page, ok| {
             let at = p as usize * PAGE;
             let dst = image.get_mut(at..at + PAGE).ok_or_else(|| format!("page {p} outside the image"))?;
             if ok {
                 dst.copy_from_slice(page);
+                on_page(p, page)?;
             } else {
                 bad.push(p);
-            }
-            done += 1;
-            if done.is_multiple_of(4096) || done == total {
-                progress(done, total);
             }
             Ok(())
         })?;
