@@ -130,6 +130,7 @@ fn scatter_case(
     stride: usize,
     offset: usize,
     mode: &str,
+    lazy: bool,
 ) -> remem::recovery::recover::RecoverReport {
     let s = setup(name);
     let child = Command::new(std::env::current_exe().unwrap())
@@ -142,14 +143,40 @@ fn scatter_case(
         .unwrap();
     common::kill_after(child, "ack ", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(120)), info::SEALED);
-    let (heap, report) =
-        recover(RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()))).unwrap();
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.lazy = lazy;
+    let (heap, report) = recover(o).unwrap();
     let dirty = data_pages.saturating_sub(offset).div_ceil(stride) as u64;
     assert!(report.pages_pulled >= dirty, "{dirty} data pages dirtied: {report:?}");
-    assert_eq!(report.pages_verified, report.pages_pulled);
-    assert_eq!(report.retries, 0, "{report:?}");
+    if !lazy {
+        assert_eq!(report.pages_verified, report.pages_pulled);
+        assert_eq!(report.retries, 0, "{report:?}");
+    }
     let d = scatter::find(&heap, data_pages).unwrap();
-    scatter::verify(d, |p| u64::from(p >= offset && (p - offset).is_multiple_of(stride))).unwrap();
+    let round = |p: usize| u64::from(p >= offset && (p - offset).is_multiple_of(stride));
+    // Four threads read their quarters at once (concurrent first touches, when lazy).
+    let quarter = data_pages.div_ceil(4);
+    let base = d.base.as_ptr() as usize;
+    std::thread::scope(|sc| {
+        for t in 0..4 {
+            sc.spawn(move || {
+                let first = (t * quarter).min(data_pages);
+                let pages = quarter.min(data_pages - first);
+                let part =
+                    scatter::Data { base: std::ptr::NonNull::new((base + first * 4096) as *mut u8).unwrap(), pages };
+                scatter::verify_from(part, first, round).unwrap();
+            });
+        }
+    });
+    if lazy {
+        let st = heap.wait_lazy().unwrap();
+        assert!(st.failed.is_none() && st.poisoned == 0, "{st:?}");
+        assert!(st.committed_epoch.is_some(), "{st:?}");
+    }
+    heap.close().unwrap();
+    // What was committed is what the database opens next.
+    let heap = Heap::open(&s.baseline).unwrap();
+    scatter::verify(scatter::find(&heap, data_pages).unwrap(), round).unwrap();
     heap.close().unwrap();
     let _ = std::fs::remove_dir_all(&s.dir);
     report
@@ -166,7 +193,7 @@ fn a_hundred_thousand_scattered_dirty_pages_are_pulled() {
     }
     let mib: usize = std::env::var("REMEM_TEST_SCATTER_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
     let data_pages = (mib << 20) / 4096 * 7 / 8;
-    let r = scatter_case("scatter", mib, data_pages, 2, 1, "fast");
+    let r = scatter_case("scatter", mib, data_pages, 2, 1, "fast", false);
     eprintln!("scattered: {r:?}");
 }
 
@@ -176,8 +203,21 @@ fn every_page_dirty_is_pulled() {
     if std::env::var("REMEM_TEST_BASELINE").is_ok() {
         return;
     }
-    let r = scatter_case("alldirty", 64, 14_000, 1, 0, "precise");
+    let r = scatter_case("alldirty", 64, 14_000, 1, 0, "precise", false);
     assert!(r.pages_pulled >= 14_000);
+}
+
+/// Lazy recovery (issue 9 §2): the heap opens before its pages are in;
+/// four threads touch scattered dirty pages and clean ones at once; every
+/// page is right, and once every page is in, the recovered state is
+/// committed and is what the next open finds.
+#[test]
+fn lazy_recovery_serves_concurrent_first_touches() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let r = scatter_case("lazy", 128, 24_000, 3, 1, "fast", true);
+    assert!(r.lazy, "{r:?}");
 }
 
 #[test]

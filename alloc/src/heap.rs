@@ -602,6 +602,19 @@ impl Heap {
         Self::open_lazy_inner(backend, opts, file, source)
     }
 
+    /// [`Heap::open_lazy`] with the baseline's lock taken by the caller: a
+    /// recovery holds it from before it fences the old owner (see
+    /// [`Heap::open_patched`]).
+    pub fn open_lazy_locked(
+        lock: BaselineLock,
+        opts: &HeapOptions,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
+        let BaselineLock { path, file } = lock;
+        let backend = FileBackend::open(&path).map_err(io(format!("opening baseline {}", path.display())))?;
+        Self::open_lazy_inner(Arc::new(backend), opts, Some((path, file)), source)
+    }
+
     /// [`Heap::open_lazy`] on a caller-provided baseline backend.
     pub fn open_lazy_on(
         backend: Arc<dyn Backend>,

@@ -64,6 +64,12 @@ pub struct RecoverOptions {
     pub tracking: TrackMode,
     /// Called with (pages done, pages to pull) while pulling.
     pub progress: Option<Box<dyn FnMut(u64, u64) + Send>>,
+    /// Lazy recovery: return the heap open as soon as the pages its own
+    /// recovery pass needs are in; every other page comes from the agent (or
+    /// the baseline) on first touch or from a background prefetcher, and the
+    /// recovered state is committed once every page is in
+    /// ([`Heap::wait_lazy`]). The resume file is not used in this mode.
+    pub lazy: bool,
     /// Also compare a BLAKE3 digest of the whole assembled image with the
     /// agent's (off by default: every pulled page is CRC-checked already,
     /// and a whole-image pass grows with the heap; tests and the demo use it).
@@ -83,6 +89,7 @@ impl RecoverOptions {
             tracking: TrackMode::Fast,
             progress: None,
             verify_image: false,
+            lazy: false,
         }
     }
 }
@@ -117,6 +124,9 @@ pub struct RecoverReport {
     pub pages_resumed: u64,
     /// The whole image equalled the agent's memory (BLAKE3), when asked ([`RecoverOptions::verify_image`]).
     pub image_identical: Option<bool>,
+    /// Seconds spent connecting to the agent, waiting for its seal (or for
+    /// the owner's lease to expire) and reading its lists.
+    pub seconds_agent: f64,
     /// Seconds spent loading the baseline.
     pub seconds_baseline: f64,
     /// Seconds spent pulling.
@@ -127,8 +137,11 @@ pub struct RecoverReport {
     pub txs_rolled_back: u64,
     /// The generation the old owner was fenced with.
     pub generation: u64,
-    /// Epoch of the commit that holds the recovered heap.
+    /// Epoch of the commit that holds the recovered heap (0 for a lazy
+    /// recovery: it commits once every page is in; see [`Heap::wait_lazy`]).
     pub committed_epoch: u64,
+    /// The heap was opened lazily.
+    pub lazy: bool,
     /// True when the heap came from the baseline alone.
     pub baseline_only: bool,
     /// Recovery point: updates younger than this may be lost (0 when the
@@ -235,6 +248,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     let mut bl = Baseline::open(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?)
         .map_err(|e| bl_err(e.to_string()))?;
     // 2. The agent: everything it says is read and checked before anything changes.
+    let t_agent = Instant::now();
     let view = match opts.agent {
         Some(addr) => match agent_view(&opts, addr, bl.uuid(), bl.npages()) {
             Ok(v) => Some(v),
@@ -249,11 +263,15 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         (Err(e), _) => return Err(e.into()),
     };
     report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
+    report.seconds_agent = t_agent.elapsed().as_secs_f64();
     // 3. Fence.
     let g = bl.info().generation + 1;
     bl.fence(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
     report.generation = g;
     drop(bl);
+    if opts.lazy {
+        return recover_lazy(opts, lock, view, report, t0);
+    }
     // 4. Load and pull.
     report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
     let mut progress = opts.progress.take();
@@ -369,6 +387,56 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     if std::fs::remove_file(resume::path_of(&path)).is_ok() {
         log::debug!("remem recover: resume file removed");
     }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok((heap, report))
+}
+
+/// Lazy recovery (steps 4 and 5 of the module docs, on first touch): the
+/// heap opens over a layered source, the agent's pages first, then the
+/// baseline's; it commits itself once every page is in.
+fn recover_lazy(
+    opts: RecoverOptions,
+    lock: BaselineLock,
+    view: Option<agent_view::AgentView>,
+    mut report: RecoverReport,
+    t0: Instant,
+) -> Result<(Heap, RecoverReport), RecoverError> {
+    use remem_alloc::source::{BaselineSource, Layered, PageSource};
+    use std::sync::Arc;
+    let path = opts.baseline.clone();
+    let bl_err = |reason: String| RecoverError::Baseline { path: path.clone(), reason };
+    let bl = Baseline::open(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?)
+        .map_err(|e| bl_err(e.to_string()))?;
+    let mut layers: Vec<Arc<dyn PageSource>> = Vec::new();
+    report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
+    if let (Some(v), Some(addr)) = (view, opts.agent) {
+        let src = AgentSource::new(v, &opts, addr);
+        report.pages_pulled = src.pages().len() as u64;
+        report.bytes_pulled = report.pages_pulled * 4096;
+        layers.push(Arc::new(src));
+    }
+    layers.push(Arc::new(BaselineSource::new(bl)));
+    let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
+    let heap = Heap::open_lazy_locked(lock, &hopts, Arc::new(Layered::new(layers)))?;
+    let Some(from) = heap.opened_from() else {
+        return Err(RecoverError::Baseline { path, reason: "the heap was not opened from its baseline".into() });
+    };
+    if from.generation != report.generation {
+        return Err(RecoverError::Baseline {
+            path: path.clone(),
+            reason: format!(
+                "the fence was lost: fenced with generation {}, the baseline now says {}; stop the old owner and \
+                 recover again",
+                report.generation, from.generation
+            ),
+        });
+    }
+    report.lazy = true;
+    report.uuid = heap.uuid();
+    report.baseline_epoch = from.epoch;
+    report.txs_rolled_back = heap.recovery_report().txs_rolled_back;
+    report.rpo_seconds = if report.baseline_only { from.age.as_secs_f64() } else { 0.0 };
+    report.pages_from_baseline = heap.size() / 4096 - report.pages_pulled;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((heap, report))
 }

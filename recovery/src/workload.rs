@@ -79,6 +79,14 @@ pub fn verify_value(p: *const u8, key: usize, version: Option<u64>) -> Result<u6
     }
 }
 
+/// A database's first use of a recovered heap: reads the first byte of its
+/// root (`None` when it has none). On a lazily recovered heap this waits for
+/// the root's page.
+pub fn first_use(heap: &Heap) -> Option<u8> {
+    // SAFETY: the root is an allocated block of the open heap, at least one byte long.
+    heap.root().map(|r| unsafe { r.as_ptr().read_volatile() })
+}
+
 /// The root table, created zeroed on first use.
 pub fn root(heap: &Heap) -> *mut Root {
     heap.root_or_alloc(std::mem::size_of::<Root>()).unwrap().0.cast::<Root>().as_ptr()
@@ -241,10 +249,16 @@ pub mod scatter {
 
     /// Checks every page: those for which `round_of(p)` says so hold that round, intact.
     pub fn verify(d: Data, round_of: impl Fn(usize) -> u64) -> Result<(), String> {
-        for p in 0..d.pages {
+        verify_from(d, 0, round_of)
+    }
+
+    /// [`verify`] of a part of the data: `d` starts at data page `first`.
+    pub fn verify_from(d: Data, first: usize, round_of: impl Fn(usize) -> u64) -> Result<(), String> {
+        for k in 0..d.pages {
+            let p = first + k;
             let want = round_of(p);
             // SAFETY: page `p` of the data block, which the recovered heap holds.
-            let page = unsafe { std::slice::from_raw_parts(d.base.as_ptr().add(p * PAGE), PAGE) };
+            let page = unsafe { std::slice::from_raw_parts(d.base.as_ptr().add(k * PAGE), PAGE) };
             let (id, round) = (
                 u64::from_le_bytes(page[..8].try_into().unwrap_or_default()),
                 u64::from_le_bytes(page[8..16].try_into().unwrap_or_default()),
