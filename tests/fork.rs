@@ -392,3 +392,73 @@ fn grandchild_refuses_the_childs_heap() {
     });
     assert_eq!(wait(child), 0);
 }
+
+/// The agent paths: a child cannot register a heap it inherited, nor tell
+/// the agent it closed; and a child that outlives the database keeps
+/// neither the agent connection (the agent seals when the database dies)
+/// nor the heap's lock (the heap can be opened again at once).
+#[test]
+fn agent_sees_the_database_die_whatever_its_children_do() {
+    use remem::recovery::agent::{self, info, Agent, AgentOptions};
+    use remem::recovery::transport::{Kind, ServeOptions, Token};
+    use std::time::Duration;
+    let _g = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let path = tmp("agent");
+    let socket = path.with_file_name("agent.sock");
+    let mut serve = ServeOptions::new(Token::generate().unwrap());
+    serve.listen = "127.0.0.1:0".parse().unwrap();
+    let agent = Agent::start(AgentOptions { socket: socket.clone(), serve, kind: Kind::Tcp }).unwrap();
+    // The database: a child of this test that registers, forks a long-lived
+    // helper, checks what the helper may not do, then dies without closing.
+    let database = fork_child(|| {
+        let Ok(heap) = Heap::create(&path, &HeapOptions::new(16 << 20)) else { return 1 };
+        let Ok(link) = agent::register(&heap, &socket) else { return 2 };
+        let Ok(p) = heap.alloc(64) else { return 3 };
+        fill(p, 0x11);
+        if heap.flush().is_err() {
+            return 4;
+        }
+        let db = std::process::id();
+        let link = std::cell::Cell::new(Some(link));
+        let refused = fork_child(|| {
+            let forked =
+                |e: &agent::AgentError| matches!(e, agent::AgentError::Heap(Error::Forked(f)) if f.owner == db);
+            if !agent::register(&heap, &socket).is_err_and(|e| forked(&e)) {
+                return 1;
+            }
+            if !link.take().unwrap().closed().is_err_and(|e| forked(&e)) {
+                return 2;
+            }
+            0
+        });
+        if wait(refused) != 0 {
+            return 5;
+        }
+        // A helper that outlives the database (killed by the test).
+        let helper = fork_child(|| {
+            std::thread::sleep(Duration::from_secs(60));
+            0
+        });
+        if std::fs::write(path.with_file_name("helper.pid"), helper.to_string()).is_err() {
+            return 6;
+        }
+        0 // _exit: the database dies without closing the heap
+    });
+    assert_eq!(wait(database), 0);
+    let helper: libc::pid_t = std::fs::read_to_string(path.with_file_name("helper.pid")).unwrap().parse().unwrap();
+    struct Kill(libc::pid_t);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the helper the database forked (an orphan now).
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(helper);
+    // SAFETY: kill(2) with signal 0 only checks that the helper is alive.
+    assert_eq!(unsafe { libc::kill(helper, 0) }, 0, "the helper should outlive the database");
+    assert_eq!(agent.wait_state(info::SEALED, Duration::from_secs(20)), info::SEALED, "the agent did not seal");
+    // The heap's lock went with the database: it opens here at once, with the flushed block.
+    let heap = Heap::open(&path).unwrap();
+    assert!(heap.check().is_ok());
+    heap.close().unwrap();
+}

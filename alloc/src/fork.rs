@@ -23,6 +23,12 @@
 //! that always take a slow path (flush, open, close, root, check) compare
 //! it first: one load of a process-wide word.
 //!
+//! Descriptors whose mere presence in a child would change what others see
+//! are not left to it ([`NotInherited`]): the heap's lock file (the child
+//! would keep the heap locked after the parent closed it or died) and the
+//! agent connection (the agent would not see the parent die, and would
+//! never seal its lists). The fork handler points them at `/dev/null`.
+//!
 //! Dropping an inherited heap in the child releases nothing: the parent's
 //! mapping, files, lock, tracker and flusher thread belong to the parent
 //! (the child has no flusher thread, and unmapping the heap's address
@@ -35,8 +41,9 @@
 //! (which `std::process::Command` also uses when it forks); a raw `clone`
 //! system call bypasses it, and then the child's first call faults.
 
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::Relaxed;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicI32, AtomicU64};
 use std::sync::Once;
 
 /// Bumped in every forked child: heaps opened in an older generation were
@@ -98,6 +105,7 @@ impl Owner {
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Relaxed);
     crate::lanes::forget_after_fork();
+    neutralize_child_fds();
 }
 
 fn install() {
@@ -110,4 +118,70 @@ fn install() {
         // would reach the unmapped heap and fault, so say so loudly.
         assert_eq!(r, 0, "remem: pthread_atfork failed ({r}): cannot protect heaps from forked children");
     });
+}
+
+/// Descriptors that forked children must not keep open (see
+/// [`NotInherited`]); -1 marks a free slot.
+static CHILD_FDS: [AtomicI32; 256] = [const { AtomicI32::new(-1) }; 256];
+
+/// A descriptor a forked child must not keep: the heap's lock file (the
+/// child would hold the lock after the parent closed or died) or the
+/// agent connection (the agent would not see the parent die). In the child,
+/// the fork handler points it at `/dev/null` (`dup3`, close-on-exec), so the
+/// child holds nothing of the parent's and can still drop its copy as
+/// usual. Registering costs an atomic compare-and-swap when opened; beyond
+/// 256 such descriptors at once, the extra ones stay inherited as before.
+#[derive(Debug)]
+pub struct NotInherited<T: AsRawFd> {
+    // Declared first: unregistered before `inner` closes the descriptor, so
+    // a fork in between never points a reused number at /dev/null.
+    _slot: Slot,
+    inner: T,
+}
+
+#[derive(Debug)]
+struct Slot(Option<usize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            CHILD_FDS[i].store(-1, Release);
+        }
+    }
+}
+
+impl<T: AsRawFd> NotInherited<T> {
+    /// Registers `inner`'s descriptor.
+    pub fn new(inner: T) -> NotInherited<T> {
+        install();
+        let fd = inner.as_raw_fd();
+        let slot = CHILD_FDS.iter().position(|s| s.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok());
+        NotInherited { _slot: Slot(slot), inner }
+    }
+
+    /// The descriptor's owner.
+    pub fn get(&self) -> &T {
+        &self.inner
+    }
+}
+
+/// In the child: every registered descriptor now refers to /dev/null.
+fn neutralize_child_fds() {
+    // SAFETY: open(2) of a constant path; async-signal-safe.
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    for s in &CHILD_FDS {
+        let fd = s.load(Acquire);
+        if fd < 0 || fd == null {
+            continue;
+        }
+        if null >= 0 {
+            // SAFETY: dup3 onto a descriptor this process holds (registered
+            // and not yet unregistered at the fork); async-signal-safe.
+            unsafe { libc::dup3(null, fd, libc::O_CLOEXEC) };
+        }
+    }
+    if null >= 0 {
+        // SAFETY: closes the descriptor opened above.
+        unsafe { libc::close(null) };
+    }
 }

@@ -38,7 +38,7 @@ use crate::check::{CheckReport, LiveState};
 use crate::control::Control;
 use crate::error::{AllocError, Error, OpenError, PointerError, Result};
 use crate::flush::{Durability, FlushError, FlushStats};
-use crate::fork::{Forked, Owner};
+use crate::fork::{Forked, NotInherited, Owner};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
 use crate::lanes::{self, HasLanes, LaneSet};
 use crate::mem::Mem;
@@ -183,7 +183,7 @@ pub(crate) struct Inner {
     header: Header,
     /// The image file, for heaps that have one (none for memfd-only heaps).
     path: Option<PathBuf>,
-    _lock: Option<File>,
+    _lock: Option<NotInherited<File>>,
     canary_key: u64,
     pages: Mutex<PageIndex>,
     partial: Vec<Mutex<Vec<u64>>>,
@@ -268,7 +268,7 @@ fn lazy_err(e: crate::lazy::LazyError) -> OpenError {
 
 /// A heap's baseline file and the lock that keeps other processes out
 /// (`None` for a caller-provided backend).
-type LockedFile = Option<(PathBuf, File)>;
+type LockedFile = Option<(PathBuf, NotInherited<File>)>;
 
 /// Decodes the header page of the heap named `name` (for messages).
 fn decode_header(first: &[u8], name: &Path) -> Result<Header, OpenError> {
@@ -305,7 +305,7 @@ fn open_baseline_file(path: &Path, read_only: bool) -> Result<(Arc<dyn Backend>,
 #[derive(Debug)]
 pub struct BaselineLock {
     path: PathBuf,
-    file: File,
+    file: NotInherited<File>,
 }
 
 impl BaselineLock {
@@ -346,8 +346,10 @@ enum LockKind {
 }
 
 /// Takes one of the baseline's locks: an OFD lock on the file itself (its
-/// inode), so every path to the same file meets it.
-fn take_lock(path: &Path, kind: LockKind) -> Result<File, OpenError> {
+/// inode), so every path to the same file meets it. A forked child does
+/// not keep the lock (see [`crate::fork`]): the parent's close or death
+/// releases it.
+fn take_lock(path: &Path, kind: LockKind) -> Result<NotInherited<File>, OpenError> {
     let exclusive = kind != LockKind::Reader;
     let f = OpenOptions::new()
         .read(true)
@@ -358,7 +360,7 @@ fn take_lock(path: &Path, kind: LockKind) -> Result<File, OpenError> {
     if !region::try_lock(&f, exclusive, byte).map_err(io(format!("locking {}", path.display())))? {
         return Err(OpenError::Locked(path.to_owned()));
     }
-    Ok(f)
+    Ok(NotInherited::new(f))
 }
 
 impl Heap {

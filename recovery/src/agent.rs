@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use remem_alloc::baseline::{Baseline, FileBackend};
+use remem_alloc::fork::{NotInherited, Owner};
 use remem_alloc::{Heap, HeapOptions};
 use serde::{Deserialize, Serialize};
 
@@ -384,19 +385,32 @@ fn seal(sh: &Shared) {
 
 /// The database's end of the agent connection: keep it for the heap's
 /// life; [`AgentLink::closed`] tells the agent the heap was closed cleanly.
+/// A forked child does not keep the connection (the agent sees the
+/// database die when it dies, whatever its children do) and cannot use the
+/// link (see `remem_alloc::fork`).
 #[derive(Debug)]
 pub struct AgentLink {
-    conn: UnixStream,
+    conn: NotInherited<UnixStream>,
+    owner: Owner,
 }
 
 impl AgentLink {
+    fn new(conn: UnixStream) -> AgentLink {
+        AgentLink { conn: NotInherited::new(conn), owner: Owner::current() }
+    }
+
     /// Tells the agent the heap was closed cleanly (call after `Heap::close`).
-    pub fn closed(mut self) -> Result<(), AgentError> {
-        self.conn.write_all(b"closed\n").map_err(io("telling the agent"))
+    /// Refused in a forked child: only the database may say so.
+    pub fn closed(self) -> Result<(), AgentError> {
+        self.owner.check().map_err(|f| AgentError::Heap(f.into()))?;
+        let mut conn = self.conn.get();
+        conn.write_all(b"closed\n").map_err(io("telling the agent"))
     }
 }
 
 fn send_registration(conn: &UnixStream, heap: &Heap, op: &str) -> Result<(), AgentError> {
+    // A forked child cannot hand over a heap it inherited.
+    heap.check_process().map_err(remem_alloc::Error::from)?;
     let (Some(ctl), Some(path)) = (heap.control_memfd(), heap.path()) else { return Err(AgentError::NoBaseline) };
     let reg = Registration { op: op.into(), uuid: heap.uuid(), baseline: path.to_owned(), pid: std::process::id() };
     send_message(conn, &reg, &[heap.memfd().as_raw_fd(), ctl.as_raw_fd()])
@@ -417,7 +431,7 @@ pub fn register(heap: &Heap, socket: &Path) -> Result<AgentLink, AgentError> {
     let conn = UnixStream::connect(socket).map_err(io(format!("connecting to the agent at {}", socket.display())))?;
     send_registration(&conn, heap, "register")?;
     read_ok(&conn)?;
-    Ok(AgentLink { conn })
+    Ok(AgentLink::new(conn))
 }
 
 /// Pages of the memfd `fd` whose CRC differs from the baseline's.
@@ -456,5 +470,5 @@ pub fn reattach(socket: &Path, baseline: &Path, opts: &HeapOptions) -> Result<(H
     let heap = Heap::attach_durable(fd, baseline, opts, &dirty)?;
     send_registration(&conn, &heap, "register")?;
     read_ok(&conn)?;
-    Ok((heap, AgentLink { conn }))
+    Ok((heap, AgentLink::new(conn)))
 }
