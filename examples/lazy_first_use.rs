@@ -2,7 +2,7 @@
 //! same baseline in the same run.
 //!
 //! ```text
-//! cargo run --release --example lazy_first_use -- [GIB ...] [--reps N]
+//! cargo run --release --example lazy_first_use -- [GIB | MIBm ...] [--reps N]
 //! ```
 //!
 //! For each size (default 1 GiB): creates a heap filled to 50 % with 1 MiB
@@ -25,9 +25,9 @@ use remem::{Heap, HeapOptions};
 
 const BLOB: usize = 1 << 20;
 
-fn fill(path: &Path, gib: u64) -> usize {
-    let heap = Heap::create(path, &HeapOptions::new(gib << 30).flush_interval(None)).expect("create");
-    let n = ((gib << 30) / 2) as usize / BLOB;
+fn fill(path: &Path, mib: u64) -> usize {
+    let heap = Heap::create(path, &HeapOptions::new(mib << 20).flush_interval(None)).expect("create");
+    let n = ((mib << 20) / 2) as usize / BLOB;
     let (root, _) = heap.root_or_alloc(16).expect("root");
     let table = heap.alloc(n * 8).expect("table").cast::<usize>();
     for i in 0..n {
@@ -65,7 +65,12 @@ fn main() {
         if a == "--reps" {
             reps = args.next().and_then(|s| s.parse().ok()).expect("--reps N");
         } else {
-            sizes.push(a.parse::<u64>().expect("a heap size in GiB"));
+            // GiB, or MiB with an `m` suffix (short runs).
+            let mib = match a.strip_suffix('m') {
+                Some(m) => m.parse::<u64>().expect("a heap size in MiB"),
+                None => a.parse::<u64>().expect("a heap size in GiB") << 10,
+            };
+            sizes.push(mib);
         }
     }
     if sizes.is_empty() {
@@ -74,12 +79,12 @@ fn main() {
     let dir: PathBuf = std::env::temp_dir().join(format!("remem-lazy-first-use-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let opts = HeapOptions::new(0).flush_interval(None);
-    for gib in sizes {
-        let path = dir.join(format!("heap-{gib}"));
+    for mib in sizes {
+        let path = dir.join(format!("heap-{mib}"));
         let _ = std::fs::remove_file(&path);
         let t = Instant::now();
-        let blobs = fill(&path, gib);
-        println!("heap {gib} GiB, {blobs} blobs of 1 MiB (50 %), filled and closed in {:.1?}", t.elapsed());
+        let blobs = fill(&path, mib);
+        println!("heap {mib} MiB, {blobs} blobs of 1 MiB (50 %), filled and closed in {:.1?}", t.elapsed());
         let (mut lazy_t, mut eager_t) = (Vec::new(), Vec::new());
         for rep in 0..reps {
             let t = Instant::now();
@@ -93,6 +98,7 @@ fn main() {
             let st = heap.wait_lazy().expect("lazy");
             let full = t.elapsed();
             assert!(st.failed.is_none(), "{st:?}");
+            let committed = heap.flush_stats().map_or(0, |f| f.pages_flushed);
             heap.close().expect("close");
             let t = Instant::now();
             let heap = Heap::open_with(&path, &opts).expect("open");
@@ -100,11 +106,12 @@ fn main() {
             let eager = t.elapsed();
             heap.close().expect("close");
             println!(
-                "rep {rep}: lazy first use {:.2} ms (fully loaded and committed {:.0} ms, {} faults); eager open to \
-                 first use {:.0} ms; eager/lazy first use {:.0}x",
+                "rep {rep}: lazy first use {:.2} ms (fully loaded and committed {:.0} ms, {} faults, {} pages \
+                 committed); eager open to first use {:.0} ms; eager/lazy first use {:.0}x",
                 ms(first),
                 ms(full),
                 st.faults,
+                committed,
                 ms(eager),
                 eager.as_secs_f64() / first.as_secs_f64()
             );
@@ -116,13 +123,13 @@ fn main() {
             v[v.len() / 2]
         };
         println!(
-            "{gib} GiB: median lazy first use {:.2} ms, median eager {:.0} ms (max lazy {:.2} ms)",
+            "{mib} MiB: median lazy first use {:.2} ms, median eager {:.0} ms (max lazy {:.2} ms)",
             ms(med(&mut lazy_t)),
             ms(med(&mut eager_t)),
             ms(*lazy_t.iter().max().expect("reps > 0"))
         );
         let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(dir.join(format!("heap-{gib}.lock")));
+        let _ = std::fs::remove_file(dir.join(format!("heap-{mib}.lock")));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -440,6 +440,12 @@ impl Lazy {
     /// Poisons a claimed page (or, on a kernel without `UFFDIO_POISON`,
     /// fails): touching it raises SIGBUS.
     fn poison(&self, page: u64) -> Result<(), (u64, io::Error)> {
+        // UFFDIO_POISON wants an empty entry: drop the write-protect marker
+        // a fast-mode hole carries (un-protecting an empty entry clears it).
+        if let Err(e) = self.raw.writeprotect(self.addr(page), PS, false) {
+            self.states.finish(page, PageState::Absent);
+            return Err((page, e));
+        }
         loop {
             let (_, err) = track::uffd_poison(self.raw.as_fd(), self.addr(page), PS, track::UFFDIO_COPY_MODE_DONTWAKE);
             match err {
@@ -572,5 +578,13 @@ pub(crate) fn durability(
         }
         _ => (Box::new(NoTracking::new(region.pages(), region.page_size())), None),
     };
+    if mode == TrackMode::Fast {
+        // Nothing is installed yet. A hole without a write-protect marker
+        // counts as written for PAGEMAP_SCAN, so mark every hole now (a
+        // missing page still raises a missing-page fault, and UFFDIO_COPY
+        // fills a marked hole): otherwise the first flush would write every
+        // page the heap never touched.
+        tracker.protect_all()?;
+    }
     Ok((Arc::new(Durability::new(baseline, tracker, control)?), wp))
 }
