@@ -400,14 +400,15 @@ fn grandchild_refuses_the_childs_heap() {
 #[test]
 fn agent_sees_the_database_die_whatever_its_children_do() {
     use remem::recovery::agent::{self, info, Agent, AgentOptions};
-    use remem::recovery::transport::{Kind, ServeOptions, Token};
+    use remem::recovery::transport::{ServeOptions, Token};
     use std::time::Duration;
     let _g = FORKING.lock().unwrap_or_else(|e| e.into_inner());
     let path = tmp("agent");
-    let socket = path.with_file_name("agent.sock");
+    // The agent creates its socket's directory, private (0700).
+    let socket = path.with_file_name("agent").join("agent.sock");
     let mut serve = ServeOptions::new(Token::generate().unwrap());
     serve.listen = "127.0.0.1:0".parse().unwrap();
-    let agent = Agent::start(AgentOptions { socket: socket.clone(), serve, kind: Kind::Tcp }).unwrap();
+    let agent = Agent::start(AgentOptions::new(socket.clone(), serve)).unwrap();
     // The database: a child of this test that registers, forks a long-lived
     // helper, checks what the helper may not do, then dies without closing.
     let database = fork_child(|| {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use remem::recovery::agent::{self, info, Agent, AgentOptions};
+use remem::recovery::agent::{self, dir, info, Agent, AgentOptions};
 use remem::recovery::recover::{recover, RecoverError, RecoverOptions};
 use remem::recovery::transport::{Kind, ServeOptions, Token};
 use remem::{Heap, HeapOptions};
@@ -76,7 +76,7 @@ fn setup(name: &str) -> Setup {
     let token = Token::generate().unwrap();
     let mut serve = ServeOptions::new(token.clone());
     serve.listen = "127.0.0.1:0".parse().unwrap();
-    let agent = Agent::start(AgentOptions { socket: dir.join("agent.sock"), serve, kind: Kind::Tcp }).unwrap();
+    let agent = Agent::start(AgentOptions::new(dir.join("agent").join("agent.sock"), serve).digest(true)).unwrap();
     Setup { baseline: dir.join("heap"), dir, agent, token }
 }
 
@@ -85,7 +85,7 @@ fn run_and_kill(s: &Setup, wait_ms: u64) -> u64 {
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_database", "--nocapture", "--test-threads=1", "-q"])
         .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -136,7 +136,7 @@ fn scatter_case(
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
         .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
         .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},{stride},{offset},{mode}"))
         .stdout(Stdio::piped())
         .spawn()
@@ -251,7 +251,7 @@ fn same_host_restart_reattaches_the_memfd() {
     let s = setup("reattach");
     let acked = run_and_kill(&s, 100);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(30)), info::SEALED);
-    let (heap, link) = agent::reattach(&s.dir.join("agent.sock"), &s.baseline, &opts()).unwrap();
+    let (heap, link) = agent::reattach(&s.dir.join("agent").join("agent.sock"), &s.baseline, &opts()).unwrap();
     assert_eq!(s.agent.wait_state(info::RUNNING, Duration::from_secs(10)), info::RUNNING);
     let (counter, versions) = verify_table(&heap, 1);
     assert!(counter >= acked && counter <= acked + 1, "{counter} vs {acked}");
@@ -345,7 +345,8 @@ fn a_lying_agent_is_refused_before_the_fence() {
         let mut so = ServeOptions::new(token.clone());
         so.listen = "127.0.0.1:0".parse().unwrap();
         let target = serve(Kind::Tcp, so).unwrap();
-        let block = Arc::new(SharedBytes::zeroed(info::LEN));
+        // A directory of one slot, as the agent publishes it.
+        let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
         target.register(block.clone()).unwrap();
         let ctl = Arc::new(SharedBytes::zeroed(ctl_len));
         ctl.write(remem::alloc::ctl::CURRENT_OFF, &cur.to_le_bytes());
@@ -356,14 +357,21 @@ fn a_lying_agent_is_refused_before_the_fence() {
             target.register(Arc::new(SharedBytes::zeroed(crc_len))).unwrap(),
             target.register(Arc::new(SharedBytes::zeroed(words * 8))).unwrap(),
         ];
-        block.write(info::MAGIC, &info::MAGIC_BYTES);
-        block.write(info::VERSION, &1u32.to_le_bytes());
-        block.write(info::UUID, &uuid);
-        block.write(info::NPAGES, &announced.to_le_bytes());
+        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+        block.write(dir::SLOTS, &1u32.to_le_bytes());
+        let at = dir::slot_offset(0);
+        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+        block.write(at + info::UUID, &uuid);
+        block.write(at + info::NPAGES, &announced.to_le_bytes());
         for (n, r) in regions.iter().enumerate() {
-            block.write(info::RKEYS + 4 * n, &r.rkey.to_le_bytes());
+            let d = at + info::region(n);
+            block.write(d, &r.addr.to_le_bytes());
+            block.write(d + 8, &r.len.to_le_bytes());
+            block.write(d + 16, &r.rkey.to_le_bytes());
         }
-        block.write(info::STATE, &info::SEALED.to_le_bytes());
+        block.write(at + info::STATE, &info::SEALED.to_le_bytes());
         let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
         o.allow_data_loss = true;
         let e = recover(o).unwrap_err();
@@ -458,7 +466,7 @@ impl HungChild {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_hung_database", "--nocapture", "--test-threads=1", "-q"])
             .env("REMEM_TEST_BASELINE", &s.baseline)
-            .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+            .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
             .env("REMEM_TEST_HUNG", mode)
             .stdout(Stdio::piped())
             .spawn()

@@ -557,7 +557,19 @@ impl Heap {
                 };
                 (region, dirty, load.from_journal)
             }
-            Fill::Memfd(fd, dirty) => (Region::map(fd, header.base, size)?, dirty, 0),
+            Fill::Memfd(fd, dirty) => {
+                // Mapping more than the memfd holds would turn reads past its
+                // end into SIGBUS; a longer one is not this heap's either.
+                let len = region::fd_len(&fd).map_err(io("measuring the heap memfd"))?;
+                if len != size {
+                    return Err(OpenError::Corrupt {
+                        path: name.clone(),
+                        reason: format!("the memfd is {len} bytes, its header says the heap is {size}"),
+                    }
+                    .into());
+                }
+                (Region::map(fd, header.base, size)?, dirty, 0)
+            }
         };
         let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(info.commit_unix_ns);
         let from = BaselineInfo {

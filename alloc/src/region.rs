@@ -29,11 +29,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
     move |source| OpenError::Io { what, source }
 }
 
-/// Creates a memfd of `len` bytes.
+/// Creates a memfd of `len` bytes, sealed against resizing
+/// (`F_SEAL_SHRINK | F_SEAL_GROW`): a process it is handed to (the agent)
+/// can map all of it without fearing SIGBUS from a later `ftruncate`, and
+/// checks the seals before it does.
 pub(crate) fn memfd(name: &str, len: u64) -> Result<OwnedFd, OpenError> {
     let cname = std::ffi::CString::new(name).expect("memfd name has no NUL");
     // SAFETY: `cname` is a valid C string; the flags are valid.
-    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(io_err("memfd_create")(io::Error::last_os_error()));
     }
@@ -42,7 +45,17 @@ pub(crate) fn memfd(name: &str, len: u64) -> Result<OwnedFd, OpenError> {
     File::from(fd.try_clone().map_err(io_err("dup memfd"))?)
         .set_len(len)
         .map_err(io_err(format!("sizing the heap memfd to {len} bytes")))?;
+    // SAFETY: F_ADD_SEALS on our own memfd with valid seal bits.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) };
+    if r < 0 {
+        return Err(io_err("sealing the memfd's size")(io::Error::last_os_error()));
+    }
     Ok(fd)
+}
+
+/// The length of a memfd (or file) in bytes.
+pub(crate) fn fd_len(fd: &OwnedFd) -> io::Result<u64> {
+    Ok(File::from(fd.try_clone()?).metadata()?.len())
 }
 
 impl Region {

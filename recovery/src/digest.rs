@@ -5,7 +5,7 @@
 static ZERO: [u8; 4096] = [0; 4096];
 
 /// Whether page `p` lies in one of the sorted, disjoint `ranges` (bytes).
-fn in_ranges(ranges: &[(u64, u64)], p: u64) -> bool {
+pub(crate) fn in_ranges(ranges: &[(u64, u64)], p: u64) -> bool {
     let at = p * 4096;
     match ranges.binary_search_by(|&(s, _)| s.cmp(&at)) {
         Ok(_) => true,

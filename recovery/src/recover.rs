@@ -343,8 +343,9 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             ));
         }
         let pages = src.pages().to_vec();
-        let identical =
-            (verify_image && src.verifies()).then(|| crate::digest::image_digest(dst, ranges, &pages) == *digest);
+        let identical = digest
+            .filter(|_| verify_image && src.verifies())
+            .map(|d| crate::digest::image_digest(dst, ranges, &pages) == d);
         let verified = if src.verifies() { pages.len() as u64 } else { 0 };
         pulled = (pages.len() as u64 - resumed, verified, identical, t.elapsed().as_secs_f64());
         if identical == Some(false) {

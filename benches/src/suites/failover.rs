@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use remem_alloc::{Heap, HeapOptions};
 use remem_recovery::agent::{self, info, Agent, AgentOptions};
 use remem_recovery::recover::{recover, RecoverOptions};
-use remem_recovery::transport::{Kind, ServeOptions, Token};
+use remem_recovery::transport::{ServeOptions, Token};
 use remem_recovery::workload::scatter;
 
 use super::{progress, quantile, sample_sorted, Config};
@@ -206,11 +206,12 @@ fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<R
     let baseline = dir.join(format!("heap-{gib}-{pct}"));
     let _ = std::fs::remove_file(&baseline);
     let _ = std::fs::remove_file(dir.join(format!("heap-{gib}-{pct}.lock")));
-    let socket = dir.join(format!("agent-{gib}-{pct}.sock"));
+    // The agent creates the socket's directory, private (0700).
+    let socket = dir.join(format!("agent-{gib}-{pct}")).join("agent.sock");
     let token = Token::generate().map_err(|e| anyhow::anyhow!("token: {e}"))?;
     let mut serve = ServeOptions::new(token.clone());
     serve.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let agent = Agent::start(AgentOptions { socket: socket.clone(), serve, kind: Kind::Tcp })
+    let agent = Agent::start(AgentOptions::new(socket.clone(), serve))
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     let mut child = DbChild(
         Command::new(std::env::current_exe()?)

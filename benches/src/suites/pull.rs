@@ -229,11 +229,12 @@ fn mark(p: u64) -> (usize, u8) {
 /// `recover_1gib` at `pct` % dirty: repetition `rep`.
 fn recover_case(dir: &Path, pct: u64, rep: u32) -> anyhow::Result<RecoverRun> {
     let baseline = dir.join(format!("heap-{pct}-{rep}"));
-    let socket = dir.join(format!("agent-{pct}-{rep}.sock"));
+    // The agent creates the socket's directory, private (0700).
+    let socket = dir.join(format!("agent-{pct}-{rep}")).join("agent.sock");
     let token = Token::generate().map_err(|e| anyhow::anyhow!("generating a token: {e}"))?;
     let mut serve = ServeOptions::new(token.clone());
     serve.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let agent = Agent::start(AgentOptions { socket: socket.clone(), serve, kind: Kind::Tcp })
+    let agent = Agent::start(AgentOptions::new(socket.clone(), serve).digest(true))
         .map_err(|e| anyhow::anyhow!("starting the agent on {}: {e}", socket.display()))?;
 
     // The child registers over the Unix socket, which needs no token (the

@@ -13,7 +13,7 @@ use remem_alloc::baseline::{Baseline, FileBackend};
 use remem_alloc::{Heap, HeapOptions, TrackMode};
 use remem_recovery::agent::{self, Agent, AgentOptions};
 use remem_recovery::recover::{recover, RecoverOptions};
-use remem_recovery::transport::{Kind, ServeOptions, Token, DEFAULT_PORT};
+use remem_recovery::transport::{ServeOptions, Token, DEFAULT_PORT};
 use remem_recovery::workload;
 use serde::{Deserialize, Serialize};
 
@@ -43,9 +43,14 @@ impl From<Tracking> for TrackMode {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Hold a heap's memory for its database and serve pulls of it (token from REMEM_TOKEN or --token-file).
+    /// Hold the memory of databases' heaps and serve pulls of it (token from REMEM_TOKEN or --token-file).
+    ///
+    /// The socket is created mode 0600 in a private directory: the agent creates the directory (0700) if
+    /// it is missing, and refuses one that other users can enter, so pass a path such as
+    /// $XDG_RUNTIME_DIR/remem/agent.sock or /run/remem/agent.sock (not /tmp/agent.sock). Only processes
+    /// of the agent's user (and of --group) may register or re-attach heaps.
     Agent {
-        /// Unix socket the database registers on.
+        /// Unix socket databases register on, in a private directory (e.g. /run/remem/agent.sock).
         #[arg(long)]
         socket: PathBuf,
         /// Address to serve pulls on (loopback unless told otherwise).
@@ -54,6 +59,15 @@ enum Cmd {
         /// File holding the shared token (mode 0600).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Also admit the members of this group (socket 0660, directory 0710, owned by the group).
+        #[arg(long)]
+        group: Option<String>,
+        /// Heaps held at once.
+        #[arg(long, default_value_t = remem_recovery::agent::dir::DEFAULT_SLOTS)]
+        max_heaps: usize,
+        /// Publish a BLAKE3 digest of each sealed image (a whole-image pass while sealing).
+        #[arg(long)]
+        digest: bool,
     },
     /// Write a new random token to a file (mode 0600).
     Token {
@@ -161,10 +175,18 @@ fn token(file: &Option<PathBuf>) -> Result<Token> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Agent { socket, listen, token_file } => {
+        Cmd::Agent { socket, listen, token_file, group, max_heaps, digest } => {
             let mut serve = ServeOptions::new(token(&token_file)?);
             serve.listen = listen;
-            let agent = Agent::start(AgentOptions { socket: socket.clone(), serve, kind: Kind::Tcp })?;
+            let mut o = AgentOptions::new(socket.clone(), serve).max_heaps(max_heaps).digest(digest);
+            if let Some(g) = group {
+                o = o.group(g);
+            }
+            // Test hook: pages served damaged (see remem_recovery::agent).
+            if let Ok(pages) = std::env::var("REMEM_AGENT_DAMAGED_PAGES") {
+                o = o.damaged_pages(agent::parse_page_list(&pages).map_err(anyhow::Error::msg)?);
+            }
+            let agent = Agent::start(o)?;
             println!("listening {}", agent.local_addr());
             eprintln!(
                 "remem agent: serving pulls on {}, databases register on {}",
@@ -486,7 +508,8 @@ fn demo(json: bool, dir: &Path, seconds: f64, agent_gone: bool, no_netns: bool, 
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     let baseline = dir.join("heap.baseline");
-    let socket = dir.join("agent.sock");
+    // The agent makes its socket's directory private (0700).
+    let socket = dir.join("agent").join("agent.sock");
     let tok = Token::generate()?;
     let netns = if !no_netns && Netns::available() { Some(Netns::create()?) } else { None };
     let (network, listen) = match &netns {
@@ -518,7 +541,7 @@ fn demo(json: bool, dir: &Path, seconds: f64, agent_gone: bool, no_netns: bool, 
     // 1. The agent on the source host.
     let sock = socket.to_string_lossy().to_string();
     let mut agent = Kill(
-        on_src(&["agent", "--socket", &sock, "--listen", &listen])
+        on_src(&["agent", "--socket", &sock, "--listen", &listen, "--digest"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{RecoverError, RecoverOptions};
-use crate::agent::info;
+use crate::agent::{dir, info, layout};
 use crate::transport::{self, ConnectError, ConnectOptions, Initiator, Kind, ReadRequest, RegionDesc, Status, Token};
 
 /// Page size.
@@ -103,16 +103,45 @@ pub(super) struct AgentView {
     /// Nothing is pulled although the owner's memory may be newer (fast mode,
     /// hung owner, data loss allowed): the baseline alone is used.
     pub(super) lossy: bool,
-    /// BLAKE3 of the image at sealing.
-    pub(super) digest: [u8; 32],
+    /// BLAKE3 of the image at sealing, when the agent publishes one.
+    pub(super) digest: Option<[u8; 32]>,
 }
 
 /// The owner's tracking mode, from its control region header.
 const MODE_PRECISE: u32 = 1;
 
-/// Connects, waits until the owner is gone and the lists are sealed, and
-/// reads and checks everything recovery needs, for the heap of `uuid` with
-/// `npages` pages (from the baseline). Changes nothing anywhere.
+/// Finds the agent's directory region: the one that starts with its magic.
+fn find_directory(init: &mut dyn Initiator) -> Result<Option<RegionDesc>, String> {
+    let candidates: Vec<RegionDesc> = init
+        .regions()
+        .iter()
+        .copied()
+        .filter(|r| r.len >= dir::len(1) as u64 && r.len <= dir::len(dir::MAX_SLOTS) as u64 && r.len % PAGE == 0)
+        .collect();
+    for r in candidates {
+        if read_bytes(init, r, 0, 8)?.get(..8) == Some(&dir::MAGIC_BYTES[..]) {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
+/// The info block of heap `uuid` in a directory, if a slot holds it.
+fn find_slot(d: &[u8], uuid: [u8; 16]) -> Option<&[u8]> {
+    let slots = layout::u32_at(d, dir::SLOTS)? as usize;
+    (0..slots.min(dir::MAX_SLOTS)).filter_map(|s| d.get(dir::slot_offset(s)..dir::slot_offset(s) + info::LEN)).find(
+        |b| {
+            b.get(..8) == Some(&info::MAGIC_BYTES[..])
+                && layout::u32_at(b, info::STATE) != Some(info::FREE)
+                && b.get(info::UUID..info::UUID + 16) == Some(&uuid[..])
+        },
+    )
+}
+
+/// Connects, finds the heap of `uuid` in the agent's directory (see
+/// `crate::agent`), waits until its owner is gone and the lists are sealed,
+/// and reads and checks everything recovery needs, for a heap of `npages`
+/// pages (from the baseline). Changes nothing anywhere.
 ///
 /// An owner whose lease has expired (see `remem_alloc`'s `control.rs`: the
 /// lease word did not move across two lease periods) is hung, not running
@@ -135,30 +164,19 @@ pub(super) fn agent_view(
     loop {
         let mut init = connect(opts.kind, opts.token.as_ref(), addr).map_err(|f| f.into_error(addr))?;
         let unreachable = |reason: String| RecoverError::AgentUnreachable { addr, reason };
-        // The info block is the region of its size that starts with its magic.
-        let mut block = None;
-        for r in init.regions().to_vec().into_iter().filter(|r| r.len == info::LEN as u64) {
-            let b = read_bytes(&mut *init, r, 0, info::LEN).map_err(unreachable)?;
-            if b.get(..8) == Some(&info::MAGIC_BYTES[..]) {
-                block = Some(b);
-                break;
+        let dreg = find_directory(&mut *init)
+            .map_err(unreachable)?
+            .ok_or_else(|| proto("the agent announced no directory region".into()))?;
+        let d = read_bytes(&mut *init, dreg, 0, dreg.len as usize).map_err(unreachable)?;
+        let Some(block) = find_slot(&d, uuid).map(<[u8]>::to_vec) else {
+            if Instant::now() >= deadline {
+                return Err(proto(format!("the agent holds no heap {}", remem_alloc::format::uuid_string(&uuid))));
             }
-        }
-        let Some(block) = block else { return Err(proto("the agent announced no info block".into())) };
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
         let state = u32_at(&block, info::STATE).map_err(proto)?;
-        let known = state == info::SEALED || state == info::CLOSED;
-        if known || state == info::RUNNING {
-            let agent_uuid = block.get(info::UUID..info::UUID + 16).ok_or_else(|| proto("short info block".into()))?;
-            if agent_uuid != uuid {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(agent_uuid);
-                return Err(RecoverError::WrongHeap {
-                    agent: remem_alloc::format::uuid_string(&a),
-                    baseline: remem_alloc::format::uuid_string(&uuid),
-                });
-            }
-        }
-        if known {
+        if state == info::SEALED || state == info::CLOSED {
             return read_view(init, &block, npages, false).map_err(proto);
         }
         if state == info::RUNNING && hung.is_none() {
@@ -185,7 +203,7 @@ pub(super) fn agent_view(
                 (info::RUNNING, _) => {
                     Err(RecoverError::OwnerAlive { pid: u64_at(&block, info::OWNER_PID).map_err(proto)? })
                 }
-                _ => Err(proto("the agent holds no heap".into())),
+                _ => Err(proto("the agent did not finish sealing in time".into())),
             };
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -196,9 +214,7 @@ pub(super) fn agent_view(
 /// `Some(tracking mode)` when it did not move (the owner is hung or dead),
 /// `None` when it did (or the owner keeps no lease).
 fn lease_expired(init: &mut dyn Initiator, block: &[u8]) -> Result<Option<u32>, String> {
-    let key = u32_at(block, info::RKEYS + 4)?;
-    let control =
-        init.regions().iter().copied().find(|r| r.rkey == key).ok_or("the agent announced no control region")?;
+    let control = layout::region_desc(block, info::CONTROL).ok_or("the info block has no control region")?;
     let read = |init: &mut dyn Initiator| -> Result<(u64, u64, u32), String> {
         let h = read_bytes(init, control, 0, PAGE as usize)?;
         Ok((
@@ -225,15 +241,20 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool
     if agent_npages != npages {
         return Err(format!("the agent's heap has {agent_npages} pages, the baseline's {npages}"));
     }
-    let find = |n: usize| -> Result<RegionDesc, String> {
-        let key = u32_at(block, info::RKEYS + 4 * n)?;
-        init.regions()
-            .iter()
-            .copied()
-            .find(|r| r.rkey == key)
-            .ok_or_else(|| format!("the agent did not announce region {n} (rkey {key})"))
-    };
-    let (heap, control, crc, sealed) = (find(0)?, find(1)?, find(2)?, find(3)?);
+    let digest = (u64_at(block, info::DIGEST_READY)? == 1).then(|| {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&block[info::DIGEST..info::DIGEST + 32]);
+        d
+    });
+    if u32_at(block, info::STATE)? == info::CLOSED {
+        // Closed cleanly, or superseded: everything is in the baseline.
+        let heap = RegionDesc { addr: 0, rkey: 0, len: 0 };
+        let crcs = Some(Vec::new());
+        return Ok(AgentView { init, heap, pages: Vec::new(), crcs, npages, hung: false, lossy: false, digest: None });
+    }
+    let find = |n: usize| layout::region_desc(block, n).ok_or_else(|| format!("the info block has no region {n}"));
+    let (heap, control, crc, sealed) =
+        (find(info::HEAP)?, find(info::CONTROL)?, find(info::CRC)?, find(info::SEALED_MAP)?);
     let words = npages.div_ceil(64);
     let set_bytes = words.checked_mul(8).ok_or("page count overflows")?;
     if heap.len != npages.checked_mul(PAGE).ok_or("page count overflows")? {
@@ -269,7 +290,5 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool
     // A hung owner's lists were never sealed: no CRCs.
     let crcs =
         (!hung).then(|| crc_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
-    let mut digest = [0u8; 32];
-    digest.copy_from_slice(block.get(info::DIGEST..info::DIGEST + 32).ok_or("short info block")?);
     Ok(AgentView { init, heap, pages, crcs, npages, digest, hung, lossy: false })
 }

@@ -1,0 +1,225 @@
+//! Sealing, in the background, after a heap's owner is gone.
+//!
+//! Fast mode: pages written after the last harvest are known only to the
+//! dead process's page tables, so the seal compares the CRC-32 of every
+//! page with the baseline's committed CRC, in chunks of [`CHUNK`] pages
+//! from page 0 up. After each chunk it publishes the chunk's CRCs (crc
+//! region) and bits (sealed region), then advances `seal_cursor` in the
+//! info block: a recoverer can start at once (state SEALING) and take a page
+//! below the cursor from the baseline when its bit is clear, and every other
+//! page from the agent (whose memory, the owner being dead, is the newest
+//! copy). Only a CRC collision (2^-32 per page) can hide a written page.
+//! Holes of the memfd are never read (reading one would allocate it).
+//!
+//! Precise mode: the control region's sets are exact, so nothing is
+//! scanned: the sealed bitmap is their union, the CRCs of those pages only
+//! are computed, and the heap is SEALED at once.
+//!
+//! No whole-image digest is computed unless the agent was started with
+//! `digest` (then it is, during the same pass, and published with SEALED).
+//!
+//! After sealing, the thread watches the baseline (every [`WATCH`]): once a
+//! recovery elsewhere committed (a newer generation and a newer epoch), the
+//! heap's memory is released and the slot says CLOSED.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use remem_alloc::baseline::{Baseline, FileBackend};
+
+use super::hosted::{superseded, Shared, Table};
+use super::layout::{info, u64_at};
+use crate::digest::in_ranges;
+use crate::sys::ReadMap;
+use crate::transport::SharedBytes;
+
+/// Pages sealed between two publications of the cursor (4 MiB).
+pub(crate) const CHUNK: u64 = 1024;
+/// How often a sealed heap's baseline is looked at.
+const WATCH: Duration = Duration::from_millis(500);
+
+static ZERO: [u8; 4096] = [0; 4096];
+
+/// What the background thread of one gone heap works on.
+pub(crate) struct Job {
+    pub slot: usize,
+    pub assigned: u64,
+    pub stop: Arc<AtomicBool>,
+    pub heap_fd: OwnedFd,
+    pub heap: Arc<ReadMap>,
+    pub control: Arc<ReadMap>,
+    pub crc: Arc<SharedBytes>,
+    pub sealed: Arc<SharedBytes>,
+    pub npages: u64,
+    pub mode: u32,
+    pub sets: (u64, u64),
+    pub baseline: File,
+    pub generation: u64,
+    pub dead_epoch: u64,
+}
+
+/// Starts the heap's background thread: seal, then watch the baseline.
+pub(crate) fn spawn(sh: Arc<Shared>, job: Job) {
+    let r = std::thread::Builder::new().name("remem-agent-seal".into()).spawn(move || {
+        if seal(&sh, &job) {
+            watch(&sh, &job);
+        }
+    });
+    if let Err(e) = r {
+        eprintln!("remem agent: cannot start sealing: {e}");
+    }
+}
+
+/// Runs `f` under the table lock if the slot still belongs to this job.
+fn publish(sh: &Shared, job: &Job, f: impl FnOnce(&Shared, &mut Table)) -> bool {
+    let mut t = sh.table.lock();
+    let current = t.slots.get(job.slot).and_then(Option::as_ref).is_some_and(|h| h.assigned == job.assigned);
+    if job.stop.load(Ordering::SeqCst) || !current {
+        return false;
+    }
+    f(sh, &mut t);
+    true
+}
+
+/// Seals; `false` when stopped (the heap left or was re-attached).
+fn seal(sh: &Shared, job: &Job) -> bool {
+    let bytes = job.heap.bytes();
+    let len = bytes.len() as u64;
+    let ranges = remem_alloc::memfd_data_ranges(job.heap_fd.as_fd(), len).unwrap_or_else(|_| vec![(0, len)]);
+    let page = |p: u64| -> (&[u8], bool) {
+        if in_ranges(&ranges, p) {
+            (&bytes[(p * 4096) as usize..(p * 4096 + 4096) as usize], true)
+        } else {
+            (&ZERO, false)
+        }
+    };
+    let zero_crc = crc32fast::hash(&ZERO);
+    let mut hasher = sh.digest.then(blake3::Hasher::new);
+    let mut count = 0u64;
+    if job.mode == 1 {
+        // Precise: the sets are the whole truth.
+        let ctl = job.control.bytes();
+        let words = job.npages.div_ceil(64) as usize;
+        let mut union = vec![0u8; words * 8];
+        for w in 0..words {
+            let at = |off: u64| u64_at(ctl, off as usize + 8 * w).unwrap_or(u64::MAX);
+            let mut bits = at(job.sets.0) | at(job.sets.1);
+            let first = w as u64 * 64;
+            if job.npages - first < 64 {
+                bits &= (1u64 << (job.npages - first)) - 1;
+            }
+            union[8 * w..8 * w + 8].copy_from_slice(&bits.to_le_bytes());
+            if bits == 0 {
+                continue;
+            }
+            let mut crcs =
+                job.crc.read(4 * first as usize, 4 * 64.min((job.npages - first) as usize)).unwrap_or_default();
+            let mut b = bits;
+            while b != 0 {
+                let k = b.trailing_zeros() as usize;
+                let (pg, data) = page(first + k as u64);
+                let c = if data { crc32fast::hash(pg) } else { zero_crc };
+                if let Some(dst) = crcs.get_mut(4 * k..4 * k + 4) {
+                    dst.copy_from_slice(&c.to_le_bytes());
+                }
+                count += 1;
+                b &= b - 1;
+            }
+            job.crc.write(4 * first as usize, &crcs);
+        }
+        job.sealed.write(0, &union);
+        if let Some(h) = hasher.as_mut() {
+            for p in 0..job.npages {
+                h.update(page(p).0);
+            }
+        }
+    } else {
+        // Fast (or untracked): compare every page with the baseline.
+        let table = Baseline::open(FileBackend::from_file(match job.baseline.try_clone() {
+            Ok(f) => f,
+            Err(_) => return fail_seal(sh, job),
+        }))
+        .ok()
+        .map(|b| b.crc_table())
+        .filter(|t| t.len() as u64 == job.npages);
+        if table.is_none() && !publish(sh, job, |sh, _| sh.put_u64(job.slot, info::NO_BASELINE, 1)) {
+            return false;
+        }
+        let mut start = 0u64;
+        while start < job.npages {
+            let end = (start + CHUNK).min(job.npages);
+            let mut crcs = Vec::with_capacity(4 * (end - start) as usize);
+            let mut words = vec![0u64; (end - start).div_ceil(64) as usize];
+            for p in start..end {
+                let (pg, data) = page(p);
+                let c = if data { crc32fast::hash(pg) } else { zero_crc };
+                if let Some(h) = hasher.as_mut() {
+                    h.update(pg);
+                }
+                crcs.extend_from_slice(&c.to_le_bytes());
+                let differs = match &table {
+                    Some(t) => t[p as usize] != c,
+                    None => c != zero_crc || pg.iter().any(|&x| x != 0),
+                };
+                if differs {
+                    let i = p - start;
+                    words[(i / 64) as usize] |= 1 << (i % 64);
+                    count += 1;
+                }
+            }
+            job.crc.write(4 * start as usize, &crcs);
+            let w: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            job.sealed.write(8 * (start / 64) as usize, &w);
+            // The chunk's CRCs and bits are in place before the cursor moves past them.
+            let ok = publish(sh, job, |sh, _| {
+                sh.put_u64(job.slot, info::SEALED_PAGES, count);
+                sh.put_u64(job.slot, info::SEAL_CURSOR, end);
+            });
+            if !ok {
+                return false;
+            }
+            start = end;
+        }
+    }
+    let digest = hasher.map(|h| *h.finalize().as_bytes());
+    publish(sh, job, |sh, t| {
+        sh.put_u64(job.slot, info::SEALED_PAGES, count);
+        sh.put_u64(job.slot, info::SEAL_CURSOR, job.npages);
+        if let Some(d) = digest {
+            sh.put(job.slot, info::DIGEST, &d);
+            sh.put_u64(job.slot, info::DIGEST_READY, 1);
+        }
+        sh.set_state(t, job.slot, info::SEALED);
+    })
+}
+
+/// A seal that cannot even start lists every page (as if there were no baseline).
+fn fail_seal(sh: &Shared, job: &Job) -> bool {
+    let words = job.npages.div_ceil(64) as usize;
+    job.sealed.write(0, &vec![0xff; words * 8]);
+    publish(sh, job, |sh, t| {
+        sh.put_u64(job.slot, info::NO_BASELINE, 1);
+        sh.put_u64(job.slot, info::SEALED_PAGES, job.npages);
+        sh.put_u64(job.slot, info::SEAL_CURSOR, job.npages);
+        sh.set_state(t, job.slot, info::SEALED);
+    })
+}
+
+/// Waits until a recovery elsewhere supersedes the heap, then releases it.
+fn watch(sh: &Shared, job: &Job) {
+    while !job.stop.load(Ordering::SeqCst) && !sh.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(WATCH);
+        if superseded(&job.baseline, job.generation, job.dead_epoch) {
+            publish(sh, job, |sh, t| {
+                if let Some(h) = t.slots[job.slot].as_mut() {
+                    sh.release(h);
+                }
+                sh.set_state(t, job.slot, info::CLOSED);
+            });
+            return;
+        }
+    }
+}
