@@ -354,3 +354,116 @@ fn another_user_cannot_reattach_or_register() {
     drop(conn); // re-attach abandoned: sealed again
     assert_eq!(s.agent.wait_heap_state(&h.uuid(), info::SEALED, Duration::from_secs(30)), Some(info::SEALED));
 }
+
+/// Writes a byte into `pages` fresh 4 KiB blocks after a flush; returns their page indices.
+fn dirty_after_flush(heap: &Heap, pages: usize) -> Vec<u64> {
+    let blocks: Vec<_> = (0..pages).map(|_| heap.alloc_zeroed(8192).unwrap()).collect();
+    heap.flush().unwrap();
+    let base = heap.base() as usize;
+    let mut out: Vec<u64> = blocks
+        .iter()
+        .map(|b| {
+            // SAFETY: our block of 8192 bytes; the write lands in its second page.
+            unsafe { b.as_ptr().add(4096).write(0x5A) };
+            ((b.as_ptr() as usize + 4096 - base) / 4096) as u64
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn bit(bits: &[u8], p: u64) -> bool {
+    bits[(p / 8) as usize] & (1 << (p % 8)) != 0
+}
+
+/// Issue 9 §3: the seal runs after the owner is gone and publishes its
+/// cursor; in fast mode it finds the pages written after the last flush;
+/// precise heaps are sealed from their exact lists with no scan.
+#[test]
+fn sealing_finds_unflushed_pages_and_precise_heaps_need_no_scan() {
+    if is_child() {
+        return;
+    }
+    let s = Setup::new("seal", |o| o);
+    for mode in [TrackMode::Fast, TrackMode::Precise] {
+        let opts = HeapOptions::new(16 << 20).flush_interval(None).tracking(mode);
+        let heap = Heap::create(s.dir.join(format!("{mode:?}")), &opts).unwrap();
+        let link = agent::register(&heap, &s.socket()).unwrap();
+        let dirty = dirty_after_flush(&heap, 40);
+        drop(link);
+        let st = s.agent.wait_heap_state(&heap.uuid(), info::SEALED, Duration::from_secs(30));
+        assert_eq!(st, Some(info::SEALED), "{mode:?}");
+        let mut init = s.connect();
+        let block = info_block(&mut *init, &heap.uuid()).unwrap();
+        let npages = layout::u64_at(&block, info::NPAGES).unwrap();
+        assert_eq!(layout::u64_at(&block, info::SEAL_CURSOR), Some(npages));
+        assert_eq!(layout::u64_at(&block, info::DIGEST_READY), Some(0), "no digest unless asked");
+        let sealed = layout::region_desc(&block, info::SEALED_MAP).unwrap();
+        let bits = read(&mut *init, sealed, 0, sealed.len as usize);
+        let crc = layout::region_desc(&block, info::CRC).unwrap();
+        let crcs = read(&mut *init, crc, 0, crc.len as usize);
+        let memfd = File::from(heap.memfd().try_clone().unwrap());
+        for &p in &dirty {
+            assert!(bit(&bits, p), "{mode:?}: page {p} written after the flush is not sealed");
+            let mut page = vec![0u8; 4096];
+            memfd.read_exact_at(&mut page, p * 4096).unwrap();
+            let c = u32::from_le_bytes(crcs[4 * p as usize..4 * p as usize + 4].try_into().unwrap());
+            assert_eq!(c, crc32fast_hash(&page), "{mode:?}: page {p}'s published CRC");
+        }
+        let count = layout::u64_at(&block, info::SEALED_PAGES).unwrap();
+        assert!(count >= dirty.len() as u64 && count < npages / 2, "{mode:?}: {count} pages sealed");
+        if mode == TrackMode::Precise {
+            // Exactly the lists: nothing else is listed.
+            let listed = (0..npages).filter(|&p| bit(&bits, p)).count() as u64;
+            assert_eq!(listed, count);
+        }
+    }
+}
+
+fn crc32fast_hash(b: &[u8]) -> u32 {
+    // CRC-32 (IEEE), bitwise: the test does not depend on the crate under test's hasher.
+    let mut c = !0u32;
+    for &x in b {
+        c ^= u32::from(x);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Issue 9 §5's hook: damaged pages are served with other bytes while the
+/// crc region holds the true CRC, so a puller's check fails on them only.
+#[test]
+fn damaged_pages_are_served_wrong_under_their_true_crc() {
+    if is_child() {
+        return;
+    }
+    // Page 0 (the heap's header) always holds data.
+    let victim = 0;
+    let s = Setup::new("damaged", |o| o.damaged_pages(vec![victim]));
+    let heap2 = s.heap("b");
+    let dirty2 = dirty_after_flush(&heap2, 3);
+    let link = agent::register(&heap2, &s.socket()).unwrap();
+    drop(link);
+    assert_eq!(s.agent.wait_heap_state(&heap2.uuid(), info::SEALED, Duration::from_secs(30)), Some(info::SEALED));
+    let mut init = s.connect();
+    let block = info_block(&mut *init, &heap2.uuid()).unwrap();
+    let (hr, cr) = (layout::region_desc(&block, info::HEAP).unwrap(), layout::region_desc(&block, info::CRC).unwrap());
+    let crcs = read(&mut *init, cr, 0, cr.len as usize);
+    let memfd = File::from(heap2.memfd().try_clone().unwrap());
+    for p in dirty2.iter().copied().chain([victim]) {
+        let served = read(&mut *init, hr, p * 4096, 4096);
+        let mut truth = vec![0u8; 4096];
+        memfd.read_exact_at(&mut truth, p * 4096).unwrap();
+        let published = u32::from_le_bytes(crcs[4 * p as usize..4 * p as usize + 4].try_into().unwrap());
+        assert_eq!(published, crc32fast_hash(&truth), "page {p}");
+        if p == victim {
+            assert_ne!(served, truth, "page {p} is served damaged");
+            assert_ne!(crc32fast_hash(&served), published);
+        } else {
+            assert_eq!(served, truth, "page {p}");
+        }
+    }
+}

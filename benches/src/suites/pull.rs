@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use remem_alloc::{Heap, HeapOptions};
 use remem_recovery::agent::{self, info, Agent, AgentOptions};
 use remem_recovery::recover::{recover, RecoverOptions};
-use remem_recovery::transport::{bench_pull, BenchOptions, Kind, ServeOptions, Token};
+use remem_recovery::transport::{bench_pull, BenchOptions, ServeOptions, Token};
 
 use super::{progress, Config};
 use crate::report::{Extra, Measurement, SuiteReport};

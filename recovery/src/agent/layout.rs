@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn fields_do_not_overlap_and_fit() {
         assert_eq!(info::region(4), info::SEAL_CURSOR);
-        assert!(info::DIGEST + 32 <= info::LEN);
+        const { assert!(info::DIGEST + 32 <= info::LEN) };
         assert_eq!(dir::slot_offset(0), 4096);
         assert_eq!(dir::len(dir::MAX_SLOTS), 4 << 20);
         let mut b = vec![0u8; info::LEN];
