@@ -612,7 +612,7 @@ fn a_killed_recovery_resumes_where_it_stopped() {
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
         .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent.sock"))
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
         .env("REMEM_TEST_SCATTER", format!("256,{data_pages},1,0,fast"))
         .stdout(Stdio::piped())
         .spawn()
