@@ -264,3 +264,125 @@ fn dirty_lists_cover(mode: TrackMode, pause_for_flush: bool) {
     writer.join().unwrap();
     assert!(writes.load(Ordering::Relaxed) > 0 && checks == 60);
 }
+
+/// The cut stays transaction-consistent while writers run during the
+/// pre-copy: threads move amounts between accounts spread over more pages
+/// than one pre-copy round leaves for the pause (so pages are copied while
+/// transactions rewrite them, and copied again), and allocate and free
+/// meanwhile. Every durable baseline, recovered as a failover host would,
+/// must hold the same total, with clean allocator metadata. A cut made of
+/// copies from different instants would split a transfer across them.
+#[test]
+fn cut_is_transaction_consistent_while_writers_run_fast() {
+    cut_is_consistent(TrackMode::Fast);
+}
+
+#[test]
+fn cut_is_transaction_consistent_while_writers_run_precise() {
+    cut_is_consistent(TrackMode::Precise);
+}
+
+#[test]
+fn cut_is_transaction_consistent_while_writers_run_untracked() {
+    cut_is_consistent(TrackMode::Off);
+}
+
+fn cut_is_consistent(mode: TrackMode) {
+    /// Accounts, 1 KiB apart: 6 MiB, 1536 pages (more than the pause's share).
+    const ACCOUNTS: usize = 6144;
+    const STRIDE: usize = 1024;
+    const START: u64 = 1000;
+    let backend = FaultyBackend::new();
+    let opts = HeapOptions::new(16 << 20).tracking(mode).flush_interval(None);
+    let heap = Arc::new(Heap::create_on(Arc::new(backend.clone()), &opts).unwrap());
+    let block = heap.alloc(ACCOUNTS * STRIDE).unwrap();
+    for i in 0..ACCOUNTS {
+        // SAFETY: inside the block; no other thread yet.
+        unsafe { block.as_ptr().add(i * STRIDE).cast::<u64>().write(START) };
+    }
+    let accounts_off = heap.offset_of(block.as_ptr()).unwrap();
+    let base = block.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let hold = Arc::new(AtomicBool::new(false));
+    let transfers = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (heap, stop, hold, transfers) = (heap.clone(), stop.clone(), hold.clone(), transfers.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t << 32 | 1);
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if hold.load(Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Thread t owns the accounts i with i % 3 == t.
+                    let own = |r: u64| (r % (ACCOUNTS as u64 / 3)) as usize * 3 + t as usize;
+                    let (i, j) = (own(x), own(x >> 20));
+                    if i == j {
+                        continue;
+                    }
+                    let (a, b) = ((base + i * STRIDE) as *mut u64, (base + j * STRIDE) as *mut u64);
+                    heap.tx(|tx| {
+                        tx.add_range(a.cast(), 8)?;
+                        tx.add_range(b.cast(), 8)?;
+                        // SAFETY: accounts inside the block, owned by this
+                        // thread, logged above.
+                        unsafe {
+                            let amount = x % 7;
+                            a.write_volatile(a.read_volatile().wrapping_sub(amount));
+                            b.write_volatile(b.read_volatile().wrapping_add(amount));
+                        }
+                        Ok::<_, remem::alloc::TxError>(())
+                    })
+                    .unwrap();
+                    if x.is_multiple_of(16) {
+                        held.push(heap.alloc(16 + (x >> 40) as usize % 3000).unwrap());
+                        if held.len() > 64 {
+                            heap.free(held.swap_remove((x >> 8) as usize % held.len())).unwrap();
+                        }
+                    }
+                    transfers.fetch_add(1, Ordering::Relaxed);
+                }
+                for p in held {
+                    heap.free(p).unwrap();
+                }
+            })
+        })
+        .collect();
+    let check = |what: &str| {
+        let bytes = durable(&backend);
+        let mut image: Vec<u64> = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        remem::alloc::recover_image(&mut image).unwrap();
+        let report = remem::alloc::check_image(&mut image, None).unwrap();
+        assert!(report.is_ok(), "{mode:?} {what}: recovered baseline fails check: {report}");
+        let sum = (0..ACCOUNTS).fold(0u64, |s, i| s.wrapping_add(image[(accounts_off + i * STRIDE) / 8]));
+        assert_eq!(sum, START * ACCOUNTS as u64, "{mode:?} {what}: a transfer is split across the cut");
+    };
+    let mut max_rounds = 0;
+    for round in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        heap.flush().unwrap();
+        max_rounds = max_rounds.max(heap.flush_stats().unwrap().last_rounds);
+        // The writers rest while the baseline is checked (it is a copy).
+        hold.store(true, Ordering::Relaxed);
+        check(&format!("flush {round}"));
+        hold.store(false, Ordering::Relaxed);
+    }
+    stop.store(true, Ordering::Relaxed);
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    heap.flush().unwrap();
+    check("final flush");
+    let stats = heap.flush_stats().unwrap();
+    eprintln!(
+        "{mode:?}: {} transfers, up to {max_rounds} pre-copy rounds, {} pages copied for {} flushed, {} compactions",
+        transfers.load(Ordering::Relaxed),
+        stats.pages_copied,
+        stats.pages_flushed,
+        stats.compactions
+    );
+    assert!(transfers.load(Ordering::Relaxed) > 0);
+}

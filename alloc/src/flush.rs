@@ -1,20 +1,78 @@
-//! The flusher: epochs, the consistent cut, commits to the baseline, the
-//! background thread, and the durability state.
+//! The flusher: epochs, the consistent cut by iterative pre-copy, commits to
+//! the baseline, the background worker (periodic flushes and journal
+//! compaction), and the durability state.
 //!
-//! # An epoch switch
+//! # A flush
 //!
 //! 1. Take the flush lock (one flush at a time).
-//! 2. Pause the heap's mutating calls ([`crate::gate`]), harvest the
-//!    tracker *into the closing set* (re-protecting the pages, so later
-//!    writes land in the next epoch), and copy every page of the closing set
-//!    into a buffer; bump the current epoch; resume. This is the consistent
-//!    cut: while paused no allocator or transaction call runs, so the copy
-//!    is one instant of the heap, which recovery makes transaction-consistent
-//!    (undo logs roll back transactions that were running). Raw writes by the
-//!    database to data outside transactions are not paused and are copied as
-//!    they are, as a crash would leave them.
-//! 3. Write the copies to the baseline (journal, sync, commit record, sync).
-//! 4. Only then clear the closing set; wake `wait_durable` callers.
+//! 2. **Pre-copy, while the database runs.** Harvest the tracker *into the
+//!    closing set* (re-protecting the pages, so that later writes are seen
+//!    again) and copy every page of the closing set into the copy buffer
+//!    (the closing set also holds the pages of a flush that failed before
+//!    its commit). Then, round after round, harvest the pages written
+//!    meanwhile and copy those again, over their older copies. Stop when a
+//!    round found at most [`FINAL_PAGES`] pages, or after [`MAX_ROUNDS`].
+//! 3. **The cut, paused.** Pause the heap's mutating calls
+//!    ([`crate::gate`]), harvest once more into the closing set, copy those
+//!    pages, bump the current epoch, resume. Only this last round runs under
+//!    the pause, so the pause does not grow with the epoch's dirty set.
+//! 4. Write the copies of every page of the closing set to the baseline
+//!    (journal, sync, commit record, sync), outside the pause.
+//! 5. Only then clear the closing set; wake `wait_durable` callers. A large
+//!    journal is compacted by the background worker in bounded steps
+//!    ([`Baseline::apply_step`]), between which flushes commit: never inside
+//!    `flush()` or the pause.
+//!
+//! # Why the copies form one consistent cut
+//!
+//! Let T be the instant of the last harvest, under the pause. Take a page
+//! p of the closing set, and the last round that copied it, which began
+//! with a harvest at t ≤ T. Every harvest re-protects the pages it takes,
+//! atomically with respect to writers ([`Tracker::harvest_into`]): a write
+//! to p after the harvest at t is reported by a later harvest, at the
+//! latest the one at T, which would have copied p again. So p was not
+//! written between t and T, and its copy (made after t) holds p's bytes at
+//! T. Pages outside the closing set were not written since the last
+//! committed flush, so the baseline already holds their bytes at T. The
+//! baseline therefore receives the heap as it was at T, one instant.
+//!
+//! At T no mutating call is in flight (the gate waits for every call to
+//! leave and holds new ones): the allocator's metadata and every
+//! transaction's undo log, which live in the heap, are whole, and recovery
+//! rolls back the transactions that had begun and not committed at T,
+//! exactly as after a crash at T. Raw writes by the database outside
+//! mutating calls are not paused: like a crash, the cut takes them as
+//! they are, and in a transaction they are covered by its undo log.
+//!
+//! # Convergence: bounded work under the pause
+//!
+//! The pause copies what was written during the last pre-copy round. A
+//! round that finds more pages than the round before means the writers
+//! dirty pages faster than the flusher copies them; a round after
+//! [`THROTTLE_AFTER`] rounds that still finds more than [`FINAL_PAGES`]
+//! means the rounds shrink too slowly. Either way the flusher then
+//! *throttles* the mutating calls ([`crate::gate`]): every outermost call
+//! waits a delay before it starts, 2 µs at first, doubled on each such
+//! round, at most [`crate::gate::MAX_THROTTLE`], and lifted at the end of
+//! the cut. Writers
+//! slow down in proportion to how far the copier is behind, never stop.
+//! After [`MAX_ROUNDS`] rounds the cut is taken anyway; the pause then
+//! copies what the writers dirtied in one round at the highest throttle.
+//! Raw writes outside mutating calls are not throttled: a thread that
+//! writes many pages without calling the heap makes the last round, and so
+//! the pause, longer.
+//!
+//! Untracked heaps ([`TrackMode::Off`]) cannot know what changed during a
+//! pre-copy round: their cut copies every page under the pause, as before.
+//!
+//! # The dirty lists
+//!
+//! The closing set only grows during a flush, and each page enters it
+//! before it leaves the tracker's current set; it is cleared only once the
+//! commit that holds every one of its pages is durable. So in precise mode
+//! the current and closing sets together cover every page newer than the
+//! committed baseline at every instant, and in fast mode after every
+//! harvest (the agent seals the rest).
 //!
 //! A failed write or sync poisons the heap's durability: every later
 //! flush fails with [`FlushError::Poisoned`], and the control region says
@@ -29,7 +87,26 @@ use parking_lot::{Condvar, Mutex};
 use crate::baseline::{Backend, Baseline, BaselineError};
 use crate::control::{ctl, Control};
 use crate::format::PAGE_SIZE;
-use crate::track::{DirtyBitmap, TrackError, Tracker};
+use crate::gate::Gate;
+use crate::track::{DirtyBitmap, TrackError, TrackMode, Tracker};
+
+/// A pre-copy round that found at most this many pages ends the pre-copy:
+/// the pause copies about as many (4 MiB at most, well under a millisecond
+/// of memcpy).
+pub const FINAL_PAGES: usize = 1024;
+/// Pre-copy rounds at most (the first included) before the cut is taken.
+pub const MAX_ROUNDS: u32 = 16;
+/// First throttle delay per mutating call.
+const THROTTLE_START: Duration = Duration::from_micros(2);
+/// Rounds after which a round that still finds more than [`FINAL_PAGES`]
+/// throttles the writers (a round that finds more pages than the one
+/// before throttles them at once).
+pub const THROTTLE_AFTER: u32 = 6;
+/// Journal pages per background compaction step (1 MiB): the longest a
+/// commit waits for the compactor, besides its syncs.
+const APPLY_STEP_PAGES: usize = 256;
+/// Compaction starts when the journal passes this share of the heap size.
+const COMPACT_DIVISOR: u64 = 4;
 
 /// Why a flush (or a wait for durability) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +158,21 @@ pub struct FlushStats {
     pub pause_p50: Duration,
     /// 99th percentile of recent pauses.
     pub pause_p99: Duration,
+    /// Longest of the recent pauses (the last 1024 flushes).
+    pub pause_max: Duration,
+    /// Pre-copy rounds of the last flush (0 for untracked heaps).
+    pub last_rounds: u32,
+    /// Pages the last flush copied under the pause.
+    pub last_paused_pages: u64,
+    /// Pages copied by every flush (pre-copy copies included, so at least
+    /// `pages_flushed`): the price of a short pause.
+    pub pages_copied: u64,
+    /// Flushes whose pre-copy had to throttle the mutating calls.
+    pub throttled_flushes: u64,
+    /// Journal compactions finished since the heap was opened.
+    pub compactions: u64,
+    /// A journal compaction is pending or running in the background.
+    pub compacting: bool,
     /// Set when durability is poisoned.
     pub poisoned: Option<String>,
 }
@@ -94,18 +186,89 @@ struct State {
     last_commit: SystemTime,
     last_pause: Duration,
     pauses: Vec<Duration>,
+    last_rounds: u32,
+    last_paused_pages: u64,
+    pages_copied: u64,
+    throttled_flushes: u64,
+    compactions: u64,
+    /// The journal passed its threshold: the worker compacts it.
+    compact: bool,
     stop: bool,
 }
 
 /// A baseline on any backend.
 type SharedBaseline = Baseline<Arc<dyn Backend>>;
 
+/// The copies of one flush, reused by every flush (already faulted in, so
+/// no round pays for fresh memory). The mutex around it is the flush lock.
+struct Copies {
+    /// Page copies, one slot each.
+    buf: Vec<u8>,
+    /// Per heap page: its slot in `buf`, or `u32::MAX`.
+    slot: Vec<u32>,
+    /// The pages that have a slot, in slot order.
+    pages: Vec<u64>,
+    /// Harvest scratch.
+    harvested: Vec<u64>,
+}
+
+impl Copies {
+    /// Copies each page of `pages` from the heap at `mem` into its slot
+    /// (a new slot for a page not copied yet in this flush).
+    fn copy(&mut self, mem: *const u8, pages: &[u64]) {
+        for &p in pages {
+            // SAFETY: `p` < npages (the tracker reports only pages of the
+            // heap, and `slot` has one entry per page), so the page lies
+            // inside the heap mapping that `mem` starts, which lives as long
+            // as the heap. The bytes may change under the copy (writers run
+            // during pre-copy rounds); such a page is reported by the next
+            // harvest and copied again, see the module docs.
+            let src = unsafe { std::slice::from_raw_parts(mem.add(p as usize * PAGE_SIZE), PAGE_SIZE) };
+            let slot = &mut self.slot[p as usize];
+            if *slot == u32::MAX {
+                *slot = self.pages.len() as u32;
+                self.pages.push(p);
+                self.buf.extend_from_slice(src);
+            } else {
+                let at = *slot as usize * PAGE_SIZE;
+                self.buf[at..at + PAGE_SIZE].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Forgets every copy (keeps the memory).
+    fn reset(&mut self) {
+        for &p in &self.pages {
+            self.slot[p as usize] = u32::MAX;
+        }
+        self.pages.clear();
+        self.buf.clear();
+    }
+
+    /// The copies, by ascending page.
+    fn sorted(&self) -> Vec<(u64, &[u8])> {
+        let mut out: Vec<(u64, &[u8])> =
+            self.pages.iter().enumerate().map(|(i, &p)| (p, &self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])).collect();
+        out.sort_unstable_by_key(|&(p, _)| p);
+        out
+    }
+}
+
+/// Lifts the throttle when the cut is over, however it ends.
+struct Unthrottle<'a>(&'a Gate);
+
+impl Drop for Unthrottle<'_> {
+    fn drop(&mut self) {
+        self.0.unthrottle();
+    }
+}
+
 /// The durability machinery of a heap with a baseline.
 pub(crate) struct Durability {
-    /// The baseline, and the copy buffer reused by every flush (already
-    /// faulted in, so the pause does not pay for fresh memory). The mutex
-    /// is the flush lock.
-    baseline: Mutex<(SharedBaseline, Vec<u8>)>,
+    /// The flush lock and the copies.
+    copies: Mutex<Copies>,
+    /// The baseline: held by a commit, or by one compaction step.
+    baseline: Mutex<SharedBaseline>,
     pub(crate) tracker: Box<dyn Tracker>,
     closing: DirtyBitmap,
     pub(crate) control: Control,
@@ -134,6 +297,7 @@ impl Durability {
         let info = baseline.info();
         control.word(ctl::CURRENT_EPOCH).store(info.epoch + 1, Release);
         control.word(ctl::COMMITTED_EPOCH).store(info.epoch, Release);
+        let npages = tracker.pages() as usize;
         Ok(Durability {
             state: Mutex::new(State {
                 committed: info.epoch,
@@ -144,9 +308,21 @@ impl Durability {
                 last_commit: unix(info.commit_unix_ns),
                 last_pause: Duration::ZERO,
                 pauses: Vec::new(),
+                last_rounds: 0,
+                last_paused_pages: 0,
+                pages_copied: 0,
+                throttled_flushes: 0,
+                compactions: 0,
+                compact: false,
                 stop: false,
             }),
-            baseline: Mutex::new((baseline, Vec::new())),
+            copies: Mutex::new(Copies {
+                buf: Vec::new(),
+                slot: vec![u32::MAX; npages],
+                pages: Vec::new(),
+                harvested: Vec::new(),
+            }),
+            baseline: Mutex::new(baseline),
             tracker,
             closing,
             control,
@@ -163,40 +339,68 @@ impl Durability {
         FlushError::Baseline(why)
     }
 
-    /// One epoch switch (see the module docs). `pause` runs `f` with the
-    /// heap's mutating calls stopped; `mem` is the heap's first byte.
-    pub(crate) fn flush(
-        &self,
-        mem: *const u8,
-        pause: impl FnOnce(&mut dyn FnMut()) -> Duration,
-    ) -> Result<u64, FlushError> {
-        let mut guard = self.baseline.lock();
-        let (baseline, buf) = &mut *guard;
-        if let Some(p) = &self.state.lock().poisoned {
-            return Err(FlushError::Poisoned(p.clone()));
+    fn check_poisoned(&self) -> Result<(), FlushError> {
+        match &self.state.lock().poisoned {
+            Some(p) => Err(FlushError::Poisoned(p.clone())),
+            None => Ok(()),
         }
+    }
+
+    /// One flush (see the module docs): pre-copy rounds, the cut under
+    /// `gate`'s pause, the commit. `mem` is the heap's first byte.
+    pub(crate) fn flush(&self, mem: *const u8, gate: &Gate) -> Result<u64, FlushError> {
+        let mut guard = self.copies.lock();
+        let copies = &mut *guard;
+        self.check_poisoned()?;
+        copies.reset();
         let epoch = self.state.lock().current;
-        let mut harvested = Vec::new();
-        let mut pages = Vec::new();
-        buf.clear();
-        let mut result = Ok(());
-        let paused_for = pause(&mut || {
-            result = self.tracker.harvest_into(&self.closing, &mut harvested);
-            if result.is_err() {
-                return;
+        let track = |e: TrackError| FlushError::Track(e.to_string());
+        let tracked = self.tracker.mode() != TrackMode::Off;
+        let mut harvested = std::mem::take(&mut copies.harvested);
+        let (mut rounds, mut copied, mut throttled) = (0u32, 0u64, false);
+        let _unthrottle = Unthrottle(gate);
+        if tracked {
+            // Round 1: everything of the closing set (this epoch's pages and
+            // those of a flush that failed before its commit).
+            self.tracker.harvest_into(&self.closing, &mut harvested).map_err(track)?;
+            harvested.clear();
+            self.closing.collect_into(&mut harvested);
+            copies.copy(mem, &harvested);
+            copied += harvested.len() as u64;
+            rounds = 1;
+            let (mut last, mut throttle) = (harvested.len(), Duration::ZERO);
+            while last > FINAL_PAGES && rounds < MAX_ROUNDS {
+                self.tracker.harvest_into(&self.closing, &mut harvested).map_err(track)?;
+                copies.copy(mem, &harvested);
+                copied += harvested.len() as u64;
+                rounds += 1;
+                if harvested.len() > last || (rounds >= THROTTLE_AFTER && harvested.len() > FINAL_PAGES) {
+                    // The writers dirty pages faster than they are copied,
+                    // or the rounds shrink too slowly: slow the writers
+                    // down, more on every such round.
+                    throttle = (throttle * 2).max(THROTTLE_START);
+                    gate.throttle(throttle);
+                    throttled = true;
+                }
+                last = harvested.len();
             }
-            // The closing set also holds the pages of a flush that failed
-            // before its commit.
-            self.closing.collect_into(&mut pages);
-            buf.reserve(pages.len() * PAGE_SIZE);
-            for &p in &pages {
-                // SAFETY: `p` < npages, so the page lies inside the heap
-                // mapping that `mem` starts; mutating calls are paused.
-                let src = unsafe { std::slice::from_raw_parts(mem.add(p as usize * PAGE_SIZE), PAGE_SIZE) };
-                buf.extend_from_slice(src);
+        }
+        // The cut.
+        let (result, paused_for) = {
+            let t = Instant::now();
+            let _paused = gate.pause();
+            let r = self.tracker.harvest_into(&self.closing, &mut harvested);
+            if r.is_ok() {
+                copies.copy(mem, &harvested);
+                self.control.word(ctl::CURRENT_EPOCH).store(epoch + 1, Release);
             }
-            self.control.word(ctl::CURRENT_EPOCH).store(epoch + 1, Release);
-        });
+            (r, t.elapsed())
+        };
+        drop(_unthrottle);
+        result.map_err(track)?;
+        let paused_pages = harvested.len() as u64;
+        copied += paused_pages;
+        copies.harvested = harvested;
         {
             let mut st = self.state.lock();
             st.current = epoch + 1;
@@ -205,9 +409,12 @@ impl Durability {
                 st.pauses.remove(0);
             }
             st.pauses.push(paused_for);
+            st.last_rounds = rounds;
+            st.last_paused_pages = paused_pages;
+            st.pages_copied += copied;
+            st.throttled_flushes += u64::from(throttled);
         }
-        result.map_err(|e| FlushError::Track(e.to_string()))?;
-        if pages.is_empty() {
+        if copies.pages.is_empty() {
             // Nothing changed: the epoch is durable without a write.
             let mut st = self.state.lock();
             st.committed = epoch;
@@ -216,23 +423,23 @@ impl Durability {
             self.cond.notify_all();
             return Ok(epoch);
         }
-        let commit = baseline.commit(epoch, pages.iter().copied().zip(buf.chunks_exact(PAGE_SIZE)));
-        let info = match commit {
-            Ok(info) => info,
-            Err(e) => return Err(self.fail(e)),
+        let info = {
+            let mut baseline = self.baseline.lock();
+            match baseline.commit(epoch, copies.sorted()) {
+                Ok(info) => info,
+                Err(e) => return Err(self.fail(e)),
+            }
         };
         self.closing.clear();
-        if info.journal_len > baseline.heap_size() / 4 {
-            if let Err(e) = baseline.apply() {
-                return Err(self.fail(e));
-            }
-        }
         self.control.word(ctl::COMMITTED_EPOCH).store(epoch, Release);
         let mut st = self.state.lock();
         st.committed = epoch;
         st.flushes += 1;
-        st.pages += pages.len() as u64;
+        st.pages += copies.pages.len() as u64;
         st.last_commit = unix(info.commit_unix_ns);
+        if info.journal_len > self.tracker.pages() * PAGE_SIZE as u64 / COMPACT_DIVISOR {
+            st.compact = true;
+        }
         self.cond.notify_all();
         Ok(epoch)
     }
@@ -241,14 +448,36 @@ impl Durability {
         self.poison(e.to_string())
     }
 
-    /// Compacts the journal into the image (at close).
-    pub(crate) fn apply(&self) -> Result<(), FlushError> {
-        let mut guard = self.baseline.lock();
-        let baseline = &mut guard.0;
-        if let Some(p) = &self.state.lock().poisoned {
-            return Err(FlushError::Poisoned(p.clone()));
+    /// One bounded step of the journal compaction (the worker's).
+    fn compact_step(&self) {
+        let done = {
+            let mut baseline = self.baseline.lock();
+            if self.is_poisoned() {
+                return;
+            }
+            baseline.apply_step(APPLY_STEP_PAGES)
+        };
+        match done {
+            Ok(false) => {}
+            Ok(true) => {
+                let mut st = self.state.lock();
+                st.compact = false;
+                st.compactions += 1;
+            }
+            Err(e) => {
+                let _ = self.fail(e);
+            }
         }
-        baseline.apply().map_err(|e| self.fail(e))
+    }
+
+    /// Compacts the journal into the image, finishing a compaction in
+    /// progress (at close).
+    pub(crate) fn apply(&self) -> Result<(), FlushError> {
+        let mut baseline = self.baseline.lock();
+        self.check_poisoned()?;
+        baseline.apply().map_err(|e| self.fail(e))?;
+        self.state.lock().compact = false;
+        Ok(())
     }
 
     /// Blocks until `epoch` is durable.
@@ -287,38 +516,71 @@ impl Durability {
             last_pause: st.last_pause,
             pause_p50: pct(0.5),
             pause_p99: pct(0.99),
+            pause_max: sorted.last().copied().unwrap_or_default(),
+            last_rounds: st.last_rounds,
+            last_paused_pages: st.last_paused_pages,
+            pages_copied: st.pages_copied,
+            throttled_flushes: st.throttled_flushes,
+            compactions: st.compactions,
+            compacting: st.compact,
             poisoned: st.poisoned.clone(),
         }
     }
 
-    /// Starts the background flusher: every `interval`, it upgrades `heap`
-    /// and calls `flush`. A failure is recorded in the durability state
-    /// (poisoned), never lost; a panic in a flush is caught and poisons.
+    /// Starts the background worker: every `interval` (if any) it upgrades
+    /// `heap` and calls `flush`; between flushes it compacts the journal in
+    /// bounded steps once a flush found it too long. A failure is recorded
+    /// in the durability state (poisoned), never lost; a panic is caught
+    /// and poisons.
     pub(crate) fn start<H: Send + Sync + 'static>(
         self: &Arc<Self>,
-        interval: Duration,
+        interval: Option<Duration>,
         heap: Weak<H>,
         flush: fn(&H) -> Result<u64, FlushError>,
     ) {
+        enum Work {
+            Flush,
+            Compact,
+        }
         let me = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
             .name("remem-flusher".into())
-            .spawn(move || loop {
-                let Some(d) = me.upgrade() else { return };
-                {
-                    let mut st = d.state.lock();
-                    if !st.stop {
-                        d.cond.wait_for(&mut st, interval);
-                    }
-                    if st.stop {
-                        return;
-                    }
-                }
-                let Some(h) = heap.upgrade() else { return };
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flush(&h))) {
-                    Ok(Ok(_)) | Ok(Err(FlushError::Poisoned(_))) => {}
-                    Ok(Err(e)) => eprintln!("remem: background flush failed: {e}"),
-                    Err(_) => {
+            .spawn(move || {
+                let mut next_flush = interval.map(|i| Instant::now() + i);
+                loop {
+                    let Some(d) = me.upgrade() else { return };
+                    let work = {
+                        let mut st = d.state.lock();
+                        loop {
+                            if st.stop {
+                                return;
+                            }
+                            if next_flush.is_some_and(|t| Instant::now() >= t) {
+                                break Work::Flush;
+                            }
+                            if st.compact && st.poisoned.is_none() {
+                                break Work::Compact;
+                            }
+                            match next_flush {
+                                Some(t) => {
+                                    d.cond.wait_until(&mut st, t);
+                                }
+                                None => d.cond.wait(&mut st),
+                            }
+                        }
+                    };
+                    let outcome = match work {
+                        Work::Flush => {
+                            next_flush = interval.map(|i| Instant::now() + i);
+                            let Some(h) = heap.upgrade() else { return };
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match flush(&h) {
+                                Ok(_) | Err(FlushError::Poisoned(_)) => {}
+                                Err(e) => eprintln!("remem: background flush failed: {e}"),
+                            }))
+                        }
+                        Work::Compact => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.compact_step())),
+                    };
+                    if outcome.is_err() {
                         let _ = d.poison("the background flusher panicked".into());
                     }
                 }
@@ -327,7 +589,7 @@ impl Durability {
         *self.thread.lock() = Some(handle);
     }
 
-    /// Stops the background flusher and waits for it.
+    /// Stops the background worker and waits for it.
     pub(crate) fn stop(&self) {
         self.state.lock().stop = true;
         self.cond.notify_all();
@@ -364,11 +626,4 @@ impl Durability {
             self.control.word(ctl::STATE).store(ctl::CLOSED, Release);
         }
     }
-}
-
-/// Pauses with timing.
-pub(crate) fn timed(f: &mut dyn FnMut()) -> Duration {
-    let t = Instant::now();
-    f();
-    t.elapsed()
 }

@@ -14,9 +14,24 @@
 //!
 //! Calls nest (a transaction commit frees blocks): only the outermost
 //! entry checks `pausing`.
+//!
+//! Besides the pause, the flusher can *throttle* mutating calls while its
+//! pre-copy rounds do not converge (see [`crate::flush`]): each outermost
+//! entry then waits a set delay before it goes on, outside the call (its
+//! `active` word is 0 meanwhile, so a pause never waits for a throttled
+//! thread). The flag word is the same one the fast path already loads, so
+//! throttling costs the calls nothing while it is off.
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicU32};
+use std::sync::atomic::{compiler_fence, fence, AtomicU32};
+use std::time::{Duration, Instant};
+
+/// `pausing` bit: mutating calls wait until it clears.
+const PAUSE: u32 = 1;
+/// `pausing` bit: each outermost entry waits `throttle_ns` first.
+const THROTTLE: u32 = 2;
+/// Longest throttle delay per call.
+pub(crate) const MAX_THROTTLE: Duration = Duration::from_micros(200);
 
 #[repr(align(64))]
 #[derive(Debug, Default)]
@@ -26,7 +41,10 @@ struct Slot(AtomicU32);
 #[derive(Debug)]
 pub(crate) struct Gate {
     active: Box<[Slot]>,
-    pausing: AtomicBool,
+    /// [`PAUSE`] | [`THROTTLE`]; 0 on the fast path.
+    pausing: AtomicU32,
+    /// Delay per outermost entry while [`THROTTLE`] is set.
+    throttle_ns: AtomicU32,
     asymmetric: bool,
 }
 
@@ -34,7 +52,8 @@ impl Gate {
     pub(crate) fn new(nlanes: u32) -> Gate {
         Gate {
             active: (0..nlanes).map(|_| Slot::default()).collect(),
-            pausing: AtomicBool::new(false),
+            pausing: AtomicU32::new(0),
+            throttle_ns: AtomicU32::new(0),
             asymmetric: crate::region::membarrier_register(),
         }
     }
@@ -70,24 +89,36 @@ impl Gate {
         } else {
             fence(SeqCst);
         }
-        if self.pausing.load(Relaxed) {
+        if self.pausing.load(Relaxed) != 0 {
             self.wait_paused(a);
         }
     }
 
+    /// Leaves the call (`active` 0) while paused, or for one throttle delay,
+    /// then re-enters and looks again; a throttled call waits once.
     #[cold]
     #[inline(never)]
     fn wait_paused(&self, a: &AtomicU32) {
+        let mut throttled = false;
         loop {
+            let flags = self.pausing.load(Relaxed);
+            if flags == 0 || (flags & PAUSE == 0 && throttled) {
+                return;
+            }
             a.store(0, Release);
-            self.wait_resume();
+            if flags & PAUSE != 0 {
+                self.wait_resume();
+            } else {
+                throttled = true;
+                delay(Duration::from_nanos(u64::from(self.throttle_ns.load(Relaxed))));
+            }
             a.store(1, Relaxed);
             if self.asymmetric {
                 compiler_fence(SeqCst);
             } else {
                 fence(SeqCst);
             }
-            if !self.pausing.load(Relaxed) {
+            if self.pausing.load(Relaxed) & PAUSE == 0 && throttled {
                 return;
             }
         }
@@ -96,7 +127,7 @@ impl Gate {
     #[cold]
     fn wait_resume(&self) {
         let mut spins = 0u32;
-        while self.pausing.load(Acquire) {
+        while self.pausing.load(Acquire) & PAUSE != 0 {
             spins += 1;
             if spins < 64 {
                 std::hint::spin_loop();
@@ -116,7 +147,7 @@ impl Gate {
     /// Stops every mutating call until the guard is dropped. One pauser at
     /// a time (the caller serialises flushes).
     pub(crate) fn pause(&self) -> Paused<'_> {
-        self.pausing.store(true, SeqCst);
+        self.pausing.fetch_or(PAUSE, SeqCst);
         if self.asymmetric {
             crate::region::membarrier();
         }
@@ -135,6 +166,37 @@ impl Gate {
         fence(SeqCst);
         Paused(self)
     }
+
+    /// Makes every outermost entry wait `per_call` (at most
+    /// [`MAX_THROTTLE`]) before it goes on, until [`Gate::unthrottle`];
+    /// `Duration::ZERO` turns throttling off. Only the flusher calls it.
+    pub(crate) fn throttle(&self, per_call: Duration) {
+        let ns = per_call.min(MAX_THROTTLE).as_nanos() as u32;
+        self.throttle_ns.store(ns, Relaxed);
+        if ns == 0 {
+            self.pausing.fetch_and(!THROTTLE, Release);
+        } else {
+            self.pausing.fetch_or(THROTTLE, Release);
+        }
+    }
+
+    /// Turns throttling off.
+    pub(crate) fn unthrottle(&self) {
+        self.throttle(Duration::ZERO);
+    }
+}
+
+/// Waits `d`: spinning (yielding the CPU to the flusher) for short delays,
+/// sleeping for long ones.
+fn delay(d: Duration) {
+    if d >= Duration::from_micros(100) {
+        std::thread::sleep(d);
+        return;
+    }
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::thread::yield_now();
+    }
 }
 
 /// The heap is paused while this lives.
@@ -142,14 +204,14 @@ pub(crate) struct Paused<'a>(&'a Gate);
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        self.0.pausing.store(false, Release);
+        self.0.pausing.fetch_and(!PAUSE, Release);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
 
     /// While paused, no thread is inside; every call that started also finished.
@@ -174,7 +236,9 @@ mod tests {
                 })
             })
             .collect();
-        for _ in 0..2000 {
+        for i in 0..2000u32 {
+            // Throttling on and off meanwhile changes nothing to the pause.
+            gate.throttle(Duration::from_nanos(u64::from(i % 3) * 500));
             let p = gate.pause();
             assert_eq!(inside.load(SeqCst), 0, "a caller is inside while paused");
             std::hint::spin_loop();
@@ -182,8 +246,31 @@ mod tests {
             drop(p);
         }
         stop.store(true, Relaxed);
+        gate.unthrottle();
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// A throttled call waits at least the delay, outside the call (a
+    /// pause does not wait for it), and goes on once throttling is lifted.
+    #[test]
+    fn throttle_delays_each_outermost_call_once() {
+        let gate = Gate::new(2);
+        gate.throttle(Duration::from_millis(5));
+        let t = Instant::now();
+        gate.enter(1);
+        gate.enter(1); // nested: no second delay
+        assert!(t.elapsed() >= Duration::from_micros(200), "throttled call went straight in");
+        gate.exit(1);
+        gate.exit(1);
+        gate.unthrottle();
+        gate.enter(1);
+        gate.exit(1);
+        // Capped: a huge delay is MAX_THROTTLE.
+        gate.throttle(Duration::from_secs(10));
+        assert_eq!(gate.throttle_ns.load(Relaxed) as u128, MAX_THROTTLE.as_nanos());
+        gate.unthrottle();
+        assert_eq!(gate.pausing.load(Relaxed), 0);
     }
 }

@@ -465,8 +465,8 @@ impl Heap {
     }
 
     fn start_flusher(&mut self, opts: &HeapOptions) {
-        if let (Some(d), Some(every)) = (&self.inner.durability, opts.flush_interval) {
-            d.start(every, Arc::downgrade(&self.inner), Inner::flush);
+        if let Some(d) = &self.inner.durability {
+            d.start(opts.flush_interval, Arc::downgrade(&self.inner), Inner::flush);
         }
     }
 
@@ -1720,10 +1720,7 @@ impl Inner {
         if let Some(l) = self.lazy.get() {
             l.wait_committable()?;
         }
-        d.flush(self.region.base(), |f| {
-            let _paused = self.gate.pause();
-            crate::flush::timed(f)
-        })
+        d.flush(self.region.base(), &self.gate)
     }
 }
 

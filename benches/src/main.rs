@@ -118,6 +118,10 @@ struct Cli {
     /// Keys of the cpp suite's std::map.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     map_keys: u64,
+
+    /// Time per system of flush's stall case, in milliseconds.
+    #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         kv_keys: cli.kv_keys,
         map_keys: cli.map_keys,
         heap_gib: cli.heap_gib.clone(),
+        stall_time: Duration::from_millis(cli.stall_ms),
     };
     if cli.heap_gib.iter().any(|&g| !(0.0625..=1024.0).contains(&g)) {
         anyhow::bail!("--heap-gib: sizes from 0.0625 to 1024 GiB");

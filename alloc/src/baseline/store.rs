@@ -70,6 +70,25 @@ struct JEntry {
     crc: u32,
 }
 
+/// A compaction in progress ([`Baseline::apply_step`]).
+struct Applying {
+    /// The whole journal when this pass began (sorted by page).
+    journal: Vec<(u64, JEntry)>,
+    /// The pages this pass copies into the image area (sorted by page): all of
+    /// `journal` in the first pass, the pages committed since in later ones.
+    entries: Vec<(u64, JEntry)>,
+    /// How many of `entries` are in the image area already.
+    done: usize,
+    /// `seq` of the superblock that last made both slots describe the same state.
+    dup_seq: u64,
+    /// Passes begun: after [`MAX_APPLY_PASSES`], the last step takes any delta.
+    passes: u32,
+}
+
+/// Passes of a compaction in steps before its last step takes the pages committed
+/// meanwhile whatever their number (so commits cannot keep it from finishing).
+const MAX_APPLY_PASSES: u32 = 4;
+
 /// The committed state read back from a backend.
 struct Committed {
     sb: Superblock,
@@ -98,6 +117,8 @@ pub struct Baseline<B: Backend> {
     poisoned: Option<String>,
     /// The superblock slot refused when this baseline was opened.
     discarded: Option<DiscardedSlot>,
+    /// The compaction in progress, between [`Baseline::apply_step`] calls.
+    applying: Option<Applying>,
 }
 
 impl<B: Backend> std::fmt::Debug for Baseline<B> {
@@ -338,6 +359,7 @@ impl<B: Backend> Baseline<B> {
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: None,
+            applying: None,
         };
         let r = this.backend.set_len(layout.journal_off);
         this.check_io(r, || format!("extending the new baseline to {} bytes", layout.journal_off))?;
@@ -362,6 +384,7 @@ impl<B: Backend> Baseline<B> {
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: c.discarded,
+            applying: None,
         })
     }
 
@@ -545,31 +568,74 @@ impl<B: Backend> Baseline<B> {
     /// offset, in runs of up to 1 MiB), syncs, then writes and syncs a superblock with an
     /// empty journal. A crash at any point leaves a file that loads the same heap. Does
     /// nothing when the journal is empty. The file keeps its length (the journal space
-    /// is reused).
+    /// is reused). Finishes a compaction that [`Baseline::apply_step`] began.
     pub fn apply(&mut self) -> Result<()> {
+        while !self.apply_step(usize::MAX)? {}
+        Ok(())
+    }
+
+    /// One bounded step of a compaction that commits may interleave with: the same
+    /// writes as [`Baseline::apply`], cut into steps that each copy at most `max_pages`
+    /// journal pages into the image area (at least one), so that a writer holding the
+    /// baseline between steps commits without waiting for the whole compaction. Returns
+    /// `true` once the journal is empty (nothing in progress).
+    ///
+    /// 1. The first step duplicates the current superblock into the other slot and
+    ///    syncs, and takes the journal's pages as they are then.
+    /// 2. Each step copies the next `max_pages` of them into the image area (no sync).
+    ///    Both slots' journals hold every one of those pages for as long as the
+    ///    compaction runs (commits only append, and a commit replaces the older slot
+    ///    with a newer state), so load never reads these image pages: any committed
+    ///    version may be there.
+    /// 3. When they are done, the pages committed since (newer entries) are the delta.
+    ///    A delta larger than `max_pages` starts another pass over it (after a new
+    ///    duplication of the superblock, since the older slot may not hold them), up
+    ///    to four passes, so that commits cannot keep a compaction from finishing.
+    ///    Otherwise the last step duplicates the superblock if a commit happened since
+    ///    the last duplication, copies the delta, writes the CRC table pages of every
+    ///    journal page, syncs, and writes and syncs the superblock with an empty
+    ///    journal: the same commit point as `apply`.
+    ///
+    /// A crash between or within steps leaves the last committed state (the journal
+    /// replays over whatever the image area holds for its pages).
+    pub fn apply_step(&mut self, max_pages: usize) -> Result<bool> {
         self.writable()?;
-        if self.sb.journal_len == 0 {
-            return Ok(());
-        }
-        // Both slots describe the current state before the image area changes, so that
-        // whichever slot survives describes an intact state.
-        let dup = Superblock { seq: self.sb.seq + 1, ..self.sb };
-        self.write_superblock(&dup)?;
-        self.sb = dup;
-        let entries: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
-        let mut i = 0;
-        while i < entries.len() {
-            let mut j = i + 1;
-            while j < entries.len() && j - i < RUN_PAGES && entries[j].0 == entries[j - 1].0 + 1 {
-                j += 1;
+        let max_pages = max_pages.max(1);
+        let mut a = match self.applying.take() {
+            Some(a) => a,
+            None if self.sb.journal_len == 0 => return Ok(true),
+            None => {
+                let dup_seq = self.duplicate_superblock()?;
+                let journal: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+                Applying { entries: journal.clone(), journal, done: 0, dup_seq, passes: 1 }
             }
-            read_journal_pages(&self.backend, &entries[i..j], &mut self.buf)?;
-            let off = self.layout.image_page(entries[i].0);
-            let r = self.backend.write_at(off, &self.buf[..(j - i) * PAGE_SIZE]);
-            self.check_io(r, || format!("applying {} journal pages to the image at offset {off}", j - i))?;
-            i = j;
+        };
+        let end = a.done.saturating_add(max_pages).min(a.entries.len());
+        self.write_image_pages(&a.entries[a.done..end])?;
+        a.done = end;
+        if a.done < a.entries.len() {
+            self.applying = Some(a);
+            return Ok(false);
         }
+        // Pages committed since this pass began, or committed again.
+        let delta: Vec<(u64, JEntry)> = self
+            .journal
+            .iter()
+            .filter(|&(p, e)| a.journal.binary_search_by_key(p, |&(q, _)| q).map_or(true, |i| a.journal[i].1 != *e))
+            .map(|(&p, &e)| (p, e))
+            .collect();
+        if delta.len() > max_pages && a.passes < MAX_APPLY_PASSES {
+            let dup_seq = self.duplicate_superblock()?;
+            let journal = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+            self.applying = Some(Applying { journal, entries: delta, done: 0, dup_seq, passes: a.passes + 1 });
+            return Ok(false);
+        }
+        if !delta.is_empty() && self.sb.seq != a.dup_seq {
+            self.duplicate_superblock()?;
+        }
+        self.write_image_pages(&delta)?;
         // The table pages that hold a changed CRC, in runs of adjacent table pages.
+        let entries: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
         let mut chunks: Vec<u64> = entries.iter().map(|&(p, _)| p / TABLE_PER_PAGE).collect();
         chunks.dedup();
         let mut k = 0;
@@ -591,6 +657,39 @@ impl<B: Backend> Baseline<B> {
         }
         self.journal.clear();
         self.sb = new;
+        Ok(true)
+    }
+
+    /// Whether a compaction begun by [`Baseline::apply_step`] is unfinished.
+    pub fn is_applying(&self) -> bool {
+        self.applying.is_some()
+    }
+
+    /// Copies the current superblock into the other slot (`seq + 1`) and syncs, so that
+    /// both slots describe the current state before the image area changes; returns the
+    /// new `seq`.
+    fn duplicate_superblock(&mut self) -> Result<u64> {
+        let dup = Superblock { seq: self.sb.seq + 1, ..self.sb };
+        self.write_superblock(&dup)?;
+        self.sb = dup;
+        Ok(dup.seq)
+    }
+
+    /// Copies `entries` (journal pages, sorted by page) into the image area, in runs of
+    /// adjacent pages of up to 1 MiB. No sync.
+    fn write_image_pages(&mut self, entries: &[(u64, JEntry)]) -> Result<()> {
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i + 1;
+            while j < entries.len() && j - i < RUN_PAGES && entries[j].0 == entries[j - 1].0 + 1 {
+                j += 1;
+            }
+            read_journal_pages(&self.backend, &entries[i..j], &mut self.buf)?;
+            let off = self.layout.image_page(entries[i].0);
+            let r = self.backend.write_at(off, &self.buf[..(j - i) * PAGE_SIZE]);
+            self.check_io(r, || format!("applying {} journal pages to the image at offset {off}", j - i))?;
+            i = j;
+        }
         Ok(())
     }
 
@@ -602,6 +701,8 @@ impl<B: Backend> Baseline<B> {
     /// again (a few times). See the module documentation for the window it cannot close.
     pub fn fence(&mut self, new_generation: u64) -> Result<CommitInfo> {
         self.writable()?;
+        // A compaction in progress restarts from the state read below.
+        self.applying = None;
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -9,6 +9,7 @@ pub mod failover;
 pub mod flush;
 pub mod mt;
 pub mod pull;
+pub mod stall;
 pub mod track;
 pub mod tx;
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub map_keys: u64,
     /// Heap sizes of `failover`, in GiB.
     pub heap_gib: Vec<f64>,
+    /// Time per system of `flush`'s `stall` case.
+    pub stall_time: Duration,
 }
 
 /// The best (smallest) ns/op of each system over `reps` rounds; within a
