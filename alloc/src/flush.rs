@@ -614,7 +614,7 @@ impl Durability {
     /// The committed CRC of `page` in the baseline (lazy loading compares
     /// the pages it installs with it, to know which ones the next flush must write).
     pub(crate) fn committed_crc(&self, page: u64) -> Option<u32> {
-        self.baseline.lock().0.page_crc(page).ok()
+        self.baseline.lock().page_crc(page).ok()
     }
 
     pub(crate) fn is_poisoned(&self) -> bool {

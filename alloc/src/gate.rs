@@ -259,14 +259,14 @@ mod tests {
         let gate = Gate::new(2);
         gate.throttle(Duration::from_millis(5));
         let t = Instant::now();
-        gate.enter(1);
-        gate.enter(1); // nested: no second delay
+        let outer = gate.enter(1);
+        let nested = gate.enter(1); // nested: no second delay
         assert!(t.elapsed() >= Duration::from_micros(200), "throttled call went straight in");
-        gate.exit(1);
-        gate.exit(1);
+        gate.exit(1, nested);
+        gate.exit(1, outer);
         gate.unthrottle();
-        gate.enter(1);
-        gate.exit(1);
+        let d = gate.enter(1);
+        gate.exit(1, d);
         // Capped: a huge delay is MAX_THROTTLE.
         gate.throttle(Duration::from_secs(10));
         assert_eq!(gate.throttle_ns.load(Relaxed) as u128, MAX_THROTTLE.as_nanos());
