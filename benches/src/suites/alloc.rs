@@ -10,14 +10,15 @@
 //! on the same system at once and the figure is ns per op per thread,
 //! averaged over the threads. Each repetition runs every system in turn
 //! (so a burst of noise on the shared machine hits them alike), and the
-//! figure is the best repetition.
+//! figure is the median repetition, with the fastest and slowest as
+//! `min_ns` / `max_ns` (no best-of that hides a slow repetition).
 
 use std::hint::black_box;
 use std::io::IsTerminal;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::{best_of, Config};
+use super::{all_of, Config};
 use crate::peers::{Peer, PeerVisitor, System};
 use crate::report::{Extra, Measurement, SuiteReport, BASELINE};
 
@@ -77,25 +78,28 @@ pub fn run(systems: &[System], config: &Config) -> SuiteReport {
             if progress {
                 eprintln!("remem-bench: {SUITE} {} on {threads} thread(s) ...", case.name());
             }
-            let best = best_of(systems, config.reps, |system| {
+            let all = all_of(systems, config.reps, |system| {
                 system.visit(&mut RunCase { case, threads, rep_time: config.rep_time })
             });
-            for (system, ns_per_op) in systems.iter().zip(best) {
+            for (system, runs) in systems.iter().zip(all) {
                 measurements.push(Measurement {
                     suite: SUITE,
                     case: case.name(),
                     system: system.name(),
-                    ns_per_op,
+                    ns_per_op: crate::native::median(&runs),
                     threads,
                     reps: config.reps,
-                    extra: Extra::default(),
+                    extra: Extra::default()
+                        .with("min_ns", runs.iter().copied().fold(f64::INFINITY, f64::min))
+                        .with("max_ns", runs.iter().copied().fold(0.0, f64::max)),
                 });
             }
         }
     }
     let mut legend: Vec<String> = Case::ALL.iter().map(|c| format!("{}: {}", c.name(), c.op())).collect();
     legend.push(format!(
-        "ns/op per thread, best of {} reps of {} ms; with N threads each runs its own loop at once",
+        "ns/op per thread, the median of {} reps of {} ms (min_ns/max_ns the fastest and slowest); with N \
+         threads each runs its own loop at once",
         config.reps,
         config.rep_time.as_millis()
     ));

@@ -41,18 +41,6 @@ pub struct Config {
     pub stall_time: Duration,
 }
 
-/// The best (smallest) ns/op of each system over `reps` rounds; within a
-/// round the systems take turns, so bursts of noise hit them alike.
-pub fn best_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> Vec<f64> {
-    let mut best = vec![f64::INFINITY; systems.len()];
-    for _ in 0..reps {
-        for (system, best) in systems.iter().zip(&mut best) {
-            *best = best.min(run(system));
-        }
-    }
-    best
-}
-
 /// Every ns/op of each system over `reps` rounds (within a round the
 /// systems take turns, so bursts of noise hit them alike).
 pub fn all_of<S>(systems: &[S], reps: u32, mut run: impl FnMut(&S) -> f64) -> Vec<Vec<f64>> {

@@ -21,7 +21,7 @@
 //!   and writes the hot set every 100 ms while the updates run. A fresh heap
 //!   per repetition and system; its flush figures (`flushes`,
 //!   `pause_p50_us`, `pause_p99_us` from `Heap::flush_stats`) are those of
-//!   the best repetition. `cpu_ns_per_op` is the writing thread's own CPU
+//!   the median repetition. `cpu_ns_per_op` is the writing thread's own CPU
 //!   time (`CLOCK_THREAD_CPUTIME_ID`, user + system, so its page faults
 //!   included) per update: on a machine with few cores the flusher and
 //!   other processes take the writer's core away, which the wall-clock
@@ -39,7 +39,7 @@
 //!
 //! Single-threaded (the flusher is remem's own thread); `--threads` does
 //! not apply. Each repetition runs every system in turn; the figure is the
-//! best repetition.
+//! median repetition, with the fastest and slowest as `min_ns` / `max_ns`.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -94,7 +94,7 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
              of {HOT_PAGES} pages ({} MiB) already dirty in the epoch, for {} ms per rep; untracked = \
              Heap::create_memfd (no tracking, no flush); fast = Heap::create, TrackMode::Fast, \
              background flush every {} ms; heaps of {} MiB, files in {}; flushes, pause_* = \
-             Heap::flush_stats of the best rep",
+             Heap::flush_stats of the median rep",
             (HOT_PAGES * page_size()) >> 20,
             config.hot_time.as_millis(),
             FLUSH_EVERY.as_millis(),
@@ -110,7 +110,7 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
             config.hot_time.as_millis(),
             RANDOM_HEAP_SIZE >> 20
         ),
-        format!("ns/op, 1 thread, best of {} reps", config.reps),
+        format!("ns/op, 1 thread: the median of {} reps, min_ns/max_ns the fastest and slowest", config.reps),
     ];
     legend.extend(verdict(&measurements));
     Ok(SuiteReport { suite: SUITE, baseline: BASELINE, legend, measurements })
@@ -212,7 +212,7 @@ fn first_write(config: &Config) -> anyhow::Result<Vec<Measurement>> {
         systems.push((name, mode, SharedRegion::new(FIRST_WRITE_BYTES)?));
     }
     progress(SUITE, format_args!("first_write"));
-    let mut best = vec![f64::INFINITY; systems.len()];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut seen = vec![u64::MAX; systems.len()];
     let mut failed = vec![false; systems.len()];
     for rep in 0..config.reps {
@@ -222,7 +222,7 @@ fn first_write(config: &Config) -> anyhow::Result<Vec<Measurement>> {
             }
             match first_write_rep(region, *mode, rep as u8) {
                 Ok((ns, pages_seen)) => {
-                    best[i] = best[i].min(ns);
+                    runs[i].push(ns);
                     seen[i] = seen[i].min(pages_seen);
                 }
                 Err(e) => {
@@ -240,10 +240,14 @@ fn first_write(config: &Config) -> anyhow::Result<Vec<Measurement>> {
             suite: SUITE,
             case: "first_write",
             system: name,
-            ns_per_op: best[i],
+            ns_per_op: crate::native::median(&runs[i]),
             threads: 1,
             reps: config.reps,
-            extra: Extra::default().with("pages", region.pages() as f64).with("pages_seen", seen[i] as f64),
+            extra: Extra::default()
+                .with("pages", region.pages() as f64)
+                .with("pages_seen", seen[i] as f64)
+                .with("min_ns", runs[i].iter().copied().fold(f64::INFINITY, f64::min))
+                .with("max_ns", runs[i].iter().copied().fold(0.0, f64::max)),
         })
         .collect())
 }
@@ -298,32 +302,45 @@ struct HotRep {
 
 fn hot_update(config: &Config, dir: &ScratchDir) -> anyhow::Result<Vec<Measurement>> {
     progress(SUITE, format_args!("hot_update ({} ms per rep and system)", config.hot_time.as_millis()));
-    let names = [BASELINE, "fast"];
-    let mut best: Vec<Option<HotRep>> = vec![None, None];
+    compare_reps(
+        config,
+        "hot_update",
+        |rep| hot_rep_untracked(config.hot_time, rep),
+        |rep| hot_rep_fast(dir.path(), config.hot_time, rep),
+    )
+}
+
+/// Runs `untracked` and `tracked` alternately, `config.reps` times each,
+/// and reports each system's median repetition (with its own figures),
+/// plus the fastest and slowest as `min_ns` / `max_ns`: no best-of.
+fn compare_reps(
+    config: &Config,
+    case: &'static str,
+    mut untracked: impl FnMut(u32) -> anyhow::Result<HotRep>,
+    mut tracked: impl FnMut(u32) -> anyhow::Result<HotRep>,
+) -> anyhow::Result<Vec<Measurement>> {
+    let mut runs: [Vec<HotRep>; 2] = [Vec::new(), Vec::new()];
     for rep in 0..config.reps {
-        for (i, best) in best.iter_mut().enumerate() {
-            let r = if i == 0 {
-                hot_rep_untracked(config.hot_time, rep)?
-            } else {
-                hot_rep_fast(dir.path(), config.hot_time, rep)?
-            };
-            if best.as_ref().is_none_or(|b| r.ns_per_op < b.ns_per_op) {
-                *best = Some(r);
-            }
-        }
+        runs[0].push(untracked(rep)?);
+        runs[1].push(tracked(rep)?);
     }
-    Ok(names
-        .iter()
-        .zip(best)
-        .filter_map(|(name, b)| b.map(|b| (name, b)))
-        .map(|(name, b)| Measurement {
-            suite: SUITE,
-            case: "hot_update",
-            system: name,
-            ns_per_op: b.ns_per_op,
-            threads: 1,
-            reps: config.reps,
-            extra: b.extra,
+    Ok([BASELINE, "fast"]
+        .into_iter()
+        .zip(runs)
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(name, mut r)| {
+            r.sort_by(|a, b| a.ns_per_op.total_cmp(&b.ns_per_op));
+            let (lo, hi) = (r[0].ns_per_op, r[r.len() - 1].ns_per_op);
+            let mid = r.swap_remove(r.len() / 2);
+            Measurement {
+                suite: SUITE,
+                case,
+                system: name,
+                ns_per_op: mid.ns_per_op,
+                threads: 1,
+                reps: config.reps,
+                extra: mid.extra.with("min_ns", lo).with("max_ns", hi),
+            }
         })
         .collect())
 }
@@ -442,34 +459,12 @@ fn tracked_rep(dir: &Path, opts: &HeapOptions, pages: usize, time: Duration, rep
 
 fn random_update(config: &Config, dir: &ScratchDir) -> anyhow::Result<Vec<Measurement>> {
     progress(SUITE, format_args!("random_update_1gib ({} ms per rep and system)", config.hot_time.as_millis()));
-    let names = [BASELINE, "fast"];
-    let mut best: Vec<Option<HotRep>> = vec![None, None];
-    for rep in 0..config.reps {
-        for (i, best) in best.iter_mut().enumerate() {
-            let r = if i == 0 {
-                random_rep_untracked(config.hot_time, rep)?
-            } else {
-                tracked_rep(dir.path(), &HeapOptions::new(RANDOM_HEAP_SIZE), RANDOM_PAGES, config.hot_time, rep)?
-            };
-            if best.as_ref().is_none_or(|b| r.ns_per_op < b.ns_per_op) {
-                *best = Some(r);
-            }
-        }
-    }
-    Ok(names
-        .iter()
-        .zip(best)
-        .filter_map(|(name, b)| b.map(|b| (name, b)))
-        .map(|(name, b)| Measurement {
-            suite: SUITE,
-            case: "random_update_1gib",
-            system: name,
-            ns_per_op: b.ns_per_op,
-            threads: 1,
-            reps: config.reps,
-            extra: b.extra,
-        })
-        .collect())
+    compare_reps(
+        config,
+        "random_update_1gib",
+        |rep| random_rep_untracked(config.hot_time, rep),
+        |rep| tracked_rep(dir.path(), &HeapOptions::new(RANDOM_HEAP_SIZE), RANDOM_PAGES, config.hot_time, rep),
+    )
 }
 
 fn random_rep_untracked(time: Duration, rep: u32) -> anyhow::Result<HotRep> {
