@@ -58,7 +58,8 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: vec![0; 128 + 58 * 64], max: 0, total: 0, n: 0 }
+        // 128 exact buckets, then 64 per power of two from 2^7 to 2^63.
+        Histogram { counts: vec![0; 128 + 57 * 64], max: 0, total: 0, n: 0 }
     }
 }
 
