@@ -24,8 +24,10 @@
 //! it first: one load of a process-wide word.
 //!
 //! Descriptors whose mere presence in a child would change what others see
-//! are not left to it ([`NotInherited`]): the heap's lock file (the child
-//! would keep the heap locked after the parent closed it or died) and the
+//! are not left to it ([`NotInherited`]): the descriptor that holds the
+//! baseline's OFD lock (a child's copy shares the lock's open file
+//! description, so the child would keep the heap locked after the parent
+//! closed it or died) and the
 //! agent connection (the agent would not see the parent die, and would
 //! never seal its lists). The fork handler points them at `/dev/null`.
 //!
@@ -124,7 +126,7 @@ fn install() {
 /// [`NotInherited`]); -1 marks a free slot.
 static CHILD_FDS: [AtomicI32; 256] = [const { AtomicI32::new(-1) }; 256];
 
-/// A descriptor a forked child must not keep: the heap's lock file (the
+/// A descriptor a forked child must not keep: the baseline lock's descriptor (the
 /// child would hold the lock after the parent closed or died) or the
 /// agent connection (the agent would not see the parent die). In the child,
 /// the fork handler points it at `/dev/null` (`dup3`, close-on-exec), so the
