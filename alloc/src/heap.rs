@@ -1542,6 +1542,9 @@ impl Heap {
     /// (see [`crate::fork`]): then every call on the heap fails with
     /// [`Forked`] (or, for the few with no error to return, panics), raw
     /// accesses to its memory fault, and dropping it releases nothing.
+    /// Transaction calls use it too (one load and compare; a transaction
+    /// that began before `fork()` is refused there).
+    #[inline]
     pub fn check_process(&self) -> Result<(), Forked> {
         self.inner.owner.check()
     }
@@ -1552,13 +1555,6 @@ impl Heap {
         if let Err(e) = self.inner.owner.check() {
             panic!("remem: {e}");
         }
-    }
-
-    /// Transaction calls on lane `l`: refuse an inherited heap (one load
-    /// and compare; a transaction that began before `fork()` is refused here).
-    #[inline(always)]
-    pub(crate) fn tx_owner_check(&self) -> Result<(), Forked> {
-        self.inner.owner.check()
     }
 
     /// Puts the allocated small block at `off` into lane `l`'s cache if

@@ -484,7 +484,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_add_range_lane(&self, l: u32, ptr: *const u8, len: usize) -> Result<(), TxError> {
-        self.tx_owner_check()?;
+        self.check_process()?;
         self.in_gate(l, |l| self.tx_add_range_lane_in(l, ptr, len))
     }
 
@@ -520,7 +520,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_alloc_lane(&self, l: u32, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
-        self.tx_owner_check()?;
+        self.check_process()?;
         self.in_gate(l, |l| self.tx_alloc_lane_in(l, size, zero))
     }
 
@@ -539,7 +539,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_free_lane(&self, l: u32, ptr: NonNull<u8>) -> Result<(), TxError> {
-        self.tx_owner_check()?;
+        self.check_process()?;
         self.in_gate(l, |l| self.tx_free_lane_in(l, ptr))
     }
 
@@ -564,7 +564,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_commit_lane(&self, l: u32) -> Result<(), TxError> {
-        self.tx_owner_check()?;
+        self.check_process()?;
         self.in_gate(l, |l| self.tx_commit_lane_in(l))
     }
 
@@ -598,7 +598,7 @@ impl Heap {
     }
 
     pub(crate) fn tx_abort_lane(&self, l: u32) -> Result<(), TxError> {
-        self.tx_owner_check()?;
+        self.check_process()?;
         self.in_gate(l, |l| self.tx_abort_lane_in(l))
     }
 
