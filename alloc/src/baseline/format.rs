@@ -349,7 +349,8 @@ impl SegHeader {
 
 /// CRC32 of a page of zeros (what every page of a new baseline holds).
 pub fn zero_page_crc() -> u32 {
-    crc32fast::hash(&[0u8; PAGE_SIZE])
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&[0u8; PAGE_SIZE]))
 }
 
 /// Encodes CRC table entries `first..` of `table` into `out` (a whole number of table pages;

@@ -368,7 +368,7 @@ impl Lazy {
                 }
                 PageRead::Zero if install_zero => self.copy_run(p, &ZERO_PAGE, true)?,
                 PageRead::Zero => {
-                    self.note_installed(p, &ZERO_PAGE);
+                    self.note_installed(p, crate::baseline::format::zero_page_crc());
                     self.states.finish(p, PageState::Zero);
                 }
                 _ => self.poison(p)?,
@@ -408,7 +408,7 @@ impl Lazy {
             for p in first + done..first + done + copied {
                 let k = ((p - first) * PS) as usize;
                 if note {
-                    self.note_installed(p, &bytes[k..k + PAGE_SIZE]);
+                    self.note_installed(p, crc32fast::hash(&bytes[k..k + PAGE_SIZE]));
                 }
                 self.states.finish(p, PageState::Resident);
             }
@@ -471,8 +471,8 @@ impl Lazy {
 
     /// Marks `page` dirty when `bytes` differ from the baseline's committed
     /// copy (a page from a newer source): the next flush writes it.
-    fn note_installed(&self, page: u64, bytes: &[u8]) {
-        if self.durability.committed_crc(page) != Some(crc32fast::hash(bytes)) {
+    fn note_installed(&self, page: u64, crc: u32) {
+        if self.durability.committed_crc(page) != Some(crc) {
             self.durability.tracker.mark_dirty(page, 1);
         }
     }
