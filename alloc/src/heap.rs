@@ -290,11 +290,8 @@ fn read_header_page(memfd: &File, first: &mut [u8]) -> Result<(), OpenError> {
 /// read-only open ([`HeapOptions::read_only`]) takes the shared lock and opens
 /// it read-only, so nothing it does can write the file.
 fn open_baseline_file(path: &Path, read_only: bool) -> Result<(Arc<dyn Backend>, LockedFile), OpenError> {
-    let lock = take_lock(path, if read_only { LockKind::Reader } else { LockKind::Writer })?;
-    let what = format!("opening baseline {}", path.display());
-    let backend =
-        if read_only { FileBackend::open_read_only(path) } else { FileBackend::open(path) }.map_err(io(what))?;
-    Ok((Arc::new(backend), Some((path.to_owned(), lock))))
+    let file = take_lock(path, if read_only { LockKind::Reader } else { LockKind::Writer })?;
+    BaselineLock { path: path.to_owned(), file }.into_backend(read_only)
 }
 
 /// The exclusive lock on a baseline that every writer of the file takes:
@@ -331,6 +328,16 @@ impl BaselineLock {
     /// The baseline file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Opens the locked baseline (read-write, or read-only for a reader)
+    /// and hands the lock over with it.
+    fn into_backend(self, read_only: bool) -> Result<(Arc<dyn Backend>, LockedFile), OpenError> {
+        let BaselineLock { path, file } = self;
+        let what = format!("opening baseline {}", path.display());
+        let backend =
+            if read_only { FileBackend::open_read_only(&path) } else { FileBackend::open(&path) }.map_err(io(what))?;
+        Ok((Arc::new(backend), Some((path, file))))
     }
 }
 
@@ -506,9 +513,8 @@ impl Heap {
     /// so that a recovery can hold the lock before it fences the old owner
     /// and keep it until the heap is open.
     pub fn open_patched(lock: BaselineLock, opts: &HeapOptions, hook: &mut PatchHook<'_>) -> Result<Heap> {
-        let BaselineLock { path, file } = lock;
-        let backend = FileBackend::open(&path).map_err(io(format!("opening baseline {}", path.display())))?;
-        Self::open_filled(Arc::new(backend), opts, Some((path, file)), Fill::Load(Some(hook)))
+        let (backend, file) = lock.into_backend(false)?;
+        Self::open_filled(backend, opts, file, Fill::Load(Some(hook)))
     }
 
     /// Same-host restart: maps the heap's surviving memfd (kept by the
@@ -624,9 +630,8 @@ impl Heap {
         opts: &HeapOptions,
         source: Arc<dyn crate::source::PageSource>,
     ) -> Result<Heap> {
-        let BaselineLock { path, file } = lock;
-        let backend = FileBackend::open(&path).map_err(io(format!("opening baseline {}", path.display())))?;
-        Self::open_lazy_inner(Arc::new(backend), opts, Some((path, file)), source)
+        let (backend, file) = lock.into_backend(false)?;
+        Self::open_lazy_inner(backend, opts, file, source)
     }
 
     /// [`Heap::open_lazy`] on a caller-provided baseline backend.
