@@ -463,3 +463,92 @@ fn agent_sees_the_database_die_whatever_its_children_do() {
     assert!(heap.check().is_ok());
     heap.close().unwrap();
 }
+
+/// A child that opens its parent's heap again (after the parent closed it)
+/// gets its own copy through `HeapRef`, not the dead inherited one.
+#[test]
+fn a_heap_reopened_in_the_child_is_found_by_address() {
+    let _g = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let path = tmp("reopen");
+    let heap: &'static Heap =
+        Box::leak(Box::new(Heap::create(&path, &HeapOptions::new(16 << 20).flush_interval(None)).unwrap()));
+    heap.flush().unwrap();
+    let (rd, wr) = {
+        let mut p = [0i32; 2];
+        // SAFETY: pipe(2) into a two-element array.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        (p[0], p[1])
+    };
+    let child = fork_child(|| {
+        let mut b = [0u8; 1];
+        // SAFETY: waits for the parent's word that the heap is closed.
+        if unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) } != 1 {
+            return 1;
+        }
+        // The inherited copy stays listed (leaked); the reopened one is at the same base.
+        let Ok(mine) = Heap::open_with(&path, &HeapOptions::new(0).flush_interval(None)) else { return 2 };
+        use allocator_api2::alloc::Allocator;
+        let Ok(p) = mine.handle().allocate(std::alloc::Layout::from_size_align(64, 8).unwrap()) else { return 3 };
+        if !mine.contains(p.as_ptr().cast()) {
+            return 4;
+        }
+        if !matches!(heap.alloc(64), Err(Error::Forked(_))) {
+            return 5;
+        }
+        0
+    });
+    // SAFETY: the parent's end of the pipe is not used.
+    unsafe { libc::close(rd) };
+    // The parent closes its heap (releasing the lock), then lets the child go on.
+    // SAFETY: the leaked heap is not used after this read of its state.
+    let owned = unsafe { std::ptr::read(heap) };
+    owned.close().unwrap();
+    // SAFETY: writes one byte to our pipe.
+    assert_eq!(unsafe { libc::write(wr, [1u8].as_ptr().cast(), 1) }, 1);
+    assert_eq!(wait(child), 0);
+}
+
+/// A child whose descriptors were closed behind remem's back, and reused,
+/// keeps them in its own children: the fork handler only touches
+/// descriptors the parent had registered, once.
+#[test]
+fn a_grandchild_keeps_the_childs_own_descriptors() {
+    let _g = FORKING.lock().unwrap_or_else(|e| e.into_inner());
+    let path = tmp("fds");
+    let heap = Heap::create(&path, &HeapOptions::new(16 << 20)).unwrap();
+    let child = fork_child(|| {
+        // A daemon-style close of every inherited descriptor, then a pipe
+        // that reuses the lowest numbers.
+        for fd in 3..256 {
+            // SAFETY: closes descriptors of this child only.
+            unsafe { libc::close(fd) };
+        }
+        let mut p = [0i32; 2];
+        // SAFETY: pipe(2) into a two-element array.
+        if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
+            return 1;
+        }
+        let grandchild = fork_child(|| {
+            // SAFETY: writes to the inherited pipe's write end.
+            let n = unsafe { libc::write(p[1], b"hi".as_ptr().cast(), 2) };
+            if n == 2 {
+                0
+            } else {
+                1
+            }
+        });
+        // SAFETY: this child's own write end.
+        unsafe { libc::close(p[1]) };
+        if wait(grandchild) != 0 {
+            return 2;
+        }
+        let mut b = [0u8; 2];
+        // SAFETY: reads this child's own pipe.
+        if unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 2) } != 2 || &b != b"hi" {
+            return 3;
+        }
+        0
+    });
+    assert_eq!(wait(child), 0);
+    heap.close().unwrap();
+}

@@ -181,6 +181,11 @@ fn neutralize_child_fds() {
             // and not yet unregistered at the fork); async-signal-safe.
             unsafe { libc::dup3(null, fd, libc::O_CLOEXEC) };
         }
+        // The child holds nothing of the parent's any more: forget the
+        // number, so that a later fork of this child never points whatever
+        // the child opened under it since at /dev/null (the inherited
+        // owner is leaked in the child and never unregisters it).
+        s.store(-1, Release);
     }
     if null >= 0 {
         // SAFETY: closes the descriptor opened above.

@@ -249,11 +249,17 @@ static OPEN: parking_lot::RwLock<Vec<(u64, usize)>> = parking_lot::RwLock::new(V
 /// be dropped while `f` runs.
 pub(crate) fn with_open_heap<R>(base: u64, f: impl FnOnce(&Heap) -> R) -> Option<R> {
     let open = OPEN.read();
-    let &(_, addr) = open.iter().find(|(b, _)| *b == base)?;
-    // SAFETY: `addr` is the address of a boxed `Heap` registered by
+    // SAFETY: every `addr` is the address of a boxed `Heap` registered by
     // `Heap::register` and removed (under the write lock, which the read
     // guard excludes) before that box is freed.
-    let heap = unsafe { &*(addr as *const Heap) };
+    let heap_at = |addr: usize| unsafe { &*(addr as *const Heap) };
+    // A forked child that opened the heap again finds its own copy, not the
+    // dead one it inherited (which stays listed: the child leaks it); with
+    // no copy of its own, it finds the inherited one, whose calls say Forked.
+    let mut found = open.iter().filter(|(b, _)| *b == base).map(|&(_, a)| heap_at(a));
+    let first = found.next()?;
+    let heap =
+        if first.inner.owner.inherited() { found.find(|h| !h.inner.owner.inherited()).unwrap_or(first) } else { first };
     Some(f(heap))
 }
 
@@ -363,11 +369,14 @@ fn take_lock(path: &Path, kind: LockKind) -> Result<NotInherited<File>, OpenErro
         .write(exclusive)
         .open(path)
         .map_err(io(format!("opening baseline {} to lock it", path.display())))?;
+    // Registered before it is locked: a fork from another thread in between
+    // must not leave the child holding the lock.
+    let f = NotInherited::new(f);
     let byte = if kind == LockKind::Takeover { region::LOCK_TAKEOVER } else { region::LOCK_WRITER };
-    if !region::try_lock(&f, exclusive, byte).map_err(io(format!("locking {}", path.display())))? {
+    if !region::try_lock(f.get(), exclusive, byte).map_err(io(format!("locking {}", path.display())))? {
         return Err(OpenError::Locked(path.to_owned()));
     }
-    Ok(NotInherited::new(f))
+    Ok(f)
 }
 
 impl Heap {
