@@ -526,6 +526,9 @@ fn a_hung_owner_is_fenced_and_recovered_from_its_precise_lists() {
     let acked = c.run_then_stop(300);
     assert!(acked > 0);
     assert_eq!(s.agent.state(), info::RUNNING, "the agent still serves the stopped owner");
+    // A descriptor of the baseline as the owner holds it: the owner may
+    // have been stopped between a fence check and a write.
+    let owners_fd = std::fs::OpenOptions::new().write(true).open(&s.baseline).unwrap();
     let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
     o.wait_sealed = Duration::from_secs(5);
     let (heap, report) = recover(o).unwrap();
@@ -546,6 +549,18 @@ fn a_hung_owner_is_fenced_and_recovered_from_its_precise_lists() {
     };
     assert!(err.to_lowercase().contains("fence"), "{err}");
     drop(c);
+    // Whatever the owner wrote through its descriptors after it resumed,
+    // even past every fence check (it may have been stopped between a check
+    // and a write), reached only the inode it had open, which no longer is
+    // the baseline.
+    {
+        use std::os::unix::fs::FileExt;
+        let len = owners_fd.metadata().unwrap().len();
+        for at in (0..len).step_by(1 << 20) {
+            owners_fd.write_all_at(&[0xa5; 4096], at).unwrap();
+        }
+        drop(owners_fd);
+    }
     // The baseline holds the recovery, not the old owner's later work.
     let heap = Heap::open(&s.baseline).unwrap();
     assert_eq!(verify_table(&heap, 0).0, counter);

@@ -331,6 +331,63 @@ impl BaselineLock {
         Ok(BaselineLock { path: path.to_owned(), file: take_lock(path, LockKind::Takeover)? })
     }
 
+    /// After a hung owner was fenced (this lock from
+    /// [`BaselineLock::take_over`], then the generation fence written to the
+    /// file): moves the baseline to a new inode, so that nothing the hung
+    /// process does when it resumes reaches the recovered baseline. Its
+    /// flusher checks the fence before each write, but a process stopped
+    /// between that check and the write (SIGSTOP lands anywhere) writes once
+    /// more when it resumes, and its descriptors name the inode, not the
+    /// path. The file is copied (a reflink where the filesystem has them,
+    /// else its data extents, holes kept) to `<path>.takeover`, synced,
+    /// locked (writer and takeover bytes), renamed over `path`, and the
+    /// directory synced. The old, fenced inode lives on only while the hung
+    /// process holds it open: its later flushes fail as fenced and land
+    /// nowhere that matters. Costs one in-kernel copy of the baseline's data.
+    pub fn move_from_hung_owner(self) -> Result<BaselineLock> {
+        let path = self.path.clone();
+        let what = |w: &str| format!("{w} {} to move the baseline away from its hung owner", path.display());
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".takeover");
+        let tmp = PathBuf::from(tmp);
+        // A leftover of an earlier recovery killed here: nobody else holds
+        // it (we hold the takeover lock of the file it was copied from).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(what("removing the old"))(e).into()),
+            _ => {}
+        }
+        let src = File::open(&path).map_err(io(what("opening")))?;
+        let dst = NotInherited::new(
+            OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(io(what("creating")))?,
+        );
+        let meta = src.metadata().map_err(io(what("reading the metadata of")))?;
+        dst.get().set_permissions(meta.permissions()).map_err(io(what("setting the permissions of")))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            // The copy keeps the file's owner, so the database that reopens
+            // it can: a recovery that runs as another user must be root.
+            std::os::unix::fs::fchown(dst.get(), Some(meta.uid()), Some(meta.gid()))
+                .map_err(io(what("giving the copy the owner and group of (run the recovery as its owner or root)")))?;
+        }
+        let moved = (|| {
+            for byte in [region::LOCK_WRITER, region::LOCK_TAKEOVER] {
+                if !region::try_lock(dst.get(), true, byte).map_err(io(what("locking")))? {
+                    return Err(OpenError::Locked(tmp.clone()));
+                }
+            }
+            region::copy_sparse(&src, dst.get()).map_err(io(what("copying")))?;
+            dst.get().sync_all().map_err(io(what("syncing")))?;
+            std::fs::rename(&tmp, &path).map_err(io(what("renaming the copy of")))
+        })();
+        if let Err(e) = moved {
+            let _ = std::fs::remove_file(&tmp); // the baseline itself is as it was
+            return Err(e.into());
+        }
+        region::sync_parent(&path).map_err(io(what("syncing the directory of")))?;
+        drop(self); // the old inode's takeover lock: the path no longer names it
+        Ok(BaselineLock { path, file: dst })
+    }
+
     /// The baseline file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -374,6 +431,12 @@ fn take_lock(path: &Path, kind: LockKind) -> Result<NotInherited<File>, OpenErro
     let f = NotInherited::new(f);
     let byte = if kind == LockKind::Takeover { region::LOCK_TAKEOVER } else { region::LOCK_WRITER };
     if !region::try_lock(f.get(), exclusive, byte).map_err(io(format!("locking {}", path.display())))? {
+        return Err(OpenError::Locked(path.to_owned()));
+    }
+    // A recovery that took over from a hung owner renames a copy over the
+    // path ([`BaselineLock::move_from_hung_owner`]): a lock on the inode the
+    // path named before that protects nothing.
+    if !region::same_inode(f.get(), path).map_err(io(format!("checking {}", path.display())))? {
         return Err(OpenError::Locked(path.to_owned()));
     }
     Ok(f)

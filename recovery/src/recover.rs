@@ -257,9 +257,9 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         },
         None => None,
     };
-    let lock = match (lock, &view) {
-        (Ok(l), _) => l,
-        (Err(_), Some(v)) if v.hung => BaselineLock::take_over(&path)?,
+    let (lock, took_over) = match (lock, &view) {
+        (Ok(l), _) => (l, false),
+        (Err(_), Some(v)) if v.hung => (BaselineLock::take_over(&path)?, true),
         (Err(e), _) => return Err(e.into()),
     };
     report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
@@ -269,6 +269,9 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     bl.fence(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
     report.generation = g;
     drop(bl);
+    // A hung owner may resume mid-write: the recovered baseline moves to a
+    // new inode its descriptors cannot reach.
+    let lock = if took_over { lock.move_from_hung_owner()? } else { lock };
     if opts.lazy {
         return recover_lazy(opts, lock, view, report, t0);
     }

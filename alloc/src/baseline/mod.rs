@@ -128,6 +128,14 @@
 //!   segment CRCs catch a torn mix, but a whole segment of the old writer's
 //!   is self-consistent.
 //!
+//! When the old writer is a hung process on the same filesystem (failure
+//! F2: it still holds the baseline open and may resume at any instruction,
+//! including between a check and a write), recovery closes the window
+//! another way: after fencing, it copies the baseline to a new inode and
+//! renames the copy over the path
+//! (`BaselineLock::move_from_hung_owner`), so the resumed writer's
+//! descriptors reach only the old, fenced inode.
+//!
 //! So a failover host should, in order: make the old writer unable to write
 //! if it can (kill the process, cut the host off the storage); `fence`; wait
 //! longer than the old writer's longest commit; `check_fence`; only then
