@@ -361,6 +361,94 @@ typedef struct {
   uint8_t image_identical;
 } remem_recover_report;
 
+/**
+ * How remem_recover_with() recovers. Zero-initialise it, set `size` to
+ * `sizeof(remem_recover_options)` and `baseline`, and change what you need:
+ * zero means the default for every other field.
+ */
+typedef struct {
+  /**
+   * `sizeof(remem_recover_options)` from the remem.h the caller was built
+   * with; another size (a header of another version) is refused.
+   */
+  size_t size;
+  /**
+   * The heap's baseline file (required).
+   */
+  const char *baseline;
+  /**
+   * The failed host's agent, "host:port"; NULL for none. The token comes
+   * from REMEM_TOKEN (or the file REMEM_TOKEN_FILE names).
+   */
+  const char *agent;
+  /**
+   * Non-zero: without a reachable agent, recover from the baseline alone
+   * (losing what was newer; `report->rpo_ns` says how much time).
+   */
+  int32_t allow_data_loss;
+  /**
+   * Non-zero: lazy recovery. The heap is returned open as soon as the
+   * pages its own recovery needs are in; every other page arrives on
+   * first touch or from a background prefetcher, and the recovered state
+   * is committed once every page is in (remem_lazy_wait()). A page that
+   * no source can supply is poisoned: touching it raises SIGBUS, never
+   * wrong bytes.
+   */
+  int32_t lazy;
+  /**
+   * Non-zero: the recovered heap tracks writes in precise mode (default:
+   * fast).
+   */
+  int32_t precise;
+  /**
+   * How long to wait for the agent to seal the old owner's lists, in
+   * milliseconds (0: 10 000).
+   */
+  uint32_t wait_sealed_ms;
+} remem_recover_options;
+
+/**
+ * Where the loading of a lazily recovered heap stands (remem_lazy_progress()
+ * and remem_lazy_wait()).
+ */
+typedef struct {
+  /**
+   * Pages in the heap.
+   */
+  uint64_t pages;
+  /**
+   * Pages installed in memory.
+   */
+  uint64_t resident;
+  /**
+   * Pages known to be zero (installed on first touch).
+   */
+  uint64_t zero;
+  /**
+   * Pages poisoned: no source held a current copy; touching one raises
+   * SIGBUS (the first of them are named in remem_last_error() after
+   * remem_lazy_wait()).
+   */
+  uint64_t poisoned;
+  /**
+   * Missing-page faults served so far.
+   */
+  uint64_t faults;
+  /**
+   * Nanoseconds from the start of the recovery's load to every page
+   * settled (0 until then).
+   */
+  uint64_t load_ns;
+  /**
+   * Epoch of the commit of the recovered state (0 until it is durable).
+   */
+  uint64_t committed_epoch;
+  /**
+   * 1 once every page is resident, zero or poisoned.
+   */
+  uint8_t settled;
+} remem_lazy_status;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -905,6 +993,105 @@ remem_status remem_recover(const char *baseline,
                            int32_t allow_data_loss,
                            remem_heap **out,
                            remem_recover_report *report);
+
+/**
+ * remem_recover() with options (`opts`): lazy recovery, the recovered
+ * heap's tracking mode, how long to wait for the agent. When
+ * REMEM_AGENT_SOCKET is set, the recovered heap is registered with the
+ * agent on this host, so it is protected here too.
+ *
+ * NULL: `opts`, `opts->baseline` or `out` NULL is REMEM_NULL_PARAMETER;
+ * `report` NULL means no report. A `size` other than this library's
+ * `sizeof(remem_recover_options)` is REMEM_BAD_ARGUMENT.
+ * Ownership: as remem_recover(). For a lazy recovery, `report` says what
+ * was planned (`pages_pulled` pages are to come from the agent) and
+ * `committed_epoch` is 0 until remem_lazy_wait() returns.
+ *
+ * # Safety
+ *
+ * `opts` must be NULL or point to a remem_recover_options of at least
+ * `opts->size` bytes whose strings are NULL or NUL-terminated; `out` and
+ * `report` as for remem_recover().
+ */
+remem_status remem_recover_with(const remem_recover_options *opts,
+                                remem_heap **out,
+                                remem_recover_report *report);
+
+/**
+ * Writes in `*out` where the loading of a lazily recovered heap stands,
+ * without waiting. REMEM_BAD_ARGUMENT for a heap not recovered lazily.
+ *
+ * NULL: `heap` or `out` NULL is REMEM_NULL_PARAMETER.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or valid for writing a remem_lazy_status.
+ */
+remem_status remem_lazy_progress(remem_heap *heap, remem_lazy_status *out);
+
+/**
+ * Blocks until every page of a lazily recovered heap is in and the
+ * recovered state is committed to the baseline, then writes the final
+ * status in `*out` (NULL: not wanted). With REMEM_AGENT_SOCKET set, the
+ * heap is then registered with the agent on this host. REMEM_IO when loading or the
+ * commit failed (remem_last_error() says why; the heap stays open and
+ * the baseline keeps its previous commit); REMEM_CORRUPT when pages were
+ * poisoned (they are named in remem_last_error(); every other page is in
+ * and committed; the heap is then not registered with an agent). REMEM_BAD_ARGUMENT for a heap not recovered lazily.
+ *
+ * NULL: `heap` NULL is REMEM_NULL_PARAMETER.
+ *
+ * # Safety
+ *
+ * `out` must be NULL or valid for writing a remem_lazy_status.
+ */
+remem_status remem_lazy_wait(remem_heap *heap,
+                             remem_lazy_status *out);
+
+/**
+ * Registers the heap with the agent listening on the Unix socket
+ * `socket` (`remem agent --socket PATH`): the agent takes a descriptor of
+ * the heap's memory and of its control region, so both outlive this
+ * process. If the process dies, the agent seals the heap's lists and
+ * keeps its memory for remem_reattach() on this host or remem_recover()
+ * on another. Only heaps with a baseline file can be registered; a heap
+ * is registered at most once (REMEM_EXISTS otherwise). remem_close()
+ * ends the registration.
+ *
+ * REMEM_LOCKED: the agent refused (another live process registered this
+ * heap, or this user may not use the agent); REMEM_IO: no agent listens
+ * on `socket`; REMEM_UNSUPPORTED: a memfd-only heap.
+ *
+ * NULL: `heap` or `socket` NULL is REMEM_NULL_PARAMETER. Ownership:
+ * `socket` is only read during the call.
+ *
+ * # Safety
+ *
+ * `socket` must be NULL or a NUL-terminated string.
+ */
+remem_status remem_agent_register(remem_heap *heap, const char *socket);
+
+/**
+ * Restarts a database on the same host after its process died: takes
+ * the heap of `baseline` back from the agent on `socket` (the heap's
+ * memory itself, nothing copied and nothing lost: the newest state, not
+ * the baseline's), flushes the pages the dead process left unflushed,
+ * registers this process as the heap's owner, and returns its handle in
+ * `*out`. The heap is registered: remem_close() ends that.
+ *
+ * REMEM_LOCKED: the agent holds no copy newer than the baseline (open
+ * the baseline with remem_open()), or the heap's process still runs, or
+ * it belongs to another user; REMEM_IO: no agent listens on `socket`.
+ *
+ * NULL: any argument NULL is REMEM_NULL_PARAMETER. Ownership: strings
+ * are only read; the caller owns the handle and must remem_close() it.
+ *
+ * # Safety
+ *
+ * `socket` and `baseline` must be NULL or NUL-terminated strings; `out`
+ * NULL or valid for writing a pointer.
+ */
+remem_status remem_reattach(const char *socket, const char *baseline, remem_heap **out);
 
 #ifdef __cplusplus
 }  // extern "C"

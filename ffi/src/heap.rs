@@ -86,12 +86,22 @@ pub struct remem_recovery_report {
 ///
 /// `path`, when not NULL, must point to a NUL-terminated string.
 pub(crate) unsafe fn path_arg<'a>(path: *const c_char) -> FfiResult<&'a Path> {
-    let path = non_null_const(path, "path")?;
+    // SAFETY: forwarded from the caller.
+    unsafe { path_named(path, "path") }
+}
+
+/// [`path_arg`] for the parameter called `name`.
+///
+/// # Safety
+///
+/// As [`path_arg`].
+pub(crate) unsafe fn path_named<'a>(path: *const c_char, name: &str) -> FfiResult<&'a Path> {
+    let path = non_null_const(path, name)?;
     // SAFETY: not NULL; the caller guarantees a NUL-terminated string that
     // outlives the call.
     let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
     if bytes.is_empty() {
-        return Err(Fail::new(REMEM_BAD_ARGUMENT, "`path` is empty"));
+        return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("`{name}` is empty")));
     }
     Ok(Path::new(OsStr::from_bytes(bytes)))
 }
@@ -115,8 +125,21 @@ fn options(size: u64, base: u64) -> FfiResult<HeapOptions> {
 /// `out` must be valid for writing a pointer (checked for NULL).
 pub(crate) unsafe fn open_with(out: *mut *mut remem_heap, open: impl FnOnce() -> FfiResult<Heap>) -> FfiResult {
     // SAFETY: forwarded from the caller.
+    unsafe { open_handle(out, || handles::insert(open()?)) }
+}
+
+/// [`open_with`] for an `open` that makes the handle itself.
+///
+/// # Safety
+///
+/// As [`open_with`].
+pub(crate) unsafe fn open_handle(
+    out: *mut *mut remem_heap,
+    open: impl FnOnce() -> FfiResult<*mut remem_heap>,
+) -> FfiResult {
+    // SAFETY: forwarded from the caller.
     let out = unsafe { clear_out(out, "out") }?;
-    let heap = handles::insert(open()?)?;
+    let heap = open()?;
     // SAFETY: checked for NULL above; the caller guarantees it is writable.
     unsafe { out.write(heap) };
     Ok(())
@@ -150,7 +173,7 @@ pub unsafe extern "C" fn remem_create(
 ) -> remem_status {
     boundary("remem_create", |_| {
         // SAFETY: forwarded from the caller (both pointers).
-        unsafe { open_with(out, || Ok(Heap::create(path_arg(path)?, &options(size, base)?)?)) }
+        unsafe { open_handle(out, || crate::agent::create(path_arg(path)?, &options(size, base)?)) }
     })
 }
 
@@ -171,7 +194,7 @@ pub unsafe extern "C" fn remem_create(
 pub unsafe extern "C" fn remem_open(path: *const c_char, out: *mut *mut remem_heap) -> remem_status {
     boundary("remem_open", |_| {
         // SAFETY: forwarded from the caller (both pointers).
-        unsafe { open_with(out, || Ok(Heap::open(path_arg(path)?)?)) }
+        unsafe { open_handle(out, || crate::agent::open(path_arg(path)?)) }
     })
 }
 
@@ -254,7 +277,17 @@ pub unsafe extern "C" fn remem_close(heap: *mut remem_heap) -> remem_status {
         // closing would wait for calls in flight of threads that are not in
         // the child.
         handles::with_heap(t, heap, |h| Ok(h.check_process()?))?;
-        Ok(handles::remove(heap)?.close()?)
+        let closed = handles::remove(heap)?.close();
+        let link = crate::agent::take_link(heap);
+        closed?;
+        // Only after the last flush succeeded: otherwise the connection just
+        // ends and the agent keeps the memory, as after a crash.
+        if let Some(link) = link {
+            link.closed().map_err(|e| {
+                Fail::new(REMEM_IO, format!("the heap is closed and flushed, but telling the agent failed: {e}"))
+            })?;
+        }
+        Ok(())
     })
 }
 

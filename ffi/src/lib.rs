@@ -11,7 +11,10 @@
 //!   with no shared write on the calls' path;
 //! - [`heap`]: create, open, close, memfd heaps, statistics and `check`;
 //! - [`alloc`]: allocation, the root object;
-//! - [`tx`]: undo-log transactions of the calling thread.
+//! - [`tx`]: undo-log transactions of the calling thread;
+//! - [`flush`]: flushes and durability;
+//! - [`recover`]: recovery on another host, eager or lazy;
+//! - [`agent`]: registration with the agent, re-attach after a restart.
 //!
 //! Every exported function returns a [`status::remem_status`] and writes its
 //! results through out-parameters.
@@ -37,6 +40,8 @@ pub mod tx;
 pub mod flush;
 
 pub mod recover;
+
+pub mod agent;
 
 #[cfg(test)]
 mod tests;

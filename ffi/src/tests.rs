@@ -308,3 +308,60 @@ fn heap_at_finds_every_address_of_heaps_sharing_a_granule() {
         close(h);
     }
 }
+
+#[test]
+fn agent_and_recovery_calls_refuse_bad_input_with_a_status() {
+    use crate::agent::*;
+    use crate::recover::*;
+    let h = memfd_heap(4 << 20);
+    let sock = path("no-agent.sock");
+    // SAFETY: NUL-terminated strings and valid out-parameters throughout.
+    unsafe {
+        assert_eq!(remem_agent_register(h, std::ptr::null()), REMEM_NULL_PARAMETER);
+        assert!(last_error().contains("`socket` is NULL"), "{}", last_error());
+        assert_eq!(remem_agent_register(h, sock.as_ptr()), REMEM_UNSUPPORTED, "{}", last_error());
+        let mut st = remem_lazy_status::default();
+        assert_eq!(remem_lazy_progress(h, &mut st), REMEM_BAD_ARGUMENT);
+        assert!(last_error().contains("not recovered lazily"), "{}", last_error());
+        assert_eq!(remem_lazy_wait(h, std::ptr::null_mut()), REMEM_BAD_ARGUMENT);
+        close(h);
+
+        // A file heap and no agent listening: REMEM_IO naming the socket.
+        let p = path("agent-reg.heap");
+        let mut fh = null_mut();
+        assert_eq!(remem_create(p.as_ptr(), 4 << 20, 0, &mut fh), REMEM_OK, "{}", last_error());
+        assert_eq!(remem_agent_register(fh, sock.as_ptr()), REMEM_IO);
+        assert!(last_error().contains("no-agent.sock"), "{}", last_error());
+        close(fh);
+
+        let mut out = null_mut();
+        assert_eq!(remem_reattach(sock.as_ptr(), std::ptr::null(), &mut out), REMEM_NULL_PARAMETER);
+        assert_eq!(remem_reattach(sock.as_ptr(), p.as_ptr(), &mut out), REMEM_IO, "{}", last_error());
+        assert!(out.is_null());
+
+        assert_eq!(remem_recover_with(std::ptr::null(), &mut out, std::ptr::null_mut()), REMEM_NULL_PARAMETER);
+        let mut o: remem_recover_options = std::mem::zeroed();
+        o.baseline = p.as_ptr();
+        assert_eq!(remem_recover_with(&o, &mut out, std::ptr::null_mut()), REMEM_BAD_ARGUMENT);
+        assert!(last_error().contains("sizeof(remem_recover_options)"), "{}", last_error());
+        o.size = std::mem::size_of::<remem_recover_options>();
+        o.baseline = std::ptr::null();
+        assert_eq!(remem_recover_with(&o, &mut out, std::ptr::null_mut()), REMEM_NULL_PARAMETER);
+        assert!(last_error().contains("`baseline` is NULL"), "{}", last_error());
+        // No agent and no permission to lose data: refused, nothing fenced.
+        o.baseline = p.as_ptr();
+        assert_eq!(remem_recover_with(&o, &mut out, std::ptr::null_mut()), REMEM_BAD_ARGUMENT, "{}", last_error());
+        // From the baseline alone, lazily: the heap opens, loads and commits.
+        o.allow_data_loss = 1;
+        o.lazy = 1;
+        let mut rep = remem_recover_report::default();
+        assert_eq!(remem_recover_with(&o, &mut out, &mut rep), REMEM_OK, "{}", last_error());
+        assert_eq!(rep.baseline_only, 1);
+        let mut st = remem_lazy_status::default();
+        assert_eq!(remem_lazy_wait(out, &mut st), REMEM_OK, "{}", last_error());
+        assert!(st.settled == 1 && st.committed_epoch > 0 && st.pages > 0, "{st:?}");
+        assert_eq!(remem_lazy_progress(out, &mut st), REMEM_OK);
+        assert_eq!(st.settled, 1);
+        close(out);
+    }
+}

@@ -55,26 +55,36 @@ fn connect(socket: &Path) -> Result<UnixStream, AgentError> {
 fn exchange(conn: &UnixStream, reg: &Registration, fds: &[std::os::fd::RawFd]) -> Result<Option<OwnedFd>, AgentError> {
     if let Err(e) = send_request(conn, reg, fds) {
         return Err(match read_answer_fd(conn) {
-            Err(refused @ AgentError::Refused(_)) => refused,
+            Err(refused @ (AgentError::Refused(_) | AgentError::NothingHeld(_))) => refused,
             _ => e,
         });
     }
     read_answer_fd(conn)
 }
 
-fn send_registration(conn: &UnixStream, heap: &Heap) -> Result<(), AgentError> {
+/// What registering `heap` sends: checked before anything is connected.
+fn registration(heap: &Heap) -> Result<(Registration, [std::os::fd::RawFd; 2]), AgentError> {
     // A forked child cannot hand over a heap it inherited.
     heap.check_process().map_err(remem_alloc::Error::from)?;
+    if let Some(s) = heap.lazy_status().filter(|s| !s.settled || s.committed_epoch.is_none()) {
+        return Err(AgentError::StillLoading { resident: s.resident + s.zero, pages: s.pages });
+    }
     let (Some(ctl), Some(path)) = (heap.control_memfd(), heap.path()) else { return Err(AgentError::NoBaseline) };
     // The agent runs elsewhere in the file system: give it an absolute path.
     let baseline = std::fs::canonicalize(path).map_err(io(format!("resolving {}", path.display())))?;
     let reg = Registration { op: "register".into(), uuid: heap.uuid(), baseline, pid: std::process::id() };
-    exchange(conn, &reg, &[heap.memfd().as_raw_fd(), ctl.as_raw_fd()]).map(drop)
+    Ok((reg, [heap.memfd().as_raw_fd(), ctl.as_raw_fd()]))
+}
+
+fn send_registration(conn: &UnixStream, heap: &Heap) -> Result<(), AgentError> {
+    let (reg, fds) = registration(heap)?;
+    exchange(conn, &reg, &fds).map(drop)
 }
 
 /// Hands `heap`'s memfd and control region to the agent listening on
 /// `socket`, so that they outlive this process.
 pub fn register(heap: &Heap, socket: &Path) -> Result<AgentLink, AgentError> {
+    registration(heap)?;
     let conn = connect(socket)?;
     send_registration(&conn, heap)?;
     Ok(AgentLink::new(conn))
@@ -121,6 +131,39 @@ pub fn reattach(socket: &Path, baseline: &Path, opts: &HeapOptions) -> Result<(H
     let heap = Heap::attach_durable(fd, baseline, opts, &dirty)?;
     send_registration(&conn, &heap)?;
     Ok((heap, AgentLink::new(conn)))
+}
+
+/// How [`open_registered`] opened the heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// The agent held the heap's memory (its last process died): taken
+    /// back with [`reattach`], nothing lost.
+    Reattached,
+    /// The agent held nothing newer than the baseline: opened from the
+    /// baseline with [`Heap::open`], then registered.
+    FromBaseline,
+}
+
+/// Opens the heap of `baseline` under the agent on `socket`, the way a
+/// database starts: if the agent holds the heap's memory because the
+/// database's last process died, takes it back ([`reattach`]: the newest
+/// state, not the baseline's); otherwise opens the baseline ([`Heap::open_with`]) and
+/// registers the heap. Any other answer (the old process still runs, another user's
+/// heap, no agent listening) is an error and nothing is opened.
+pub fn open_registered(
+    socket: &Path,
+    baseline: &Path,
+    opts: &HeapOptions,
+) -> Result<(Heap, AgentLink, Opened), AgentError> {
+    match reattach(socket, baseline, opts) {
+        Ok((heap, link)) => Ok((heap, link, Opened::Reattached)),
+        Err(AgentError::NothingHeld(_)) => {
+            let heap = Heap::open_with(baseline, opts)?;
+            let link = register(&heap, socket)?;
+            Ok((heap, link, Opened::FromBaseline))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Sends one raw request (`reg` and the descriptors `fds`) to the agent on

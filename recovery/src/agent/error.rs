@@ -35,13 +35,34 @@ pub enum AgentError {
     /// The agent refused the request (its answer, on the database's side).
     #[error("the agent refused: {0}")]
     Refused(String),
+    /// A re-attach found nothing to take back: the agent holds no newer
+    /// copy of the heap than its baseline (it never had it, or the heap was
+    /// closed cleanly or recovered elsewhere), so the baseline is current.
+    #[error("{NOTHING_HELD}{0}")]
+    NothingHeld(String),
     /// The heap has no baseline or control region (memfd-only heaps cannot be served).
     #[error("the heap has no baseline: only heaps created with a baseline file can be handed to an agent")]
     NoBaseline,
+    /// A lazily recovered heap cannot be registered before every page is
+    /// in and committed: the agent would serve the pages still missing as
+    /// zeros.
+    #[error(
+        "the heap is still loading lazily ({resident} of {pages} pages in): register it once Heap::wait_lazy \
+         (remem_lazy_wait) returns"
+    )]
+    StillLoading {
+        /// Pages in memory so far.
+        resident: u64,
+        /// Pages in the heap.
+        pages: u64,
+    },
     /// Re-attaching the heap failed.
     #[error(transparent)]
     Heap(#[from] remem_alloc::Error),
 }
+
+/// How [`AgentError::NothingHeld`] reads on the wire (after `error: `).
+pub(crate) const NOTHING_HELD: &str = "nothing held: ";
 
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();

@@ -71,7 +71,10 @@ pub(crate) fn parse_answer(line: &[u8]) -> Result<(), AgentError> {
         return Ok(());
     }
     match line.strip_prefix("error: ") {
-        Some(reason) => Err(AgentError::Refused(reason.to_owned())),
+        Some(reason) => Err(match reason.strip_prefix(super::error::NOTHING_HELD) {
+            Some(why) => AgentError::NothingHeld(why.to_owned()),
+            None => AgentError::Refused(reason.to_owned()),
+        }),
         None if line.is_empty() => Err(AgentError::Refused("the agent closed the connection without an answer".into())),
         None => Err(AgentError::Protocol(format!("unexpected answer {line:?}"))),
     }
@@ -94,6 +97,9 @@ mod tests {
         assert!(parse_answer(b"ok\n").is_ok());
         assert!(matches!(parse_answer(b"error: nope\n"), Err(AgentError::Refused(r)) if r == "nope"));
         assert!(matches!(parse_answer(b""), Err(AgentError::Refused(_))));
+        let held = AgentError::NothingHeld("heap x".into()).to_string();
+        let line = format!("error: {held}\n");
+        assert!(matches!(parse_answer(line.as_bytes()), Err(AgentError::NothingHeld(r)) if r == "heap x"));
         assert!(matches!(parse_answer(b"what"), Err(AgentError::Protocol(_))));
     }
 }

@@ -85,7 +85,7 @@ use parking_lot::Mutex;
 use remem_alloc::ctl;
 use remem_alloc::format::uuid_string;
 
-pub use client::{reattach, register, request, AgentLink};
+pub use client::{open_registered, reattach, register, request, AgentLink, Opened};
 pub use error::AgentError;
 pub use layout::{dir, info};
 pub use message::Registration;
@@ -519,7 +519,7 @@ fn reattach_heap(
         .slots
         .iter()
         .position(|s| s.as_ref().is_some_and(|h| uuid_string(&h.uuid) == req.uuid))
-        .ok_or_else(|| AgentError::Refused(format!("the agent holds no heap {}", req.uuid)))?;
+        .ok_or_else(|| AgentError::NothingHeld(format!("the agent holds no heap {}", req.uuid)))?;
     let h = t.slots[slot].as_mut().expect("found");
     if let Owner::Conn(_) = h.owner {
         return Err(AgentError::Refused(format!("heap {}'s database (pid {}) is still running", req.uuid, h.pid)));
@@ -531,7 +531,7 @@ fn reattach_heap(
         )));
     }
     let Some(held) = &h.held else {
-        return Err(AgentError::Refused(format!(
+        return Err(AgentError::NothingHeld(format!(
             "heap {} was closed cleanly or recovered elsewhere: the agent holds nothing newer than its baseline; open \
              the baseline",
             req.uuid
