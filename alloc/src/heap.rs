@@ -706,6 +706,19 @@ impl Heap {
         Self::open_lazy_inner(backend, opts, file, source)
     }
 
+    /// [`Heap::open_lazy_locked`] on a baseline the caller opened (and
+    /// fenced) already, so it is not read again: the heap commits through
+    /// `baseline`, which must be the file `lock` holds.
+    pub fn open_lazy_fenced(
+        lock: BaselineLock,
+        baseline: Baseline<Arc<dyn Backend>>,
+        opts: &HeapOptions,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
+        let BaselineLock { path, file } = lock;
+        Self::open_lazy_from(baseline, opts, Some((path, file)), source)
+    }
+
     /// [`Heap::open_lazy`] on a caller-provided baseline backend.
     pub fn open_lazy_on(
         backend: Arc<dyn Backend>,
@@ -721,10 +734,20 @@ impl Heap {
         file: LockedFile,
         source: Arc<dyn crate::source::PageSource>,
     ) -> Result<Heap> {
+        let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
+        let baseline = Baseline::open(backend).map_err(|e| OpenError::Baseline { path: name.clone(), source: e })?;
+        Self::open_lazy_from(baseline, opts, file, source)
+    }
+
+    fn open_lazy_from(
+        baseline: Baseline<Arc<dyn Backend>>,
+        opts: &HeapOptions,
+        file: LockedFile,
+        source: Arc<dyn crate::source::PageSource>,
+    ) -> Result<Heap> {
         region::check_page_size()?;
         let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
         let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
-        let baseline = Baseline::open(backend).map_err(bl_err)?;
         let mut first = vec![0u8; PAGE_SIZE];
         baseline.read_page(0, &mut first).map_err(bl_err)?;
         let header = decode_header(&first, &name)?;

@@ -32,7 +32,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use remem_alloc::baseline::{Baseline, FileBackend};
+use std::sync::Arc;
+
+use remem_alloc::baseline::{Backend, Baseline, FileBackend};
 use remem_alloc::{BaselineLock, Heap, HeapOptions, TrackMode};
 use serde::Serialize;
 
@@ -245,9 +247,13 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         }
         Err(e) => return Err(e.into()),
     };
-    let mut bl = Baseline::open(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?)
-        .map_err(|e| bl_err(e.to_string()))?;
+    let open_baseline = || -> Result<Baseline<Arc<dyn Backend>>, RecoverError> {
+        let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?);
+        Baseline::open(backend).map_err(|e| bl_err(e.to_string()))
+    };
+    let mut bl = open_baseline()?;
     // 2. The agent: everything it says is read and checked before anything changes.
+
     let t_agent = Instant::now();
     let view = match opts.agent {
         Some(addr) => match agent_view(&opts, addr, bl.uuid(), bl.npages()) {
@@ -262,19 +268,37 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         (Err(_), Some(v)) if v.hung => (BaselineLock::take_over(&path)?, true),
         (Err(e), _) => return Err(e.into()),
     };
+
     report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
     report.seconds_agent = t_agent.elapsed().as_secs_f64();
     // 3. Fence.
     let g = bl.info().generation + 1;
-    bl.fence(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
+    if opts.lazy {
+        // Lazy recovery must not wait for a sync before the heap is
+        // usable: the fence is synced in the background, and the recovered
+        // heap's first commit syncs the file before its own superblock
+        // (which carries generation `g` too) in any case.
+        bl.fence_unsynced(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
+        sync_in_background(&path);
+    } else {
+        bl.fence(g).map_err(|e| bl_err(format!("fencing the old owner: {e}")))?;
+    }
+
     report.generation = g;
-    drop(bl);
     // A hung owner may resume mid-write: the recovered baseline moves to a
     // new inode its descriptors cannot reach.
-    let lock = if took_over { lock.move_from_hung_owner()? } else { lock };
+    let lock = if took_over {
+        drop(bl);
+        let lock = lock.move_from_hung_owner()?;
+        bl = open_baseline()?;
+        lock
+    } else {
+        lock
+    };
     if opts.lazy {
-        return recover_lazy(opts, lock, view, report, t0);
+        return recover_lazy(opts, lock, bl, view, report, t0);
     }
+    drop(bl);
     // 4. Load and pull.
     report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
     let mut progress = opts.progress.take();
@@ -395,22 +419,35 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     Ok((heap, report))
 }
 
+/// Syncs the baseline at `path` in a background thread (the lazy fence's
+/// superblock): a failure is logged; the recovered heap's first commit
+/// syncs the file again and reports its own failure.
+fn sync_in_background(path: &std::path::Path) {
+    let owned = path.to_owned();
+    let spawned = std::thread::Builder::new().name("remem-fence-sync".into()).spawn(move || {
+        if let Err(e) = std::fs::File::open(&owned).and_then(|f| f.sync_data()) {
+            log::warn!("remem recover: syncing the fence of {} failed: {e}", owned.display());
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("remem recover: no thread to sync the fence of {}: {e}", path.display());
+    }
+}
+
 /// Lazy recovery (steps 4 and 5 of the module docs, on first touch): the
 /// heap opens over a layered source, the agent's pages first, then the
 /// baseline's; it commits itself once every page is in.
 fn recover_lazy(
     opts: RecoverOptions,
     lock: BaselineLock,
+    bl: Baseline<Arc<dyn Backend>>,
     view: Option<agent_view::AgentView>,
     mut report: RecoverReport,
     t0: Instant,
 ) -> Result<(Heap, RecoverReport), RecoverError> {
     use remem_alloc::source::{BaselineSource, Layered, PageSource};
-    use std::sync::Arc;
     let path = opts.baseline.clone();
     let bl_err = |reason: String| RecoverError::Baseline { path: path.clone(), reason };
-    let bl = Baseline::open(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?)
-        .map_err(|e| bl_err(e.to_string()))?;
     let mut layers: Vec<Arc<dyn PageSource>> = Vec::new();
     report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
     if let (Some(v), Some(addr)) = (view, opts.agent) {
@@ -419,9 +456,10 @@ fn recover_lazy(
         report.bytes_pulled = report.pages_pulled * 4096;
         layers.push(Arc::new(src));
     }
-    layers.push(Arc::new(BaselineSource::new(bl)));
+    layers.push(Arc::new(BaselineSource::new(bl.try_clone().map_err(|e| bl_err(e.to_string()))?)));
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
-    let heap = Heap::open_lazy_locked(lock, &hopts, Arc::new(Layered::new(layers)))?;
+
+    let heap = Heap::open_lazy_fenced(lock, bl, &hopts, Arc::new(Layered::new(layers)))?;
     let Some(from) = heap.opened_from() else {
         return Err(RecoverError::Baseline { path, reason: "the heap was not opened from its baseline".into() });
     };

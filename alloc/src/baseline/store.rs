@@ -257,7 +257,12 @@ fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
 
 /// Indexes the committed journal: the newest entry per page.
 fn read_journal<B: Backend>(backend: &B, sb: &Superblock, layout: &Layout) -> Result<BTreeMap<u64, JEntry>> {
-    let mut journal = BTreeMap::new();
+    // Every entry in journal order, then one bulk build: collecting into a
+    // BTreeMap sorts stably and keeps the last entry of equal keys (the
+    // newest), several times faster than inserting each entry.
+    // At most one entry per journal page after the first header: one
+    // allocation (growing a vector this large would copy and fault it twice).
+    let mut journal = Vec::with_capacity((sb.journal_len / PAGE) as usize);
     let mut hdr = vec![0u8; SEG_HEADER];
     let (mut off, mut prev_seq, mut prev_epoch) = (0u64, 0u64, 0u64);
     while off < sb.journal_len {
@@ -285,12 +290,12 @@ fn read_journal<B: Backend>(backend: &B, sb: &Superblock, layout: &Layout) -> Re
             return Err(bad(format!("{} bytes run past the committed journal end {}", h.bytes(), sb.journal_len)));
         }
         for (i, e) in h.entries.iter().enumerate() {
-            journal.insert(e.page, JEntry { off: at + ((1 + i) * PAGE_SIZE) as u64, crc: e.crc });
+            journal.push((e.page, JEntry { off: at + ((1 + i) * PAGE_SIZE) as u64, crc: e.crc }));
         }
         (prev_seq, prev_epoch) = (h.seq, h.epoch);
         off += h.bytes();
     }
-    Ok(journal)
+    Ok(journal.into_iter().collect())
 }
 
 /// Reads journal pages into `out` (page `k` of `entries` at `out[k*4096..]`), coalescing
@@ -384,6 +389,29 @@ impl<B: Backend> Baseline<B> {
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: c.discarded,
+            applying: None,
+        })
+    }
+
+    /// A second instance over the same backend that knows the same committed
+    /// state, without reading it again (the CRC table and the journal index
+    /// are copied from memory). For a reader beside a writer: lazy recovery
+    /// serves pages from one while the heap commits through the other.
+    /// Refused on a poisoned baseline.
+    pub fn try_clone(&self) -> Result<Self>
+    where
+        B: Clone,
+    {
+        self.writable()?;
+        Ok(Baseline {
+            backend: self.backend.clone(),
+            layout: self.layout,
+            sb: self.sb,
+            table: self.table.clone(),
+            journal: self.journal.clone(),
+            buf: vec![0u8; SEG_MAX_BYTES],
+            poisoned: None,
+            discarded: self.discarded.clone(),
             applying: None,
         })
     }
@@ -700,27 +728,60 @@ impl<B: Backend> Baseline<B> {
     /// commit overwrites the fence before it is confirmed, `fence` re-reads and fences
     /// again (a few times). See the module documentation for the window it cannot close.
     pub fn fence(&mut self, new_generation: u64) -> Result<CommitInfo> {
+        self.fence_with(new_generation, true)
+    }
+
+    /// [`Baseline::fence`] that leaves the fence's superblock to be synced
+    /// later (by the caller, or by the next commit of the fencing writer:
+    /// every commit syncs the file before its own superblock, which carries
+    /// the new generation too). It is written and read back, so other opens
+    /// on this host see it at once; an old writer on another host sees it
+    /// once it reaches the storage. For a recovery that must not wait for a
+    /// sync before the heap is usable (lazy recovery syncs it in the
+    /// background).
+    pub fn fence_unsynced(&mut self, new_generation: u64) -> Result<CommitInfo> {
+        self.fence_with(new_generation, false)
+    }
+
+    fn fence_with(&mut self, new_generation: u64, sync: bool) -> Result<CommitInfo> {
         self.writable()?;
         // A compaction in progress restarts from the state read below.
         self.applying = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let c = read_committed(&self.backend)?;
-            if c.sb.uuid != self.sb.uuid || c.sb.heap_size != self.sb.heap_size {
-                return Err(BaselineError::WrongHeap {
-                    expected: uuid_string(&self.sb.uuid),
-                    expected_size: self.sb.heap_size,
-                    found: uuid_string(&c.sb.uuid),
-                    found_size: c.sb.heap_size,
-                });
+            // The committed state, re-read only when the superblock moved
+            // since this instance read it (the CRC table and the journal
+            // index grow with the heap).
+            let (sb, _) = read_superblock_slots(&self.backend)?;
+            if sb != self.sb {
+                let c = read_committed(&self.backend)?;
+                if c.sb.uuid != self.sb.uuid || c.sb.heap_size != self.sb.heap_size {
+                    return Err(BaselineError::WrongHeap {
+                        expected: uuid_string(&self.sb.uuid),
+                        expected_size: self.sb.heap_size,
+                        found: uuid_string(&c.sb.uuid),
+                        found_size: c.sb.heap_size,
+                    });
+                }
+                (self.sb, self.table, self.journal) = (c.sb, c.table, c.journal);
             }
-            if new_generation <= c.sb.generation {
-                return Err(BaselineError::StaleGeneration { requested: new_generation, current: c.sb.generation });
+            if new_generation <= self.sb.generation {
+                return Err(BaselineError::StaleGeneration { requested: new_generation, current: self.sb.generation });
             }
-            (self.sb, self.table, self.journal) = (c.sb, c.table, c.journal);
             let new = Superblock { generation: new_generation, seq: self.sb.seq + 1, ..self.sb };
-            match self.write_superblock(&new) {
+            let written = if sync {
+                self.write_superblock(&new)
+            } else {
+                self.check_fence().and_then(|_| {
+                    let mut slot = [0u8; SLOT_SIZE as usize];
+                    new.encode_into(&mut slot);
+                    let r = self.backend.write_at(new.slot() * SLOT_SIZE, &slot);
+                    self.check_io(r, || format!("writing superblock seq {} to slot {}", new.seq, new.slot()))?;
+                    compare(&new, &read_superblock(&self.backend)?)
+                })
+            };
+            match written {
                 Ok(()) => {
                     self.sb = new;
                     return Ok(self.info());

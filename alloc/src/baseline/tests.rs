@@ -809,6 +809,34 @@ fn lengths_read_back_are_checked() {
 // ---------------------------------------------------------------------------
 // Fencing.
 
+/// The lazy recovery's fence: written and read back without a sync; the
+/// old writer is fenced at once; it reaches the storage with the next sync
+/// (here the fencing writer's own first commit), and a clone made without
+/// reading serves the same committed pages.
+#[test]
+fn an_unsynced_fence_stops_the_old_writer_and_is_made_durable_by_the_next_commit() {
+    let fb = FaultyBackend::new();
+    let mut old = Baseline::create(fb.clone(), UUID, 64 * PAGE, 1).unwrap();
+    let mut heap = vec![0; 64 * PAGE_SIZE];
+    set_page(&mut heap, 4, 4);
+    commit_pages(&mut old, 1, &heap, &[4]).unwrap();
+    let mut failover = Baseline::open(fb.clone()).unwrap();
+    let durable_before = fb.durable_image();
+    let info = failover.fence_unsynced(2).unwrap();
+    assert_eq!(info.generation, 2);
+    assert_eq!(fb.durable_image(), durable_before, "not synced yet");
+    let mut later = heap.clone();
+    set_page(&mut later, 6, 6);
+    assert!(matches!(commit_pages(&mut old, 2, &later, &[6]), Err(BaselineError::Fenced { ours: 1, found: 2 })));
+    let reader = failover.try_clone().unwrap();
+    assert_eq!(load(&reader), heap);
+    assert_eq!(reader.info().generation, 2);
+    commit_pages(&mut failover, 2, &later, &[6]).unwrap();
+    let (b, got) = open_image(fb.durable_image());
+    assert_eq!(got, later);
+    assert_eq!(b.info().generation, 2);
+}
+
 #[test]
 fn fencing_stops_the_old_writer() {
     let fb = FaultyBackend::new();

@@ -31,8 +31,18 @@
 //! heap (the dirtied ones hold round 1, the others round 0) and fails the
 //! suite on any difference; a retry inside `recover()` is counted and
 //! reported (`retries`), never hidden. Figures are medians over the
-//! repetitions, with min and max beside them. Lazy recovery (`first_use`,
-//! `remem_lazy`) is not measured: it is not built yet.
+//! repetitions, with min and max beside them.
+//!
+//! Each repetition then crashes a second child of the same shape and
+//! recovers it lazily (`RecoverOptions::lazy`):
+//! - `first_use`, `remem_lazy`: from the start of `recover()` to the first
+//!   read of the root (and of the block's header) returning;
+//! - `full`, `remem_lazy`: to every page resident and the recovered state
+//!   committed (`Heap::wait_lazy`), against the same `raw_copy`;
+//! - `kill_to_first_use`, `remem_lazy`: from the SIGKILL to the first read,
+//!   seal included.
+//!
+//! It checks every page of the block the same way.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -78,6 +88,11 @@ struct Rep {
     raw_stream: f64,
     pages_pulled: u64,
     retries: u64,
+    /// Lazy recovery of a second crash of the same shape.
+    lazy_first_use: f64,
+    lazy_full: f64,
+    lazy_kill_to_first_use: f64,
+    lazy_faults: u64,
 }
 
 /// Runs every size and dirty share.
@@ -89,7 +104,9 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
             let mut reps = Vec::new();
             for r in 0..config.reps {
                 progress(SUITE, format_args!("{gib} GiB heap, {pct} % dirty, repetition {}", r + 1));
-                reps.push(one_rep(dir.path(), gib, pct, r % 2 == 1)?);
+                let mut rep = one_rep(dir.path(), gib, pct, r % 2 == 1)?;
+                lazy_rep(dir.path(), gib, pct, &mut rep)?;
+                reps.push(rep);
             }
             measurements.extend(summarize(config.reps, gib, pct, &reps));
         }
@@ -104,6 +121,11 @@ pub fn run(config: &Config) -> anyhow::Result<SuiteReport> {
          heap recovery, commit); kill_to_first_use/remem_eager = SIGKILL to the open heap, seal included; \
          full/raw_copy = sequential read of the baseline file + the dirty bytes over one TCP stream, same \
          repetition; baseline_load = recover's load step against sequential_read of the same file"
+            .to_string(),
+        "first_use/remem_lazy = recover() with lazy set, from its start to the first read of the root (and of \
+         the block's header) returning; full/remem_lazy = to every page resident and the recovered state \
+         committed (Heap::wait_lazy); kill_to_first_use/remem_lazy = SIGKILL to that first read, seal included; \
+         each on a second crash of the same shape in the same repetition"
             .to_string(),
         format!("files in {}", dir.describe()),
     ];
@@ -154,13 +176,31 @@ fn summarize(reps: u32, gib: f64, pct: u64, r: &[Rep]) -> Vec<Measurement> {
                 .with("retries", r.iter().map(|x| x.retries).sum::<u64>() as f64)
                 .with("verified_pages", 1.0),
         ),
-        m("full", "raw_copy", raw, Extra::default().with("dirty_bytes", pulled * PAGE as f64)),
+        m("full", "raw_copy", raw.clone(), Extra::default().with("dirty_bytes", pulled * PAGE as f64)),
         m(
             "kill_to_first_use",
             "remem_eager",
             r.iter().map(|x| x.kill_to_first_use).collect(),
             Extra::default().with("seconds_seal", quantile(&r.iter().map(|x| x.seal).collect::<Vec<_>>(), 0.5)),
         ),
+        m(
+            "first_use",
+            "remem_lazy",
+            r.iter().map(|x| x.lazy_first_use).collect(),
+            Extra::default().with("faults", quantile(&r.iter().map(|x| x.lazy_faults as f64).collect::<Vec<_>>(), 0.5)),
+        ),
+        m(
+            "full",
+            "remem_lazy",
+            r.iter().map(|x| x.lazy_full).collect(),
+            Extra::default()
+                .with(
+                    "ratio_to_raw_copy",
+                    quantile(&r.iter().map(|x| x.lazy_full).collect::<Vec<_>>(), 0.5) / quantile(&raw, 0.5),
+                )
+                .with("verified_pages", 1.0),
+        ),
+        m("kill_to_first_use", "remem_lazy", r.iter().map(|x| x.lazy_kill_to_first_use).collect(), Extra::default()),
         m("baseline_load", "remem_eager", load, Extra::default().with("share_of_sequential_read", load_ratio)),
         m("baseline_load", "sequential_read", read, Extra::default()),
     ]
@@ -198,10 +238,19 @@ fn plan(data_pages: u64, heap_pages: u64, pct: u64) -> (u64, Vec<u64>) {
     (block, sample_sorted(block, count, SEED ^ pct))
 }
 
-/// One repetition; `read_first`: the reference's sequential read runs
-/// before the recovery instead of after it (alternated, so that the page
-/// cache favours neither side).
-fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<Rep> {
+/// A database child killed with SIGKILL once its heap was filled, flushed
+/// and partly rewritten, with its agent sealed.
+struct Crashed {
+    agent: Agent,
+    token: Token,
+    baseline: PathBuf,
+    block: u64,
+    dirty: Vec<u64>,
+    killed: Instant,
+    seal: f64,
+}
+
+fn crash(dir: &Path, gib: f64, pct: u64) -> anyhow::Result<Crashed> {
     let heap_bytes = ((gib * (1u64 << 30) as f64) as u64).next_multiple_of(1 << 21);
     let baseline = dir.join(format!("heap-{gib}-{pct}"));
     let _ = std::fs::remove_file(&baseline);
@@ -237,14 +286,21 @@ fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<R
     };
     let (block, data_pages): (u64, u64) = (block.parse()?, data_pages.parse()?);
     let (_, dirty) = plan(data_pages, heap_bytes / PAGE as u64, pct);
-
-    let mut raw_read = None;
     let killed = Instant::now();
     child.kill()?;
     if agent.wait_state(info::SEALED, SEAL_WAIT) != info::SEALED {
         return Err(anyhow::anyhow!("the agent did not seal within {SEAL_WAIT:?}"));
     }
     let seal = killed.elapsed().as_secs_f64();
+    Ok(Crashed { agent, token, baseline, block, dirty, killed, seal })
+}
+
+/// One repetition; `read_first`: the reference's sequential read runs
+/// before the recovery instead of after it (alternated, so that the page
+/// cache favours neither side).
+fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<Rep> {
+    let Crashed { agent, token, baseline, block, dirty, seal, .. } = crash(dir, gib, pct)?;
+    let mut raw_read = None;
     if read_first {
         raw_read = Some(sequential_read(&baseline)?);
     }
@@ -275,7 +331,40 @@ fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<R
         raw_stream,
         pages_pulled: report.pages_pulled,
         retries: report.retries,
+        ..Rep::default()
     })
+}
+
+/// The lazy half of a repetition: a second crash of the same shape,
+/// recovered lazily; fills the `lazy_*` figures of `rep`.
+fn lazy_rep(dir: &Path, gib: f64, pct: u64, rep: &mut Rep) -> anyhow::Result<()> {
+    let Crashed { agent, token, baseline, block, dirty, killed, .. } = crash(dir, gib, pct)?;
+    let mut o = RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token));
+    o.lazy = true;
+    let t = Instant::now();
+    let (heap, _) = recover(o).map_err(|e| anyhow::anyhow!("lazy recover: {e}"))?;
+    // The first use: the root and the block's header.
+    let d = scatter::find(&heap, block as usize).map_err(anyhow::Error::msg)?;
+    rep.lazy_first_use = t.elapsed().as_secs_f64();
+    rep.lazy_kill_to_first_use = killed.elapsed().as_secs_f64();
+    let st = heap.wait_lazy().ok_or_else(|| anyhow::anyhow!("the heap was not opened lazily"))?;
+    rep.lazy_full = t.elapsed().as_secs_f64();
+    if let Some(why) = st.failed {
+        return Err(anyhow::anyhow!("lazy loading failed: {why}"));
+    }
+    if st.poisoned > 0 || st.committed_epoch.is_none() {
+        return Err(anyhow::anyhow!(
+            "lazy loading ended with {} poisoned pages, committed {:?}",
+            st.poisoned,
+            st.committed_epoch
+        ));
+    }
+    rep.lazy_faults = st.faults;
+    scatter::verify(d, |p| u64::from(dirty.binary_search(&(p as u64)).is_ok())).map_err(anyhow::Error::msg)?;
+    heap.close().map_err(|e| anyhow::anyhow!("closing: {e}"))?;
+    drop(agent);
+    let _ = std::fs::remove_file(&baseline);
+    Ok(())
 }
 
 /// Seconds to read `path` front to back in 4 MiB reads.
