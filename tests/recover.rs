@@ -663,3 +663,84 @@ fn a_killed_recovery_resumes_where_it_stopped() {
     assert!(!resume.exists(), "the resume file is removed once the recovery is committed");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// Issue 9 §5: a page the agent cannot serve correctly (its hook serves it
+/// damaged under its true CRC). Eager recovery refuses, with nothing
+/// committed; lazy recovery poisons that page alone, reports it, and does
+/// not commit, while a damaged page the lists call clean comes from the
+/// baseline and every other page is intact.
+#[test]
+fn a_page_the_agent_cannot_serve_is_refused_eagerly_and_poisoned_lazily() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let (heap_mib, data_pages) = (32usize, 2000usize);
+    // Where the child's data block will be: the same allocations on a
+    // fresh heap of the same size land at the same pages.
+    let dir = std::env::temp_dir().join(format!("remem-recover-{}-poisonprobe", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let probe = Heap::create(
+        dir.join("probe"),
+        &HeapOptions::new((heap_mib as u64) << 20).tracking(remem::alloc::TrackMode::Fast).flush_interval(None),
+    )
+    .unwrap();
+    let d = scatter::setup(&probe, data_pages).unwrap();
+    let block = (d.base.as_ptr() as u64 - probe.base() as u64) / 4096;
+    probe.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Data page 100 is dirtied (every other page from 0), 101 is not.
+    let (dirty_victim, clean_victim) = (block + 100, block + 101);
+
+    let s = {
+        let dir = std::env::temp_dir().join(format!("remem-recover-{}-poison", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = Token::generate().unwrap();
+        let mut serve = ServeOptions::new(token.clone());
+        serve.listen = "127.0.0.1:0".parse().unwrap();
+        let o = AgentOptions::new(dir.join("agent").join("agent.sock"), serve)
+            .damaged_pages(vec![dirty_victim, clean_victim]);
+        Setup { baseline: dir.join("heap"), agent: Agent::start(o).unwrap(), dir, token }
+    };
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},2,0,fast"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::kill_after(child, "ready", Duration::ZERO);
+    assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(60)), info::SEALED);
+    let epoch = || {
+        use remem::alloc::baseline::{Baseline, FileBackend};
+        Baseline::open(FileBackend::open_read_only(&s.baseline).unwrap()).unwrap().info().epoch
+    };
+    let before = epoch();
+
+    let e = recover(RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone())))
+        .expect_err("an eager recovery with a page that fails its CRC");
+    assert!(e.to_string().contains("do not match the agent's CRC"), "{e}");
+    assert!(e.to_string().contains(&format!("page {dirty_victim}")), "{e}");
+    assert_eq!(epoch(), before, "nothing committed");
+
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.lazy = true;
+    let (heap, _) = recover(o).unwrap();
+    let st = heap.wait_lazy().unwrap();
+    assert_eq!((st.poisoned, st.poisoned_pages.clone()), (1, vec![dirty_victim]), "{st:?}");
+    assert!(st.failed.is_some() && st.committed_epoch.is_none(), "a poisoned heap is not committed: {st:?}");
+    let d = scatter::find(&heap, data_pages).unwrap();
+    let round = |p: usize| u64::from(p.is_multiple_of(2));
+    // Every page but the poisoned one (touching it would raise SIGBUS:
+    // tests/lazy.rs checks that), the damaged clean one included.
+    let first = scatter::Data { base: d.base, pages: 100 };
+    scatter::verify_from(first, 0, round).unwrap();
+    // SAFETY: data page 101 onward lie inside the data block.
+    let rest = scatter::Data { base: unsafe { d.base.add(101 * 4096) }, pages: data_pages - 101 };
+    scatter::verify_from(rest, 101, round).unwrap();
+    drop(heap);
+    assert_eq!(epoch(), before, "a poisoned heap is never committed");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
