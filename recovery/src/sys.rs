@@ -53,6 +53,27 @@ impl ReadMap {
     pub fn bytes(&self) -> &[u8] {
         &self.map
     }
+
+    /// Maps the pages of bytes `start..start + len` into this process's
+    /// page tables in one call (`MADV_POPULATE_READ`, Linux 5.14), so that
+    /// reading them next takes no page fault per page. Only for ranges that
+    /// hold data: populating a hole of a memfd allocates it. A kernel
+    /// without it (or a range past the end) just leaves the faults to the
+    /// reads: `false`.
+    pub fn populate(&self, start: usize, len: usize) -> bool {
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        let Some(end) = start.checked_add(len).filter(|&e| e <= self.map.len()) else { return false };
+        let page = 4096;
+        let first = start / page * page;
+        if end <= first {
+            return true;
+        }
+        // SAFETY: the range lies inside our mapping; MADV_POPULATE_READ only
+        // faults pages in for reading and changes no contents.
+        unsafe {
+            libc::madvise(self.map.as_ptr().add(first) as *mut libc::c_void, end - first, MADV_POPULATE_READ) == 0
+        }
+    }
 }
 
 impl AsRef<[u8]> for ReadMap {

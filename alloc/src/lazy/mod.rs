@@ -573,7 +573,9 @@ pub(crate) fn durability(
     let (tracker, wp): (Box<dyn Tracker>, Option<WpFaults>) = match mode {
         TrackMode::Fast => (Box::new(FastTracker::on_shared(region, dup()?)?), None),
         TrackMode::Precise => {
-            let (t, wp) = PreciseTracker::on_shared(region, Some(Box::new(control.current_words())), dup()?)?;
+            use std::os::fd::AsFd;
+            let fd = raw.as_fd().try_clone_to_owned().map_err(TrackError::sys("dup"))?;
+            let (t, wp) = PreciseTracker::on_shared(region, Some(Box::new(control.current_words())), fd)?;
             (Box::new(t), Some(wp))
         }
         _ => (Box::new(NoTracking::new(region.pages(), region.page_size())), None),

@@ -22,16 +22,16 @@
 //! which poll(2) cannot wait on: the kernel answers `EPOLLERR`).
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use super::bitmap::{push_bits, word_runs, DirtyBitmap, OwnedWords, RunMerger, WordStore};
-use super::builder::{check_features, open_registered, probe_with, TrackerBuilder};
+use super::builder::{check_features, probe_with, TrackerBuilder};
 use super::error::{Result, TrackError};
 use super::features::UffdFeatures;
-use super::sys::{self, MmapBox, Uffd, UffdMsg};
+use super::sys::{self, MmapBox};
 use super::{Region, TrackMode, Tracker};
 
 /// Events read per `read(2)`.
@@ -44,6 +44,105 @@ const OP_POLL: u32 = 1;
 const OP_READ: u32 = 2;
 const OP_UNPROTECT: u32 = 3;
 const OP_WAKE: u32 = 4;
+
+/// The userfaultfd of a precise tracker: the `userfaultfd` crate's, with
+/// the EAGAIN retries and the `io::Error`s this module uses (everything
+/// precise mode needs is in the crate; fast mode's `WP_ASYNC` and
+/// `PAGEMAP_SCAN` are not, and stay in `sys`).
+#[derive(Debug)]
+struct Uffd(userfaultfd::Uffd);
+
+/// One fault event: the page address and whether it is a write-protect fault.
+#[derive(Clone, Copy, Default)]
+struct Fault {
+    addr: u64,
+    wp: bool,
+}
+
+fn crate_err(e: userfaultfd::Error) -> io::Error {
+    match e {
+        userfaultfd::Error::SystemError(errno) => io::Error::from_raw_os_error(errno as i32),
+        userfaultfd::Error::OpenDevUserfaultfd(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl Uffd {
+    /// A new userfaultfd with `features` negotiated. Faults from the kernel
+    /// (a `read(2)` into tracked memory) are reported too, not only user
+    /// mode ones.
+    fn open(close_on_exec: bool, non_blocking: bool, features: UffdFeatures) -> io::Result<Uffd> {
+        userfaultfd::UffdBuilder::new()
+            .close_on_exec(close_on_exec)
+            .non_blocking(non_blocking)
+            .user_mode_only(false)
+            .require_features(userfaultfd::FeatureFlags::from_bits_retain(features.bits()))
+            .create()
+            .map(Uffd)
+            .map_err(crate_err)
+    }
+
+    /// Adopts a descriptor that is a userfaultfd (a shared context).
+    fn from_owned(fd: OwnedFd) -> Uffd {
+        Uffd(sys::crate_uffd(fd))
+    }
+
+    fn try_clone(&self) -> io::Result<Uffd> {
+        Ok(Uffd::from_owned(self.as_fd().try_clone_to_owned()?))
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// `UFFDIO_REGISTER` for write-protection; whether the kernel allows
+    /// `UFFDIO_WRITEPROTECT` on the range.
+    fn register_wp(&self, start: u64, len: u64) -> io::Result<bool> {
+        let ioctls = self
+            .0
+            .register_with_mode(start as *mut libc::c_void, len as usize, userfaultfd::RegisterMode::WRITE_PROTECT)
+            .map_err(crate_err)?;
+        Ok(ioctls.contains(userfaultfd::IoctlFlags::WRITE_PROTECT))
+    }
+
+    fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        self.0.unregister(start as *mut libc::c_void, len as usize).map_err(crate_err)
+    }
+
+    /// Protects, or un-protects and wakes. Retries while the kernel answers
+    /// EAGAIN (the mm is changing under a concurrent event).
+    fn writeprotect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
+        let (ptr, len) = (start as *mut libc::c_void, len as usize);
+        loop {
+            let r =
+                if protect { self.0.write_protect(ptr, len) } else { self.0.remove_write_protection(ptr, len, true) };
+            match r.map_err(crate_err) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        self.0.wake(start as *mut libc::c_void, len as usize).map_err(crate_err)
+    }
+
+    /// Reads one event (the crate reads it into a buffer on the stack, so
+    /// the handler allocates nothing): `None` when none is pending on a
+    /// non-blocking descriptor. Events other than page faults (none are
+    /// asked for) read as a non-write-protect fault at address 0.
+    fn read_fault(&self) -> io::Result<Option<Fault>> {
+        match self.0.read_event().map_err(crate_err)? {
+            None => Ok(None),
+            Some(userfaultfd::Event::Pagefault { kind, addr, .. }) => {
+                Ok(Some(Fault { addr: addr as u64, wp: kind == userfaultfd::FaultKind::WriteProtected }))
+            }
+            Some(_) => Ok(Some(Fault::default())),
+        }
+    }
+}
 
 /// State the handler thread writes; lives in its own mapping (never in
 /// tracked memory). `std::sync::Mutex` is a single futex word with no
@@ -108,19 +207,19 @@ impl Shared {
     }
 
     /// Handles one batch of events.
-    fn handle(&self, uffd: &Uffd, msgs: &[UffdMsg]) -> std::result::Result<(), (u32, io::Error)> {
+    fn handle(&self, uffd: &Uffd, faults: &[Fault]) -> std::result::Result<(), (u32, io::Error)> {
         let ps = self.region.page_size() as u64;
         let _g = self.lock_faults();
         // Counted before any writer is released, so a writer that returns
         // from its fault sees its fault counted.
-        self.ctl.faults.fetch_add(msgs.len() as u64, Ordering::Relaxed);
-        for m in msgs {
-            if m.event != sys::UFFD_EVENT_PAGEFAULT {
+        self.ctl.faults.fetch_add(faults.len() as u64, Ordering::Relaxed);
+        for m in faults {
+            if m.addr == 0 {
                 continue; // no other event was asked for
             }
-            let addr = m.pagefault_address() & !(ps - 1);
+            let addr = m.addr & !(ps - 1);
             match self.region.page_of(addr) {
-                Some(page) if m.pagefault_flags() & sys::UFFD_PAGEFAULT_FLAG_WP != 0 => {
+                Some(page) if m.wp => {
                     // Record first, then un-protect: the page becomes
                     // writable only once its bit is set.
                     self.dirty.set(page);
@@ -218,13 +317,18 @@ impl PreciseTracker {
         })
         .map_err(TrackError::sys("mmap"))?;
 
-        let uffd = open_registered(
-            b,
-            wanted,
-            region,
-            "5.19 for memfd/shmem (5.7 for anonymous memory)",
-            "use a memfd or anonymous mapping, or TrackMode::Off to opt out",
-        )?;
+        let uffd = Uffd::open(b.close_on_exec, b.non_blocking, wanted).map_err(TrackError::from_open)?;
+        let wp = uffd
+            .register_wp(region.base, region.len)
+            .map_err(|e| TrackError::from_register(region.base as usize, region.len as usize, e))?;
+        if !wp {
+            return Err(TrackError::FeatureMissing {
+                feature: "UFFDIO_WRITEPROTECT on this kind of mapping",
+                since: "5.19 for memfd/shmem (5.7 for anonymous memory)",
+                kernel: sys::kernel_release(),
+                hint: "use a memfd or anonymous mapping, or TrackMode::Off to opt out",
+            });
+        }
 
         let ps = region.page_size() as u64;
         let doorbell = OwnedWords::new(ps as usize / 8).map_err(TrackError::sys("mmap"))?;
@@ -252,7 +356,12 @@ impl PreciseTracker {
     /// starts no thread: whoever reads the context's events hands each
     /// write-protect fault to the returned [`WpFaults`]. Starts clean: the
     /// loader installs every page write-protected.
-    pub(crate) fn on_shared(region: Region, store: Option<Box<dyn WordStore>>, uffd: Uffd) -> Result<(Self, WpFaults)> {
+    pub(crate) fn on_shared(
+        region: Region,
+        store: Option<Box<dyn WordStore>>,
+        uffd: OwnedFd,
+    ) -> Result<(Self, WpFaults)> {
+        let uffd = Uffd::from_owned(uffd);
         let pages = region.pages();
         let dirty = match store {
             Some(s) => DirtyBitmap::with_store(s, pages)?,
@@ -465,7 +574,7 @@ fn run_handler(uffd: Uffd, shared: Arc<Shared>, non_blocking: bool) {
 /// until the stop flag is up. Touches only its stack, the dirty set and
 /// `Control`.
 fn handler_loop(uffd: &Uffd, shared: &Shared, non_blocking: bool) -> std::result::Result<(), (u32, io::Error)> {
-    let mut msgs = [UffdMsg::ZERO; MSG_BATCH];
+    let mut msgs = [Fault::default(); MSG_BATCH];
     loop {
         if non_blocking {
             match sys::poll_in(uffd.as_fd(), -1) {
@@ -478,20 +587,32 @@ fn handler_loop(uffd: &Uffd, shared: &Shared, non_blocking: bool) -> std::result
                 Err(e) => return Err((OP_POLL, e)),
             }
         }
-        // Drain. A non-blocking descriptor is read until EAGAIN. A blocking
-        // one waits for the first event only and then returns every pending
-        // event (up to the buffer); the next read picks up the rest.
+        // Drain, a batch of up to MSG_BATCH events per lock. A non-blocking
+        // descriptor is read until no event is pending. A blocking one waits
+        // for the first event, which is handled alone (a second read would
+        // wait for another event); the next pass picks up the rest.
         loop {
-            match uffd.read_msgs(&mut msgs) {
-                Ok(n) => {
-                    shared.handle(uffd, &msgs[..n])?;
-                    if n < MSG_BATCH || !non_blocking {
-                        break;
+            let mut n = 0;
+            while n < MSG_BATCH {
+                match uffd.read_fault() {
+                    Ok(Some(f)) => {
+                        msgs[n] = f;
+                        n += 1;
+                        if !non_blocking {
+                            break;
+                        }
                     }
+                    Ok(None) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err((OP_READ, e)),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((OP_READ, e)),
+            }
+            if n > 0 {
+                shared.handle(uffd, &msgs[..n])?;
+            }
+            if n < MSG_BATCH || !non_blocking {
+                break;
             }
         }
         if shared.ctl.stop.load(Ordering::Acquire) {

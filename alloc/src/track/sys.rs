@@ -1,7 +1,12 @@
 //! The tracker's syscall layer: the only file of `track` with `unsafe`.
 //!
-//! Neither `libc` nor `linux-raw-sys` defines the userfaultfd write-protect
-//! structs or `PAGEMAP_SCAN`, so they are written out here once, from the
+//! Precise mode (and lazy loading) use the `userfaultfd` crate; what it
+//! lacks is here: the fast mode's descriptor (`UFFD_FEATURE_WP_ASYNC`
+//! negotiated and registered by hand, and the feature probe),
+//! `PAGEMAP_SCAN`, `UFFDIO_COPY` with `UFFDIO_COPY_MODE_WP` and
+//! `UFFDIO_POISON`. Neither `libc` nor `linux-raw-sys` defines the
+//! userfaultfd write-protect structs or `PAGEMAP_SCAN`, so they are written
+//! out here once, from the
 //! kernel's uapi headers (`linux/userfaultfd.h`, `linux/fs.h`), and a test
 //! checks every ioctl number, struct size and field offset against the
 //! values the kernel headers give (measured on Linux 6.18).
@@ -20,9 +25,9 @@
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::mem::{size_of, size_of_val};
+use std::mem::size_of;
 use std::ops::Deref;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
@@ -53,11 +58,6 @@ pub(crate) const fn io_(ty: u8, nr: u8) -> u32 {
     ioc(IOC_NONE, ty, nr, 0)
 }
 
-/// `_IOR(type, nr, size)`.
-pub(crate) const fn ior(ty: u8, nr: u8, size: usize) -> u32 {
-    ioc(IOC_READ, ty, nr, size)
-}
-
 /// `_IOWR(type, nr, size)`.
 pub(crate) const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
     ioc(IOC_READ | IOC_WRITE, ty, nr, size)
@@ -70,8 +70,6 @@ pub(crate) const UFFD_API: u64 = 0xAA;
 
 pub(crate) const UFFDIO_API: u32 = iowr(UFFDIO, 0x3F, size_of::<UffdioApi>());
 pub(crate) const UFFDIO_REGISTER: u32 = iowr(UFFDIO, 0x00, size_of::<UffdioRegister>());
-pub(crate) const UFFDIO_UNREGISTER: u32 = ior(UFFDIO, 0x01, size_of::<UffdioRange>());
-pub(crate) const UFFDIO_WAKE: u32 = ior(UFFDIO, 0x02, size_of::<UffdioRange>());
 pub(crate) const UFFDIO_WRITEPROTECT: u32 = iowr(UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
 /// `/dev/userfaultfd`'s only ioctl: make a new userfaultfd (Linux ≥ 6.1).
 pub(crate) const USERFAULTFD_IOC_NEW: u32 = io_(UFFDIO, 0x00);
@@ -83,9 +81,6 @@ pub(crate) const UFFDIO_WRITEPROTECT_IOCTL_BIT: u64 = 1 << 0x06;
 
 pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-
-pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-pub(crate) const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 // PAGEMAP_SCAN flags and page categories (include/uapi/linux/fs.h).
 pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -128,33 +123,6 @@ pub(crate) struct UffdioRegister {
 pub(crate) struct UffdioWriteprotect {
     pub range: UffdioRange,
     pub mode: u64,
-}
-
-/// `struct uffd_msg` (declared `__packed` in C, but naturally aligned: 32
-/// bytes). The union `arg` is kept as three words; for a page fault they are
-/// `flags`, `address` and `feat.ptid`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct UffdMsg {
-    pub event: u8,
-    pub reserved1: u8,
-    pub reserved2: u16,
-    pub reserved3: u32,
-    pub arg: [u64; 3],
-}
-
-impl UffdMsg {
-    pub(crate) const ZERO: Self = Self { event: 0, reserved1: 0, reserved2: 0, reserved3: 0, arg: [0; 3] };
-
-    /// `arg.pagefault.flags`.
-    pub(crate) fn pagefault_flags(&self) -> u64 {
-        self.arg[0]
-    }
-
-    /// `arg.pagefault.address`.
-    pub(crate) fn pagefault_address(&self) -> u64 {
-        self.arg[1]
-    }
 }
 
 /// `struct pm_scan_arg` (12 × u64).
@@ -289,13 +257,6 @@ impl Uffd {
         Ok(r.ioctls)
     }
 
-    /// `UFFDIO_UNREGISTER`: the range stops being tracked, its
-    /// write-protection is dropped and blocked faulting threads are woken.
-    pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut r = UffdioRange { start, len };
-        ioctl_ptr(self.0.as_fd(), UFFDIO_UNREGISTER, &mut r).map(drop)
-    }
-
     /// `UFFDIO_WRITEPROTECT`: protect (`mode WP`) or unprotect and wake
     /// (`mode 0`). Retries while the kernel answers EAGAIN (the mm is
     /// changing under a concurrent non-cooperative event).
@@ -310,25 +271,6 @@ impl Uffd {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// `UFFDIO_WAKE`: wake threads blocked on faults in the range.
-    pub(crate) fn wake(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut r = UffdioRange { start, len };
-        ioctl_ptr(self.0.as_fd(), UFFDIO_WAKE, &mut r).map(drop)
-    }
-
-    /// Reads pending events into `buf`; returns how many it got. With a
-    /// blocking descriptor this waits for the first event only.
-    pub(crate) fn read_msgs(&self, buf: &mut [UffdMsg]) -> io::Result<usize> {
-        // SAFETY: read(2) writes at most size_of_val(buf) bytes into `buf`,
-        // which is exclusively borrowed; UffdMsg is plain old data, so any
-        // bytes the kernel writes form a valid value.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), size_of_val(buf)) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize / size_of::<UffdMsg>())
     }
 }
 
@@ -391,6 +333,14 @@ pub(crate) fn uffd_poison(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -
     let r = ioctl_ptr(fd, UFFDIO_POISON, &mut p);
     let done = if p.updated > 0 { p.updated as u64 } else { 0 };
     (done, r.err())
+}
+
+/// The `userfaultfd` crate's handle on the userfaultfd `fd` (which it
+/// then owns and closes).
+pub(crate) fn crate_uffd(fd: OwnedFd) -> userfaultfd::Uffd {
+    // SAFETY: `fd` is an open descriptor we own, handed over whole: the
+    // crate's `Uffd` is its only owner from here on.
+    unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) }
 }
 
 impl Uffd {
@@ -819,7 +769,7 @@ unsafe impl Sync for TestRegion {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{align_of, offset_of};
+    use std::mem::offset_of;
 
     /// Every number and layout checked against the kernel's uapi headers
     /// (values printed by a C program including `linux/userfaultfd.h` and
@@ -828,8 +778,6 @@ mod tests {
     fn constants_match_kernel_headers() {
         assert_eq!(UFFDIO_API, 0xC018_AA3F);
         assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
-        assert_eq!(UFFDIO_UNREGISTER, 0x8010_AA01);
-        assert_eq!(UFFDIO_WAKE, 0x8010_AA02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
         assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
@@ -837,8 +785,6 @@ mod tests {
         assert_eq!(UFFDIO_WRITEPROTECT_IOCTL_BIT, 1 << 6);
         assert_eq!(UFFDIO_REGISTER_MODE_WP, 2);
         assert_eq!(UFFDIO_WRITEPROTECT_MODE_WP, 1);
-        assert_eq!(UFFD_EVENT_PAGEFAULT, 0x12);
-        assert_eq!(UFFD_PAGEFAULT_FLAG_WP, 2);
         assert_eq!(PM_SCAN_WP_MATCHING, 1);
         assert_eq!(PM_SCAN_CHECK_WPASYNC, 2);
         assert_eq!(PAGE_IS_WRITTEN, 2);
@@ -847,14 +793,9 @@ mod tests {
         assert_eq!(size_of::<UffdioRange>(), 16);
         assert_eq!(size_of::<UffdioRegister>(), 32);
         assert_eq!(size_of::<UffdioWriteprotect>(), 24);
-        assert_eq!(size_of::<UffdMsg>(), 32);
         assert_eq!(size_of::<PmScanArg>(), 96);
         assert_eq!(size_of::<PageRegion>(), 24);
-        assert_eq!(align_of::<UffdMsg>(), 8);
 
-        // struct uffd_msg: event @0, arg.pagefault.{flags @8, address @16, feat.ptid @24}.
-        assert_eq!(offset_of!(UffdMsg, event), 0);
-        assert_eq!(offset_of!(UffdMsg, arg), 8);
         // struct pm_scan_arg field order.
         assert_eq!(offset_of!(PmScanArg, walk_end), 32);
         assert_eq!(offset_of!(PmScanArg, vec_len), 48);
@@ -865,7 +806,6 @@ mod tests {
     #[test]
     fn ioc_formula() {
         assert_eq!(iowr(0xAA, 0x3F, 24), 0xC018_AA3F);
-        assert_eq!(ior(0xAA, 0x01, 16), 0x8010_AA01);
         assert_eq!(io_(0xAA, 0), 0xAA00);
         // <linux/userfaultfd.h>: _IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy) and
         // _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison).

@@ -151,6 +151,13 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         let mut start = 0u64;
         while start < job.npages {
             let end = (start + CHUNK).min(job.npages);
+            // The chunk's data pages, faulted in at once rather than one by one.
+            for &(s, e) in &ranges {
+                let (s, e) = (s.max(start * 4096), e.min(end * 4096));
+                if s < e {
+                    job.heap.populate(s as usize, (e - s) as usize);
+                }
+            }
             let mut crcs = Vec::with_capacity(4 * (end - start) as usize);
             let mut words = vec![0u64; (end - start).div_ceil(64) as usize];
             for p in start..end {
