@@ -313,3 +313,40 @@ proptest::proptest! {
         again.close().unwrap();
     }
 }
+
+/// Fast mode: the pages a lazily loading heap never installed (holes, known
+/// zero) are not write-protected up front; scans leave them out until the
+/// first harvest marks them. Neither that commit nor a later one writes
+/// them, and a write to one after the load (its first touch installs it
+/// write-protected) is tracked and committed.
+#[test]
+fn fast_mode_holes_stay_out_of_commits_and_a_write_to_one_is_committed() {
+    let path = tmp("holes-fast");
+    fill(&path, 64 << 20, 50, 40_000);
+    let heap = Heap::open_lazy(&path, &opts(TrackMode::Fast), baseline_source(&path)).unwrap();
+    let st = heap.wait_lazy().unwrap();
+    assert!(st.settled && st.failed.is_none() && st.committed_epoch.is_some(), "{st:?}");
+    assert!(st.zero > st.pages / 2, "the heap should be mostly holes: {st:?}");
+    let after_load = heap.flush_stats().unwrap().pages_flushed;
+    assert!(after_load < st.pages / 4, "{after_load} of {} pages committed", st.pages);
+    let e = heap.flush().unwrap();
+    heap.wait_durable(e).unwrap();
+    let idle = heap.flush_stats().unwrap().pages_flushed - after_load;
+    assert!(idle < 16, "a flush with nothing written committed {idle} pages");
+    // A 1 MiB block: fresh pages, holes until now.
+    let p = heap.alloc(1 << 20).unwrap();
+    // SAFETY: the block is ours.
+    unsafe { std::ptr::write_bytes(p.as_ptr(), 0x77, 1 << 20) };
+    let e = heap.flush().unwrap();
+    heap.wait_durable(e).unwrap();
+    let wrote = heap.flush_stats().unwrap().pages_flushed - after_load - idle;
+    assert!(wrote >= 256, "the written block's 256 pages were not all committed: {wrote}");
+    let pa = p.as_ptr() as usize;
+    heap.close().unwrap();
+    let heap = Heap::open_with(&path, &opts(TrackMode::Fast)).unwrap();
+    // SAFETY: the block survived at the same address (never freed).
+    let bytes = unsafe { std::slice::from_raw_parts(pa as *const u8, 1 << 20) };
+    assert!(bytes.iter().all(|&b| b == 0x77), "the write to a hole page did not reach the baseline");
+    check_blocks(&heap, 40_000);
+    heap.close().unwrap();
+}

@@ -759,10 +759,14 @@ impl Heap {
         let region = Region::map(fd, header.base, size)?;
         let (uffd, raw) =
             crate::lazy::open_uffd(region.base(), region.len(), opts.tracking == TrackMode::Fast).map_err(lazy_err)?;
-        let (dur, wp) =
-            crate::lazy::durability(region.base(), region.len(), &header.uuid, baseline, opts.tracking, &raw)?;
         let npages = header.layout.npages();
-        let lazy = crate::lazy::Lazy::new(region.base(), npages, (uffd, raw), source, dur.clone(), wp);
+        let states = Arc::new(crate::source::PageStates::new(npages).map_err(|e| {
+            lazy_err(crate::lazy::LazyError::Uffd { op: "mapping the page state table", reason: e.to_string() })
+        })?);
+        let tracking =
+            crate::lazy::durability(region.base(), region.len(), &header.uuid, baseline, opts.tracking, &raw, &states)?;
+        let dur = tracking.0.clone();
+        let lazy = crate::lazy::Lazy::new(region.base(), (uffd, raw), source, states, tracking);
         let lazy = Arc::new(lazy.map_err(lazy_err)?);
         lazy.start_faults().map_err(lazy_err)?;
         lazy.fetch_now(0, header.layout.first_data_page()).map_err(lazy_err)?;

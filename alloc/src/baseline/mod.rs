@@ -175,6 +175,7 @@ mod backend;
 mod error;
 mod faulty;
 pub mod format;
+mod index;
 mod store;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,5 @@
 //! [`Baseline`]: create/open, commit, apply, fence and load over a [`Backend`].
 
-use std::collections::BTreeMap;
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,6 +9,7 @@ use super::format::{
     decode_table, encode_table, zero_page_crc, Layout, SegEntry, SegHeader, SlotError, Superblock, MAX_JOURNAL_LEN,
     PAGE, PAGE_SIZE, SEG_HEADER, SEG_MAX_BYTES, SEG_MAX_PAGES, SLOT_SIZE, TABLE_OFF, VERSION,
 };
+use super::index::{JEntry, JournalIndex};
 use crate::source::PageRead;
 
 /// Pages per read or write of the image area and CRC table (the I/O buffer is one
@@ -61,15 +61,6 @@ pub struct LoadReport {
     pub info: CommitInfo,
 }
 
-/// Where a committed journal page is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct JEntry {
-    /// File offset of the page.
-    off: u64,
-    /// CRC32 of the page.
-    crc: u32,
-}
-
 /// A compaction in progress ([`Baseline::apply_step`]).
 struct Applying {
     /// The whole journal when this pass began (sorted by page).
@@ -94,7 +85,7 @@ struct Committed {
     sb: Superblock,
     discarded: Option<DiscardedSlot>,
     table: Vec<u32>,
-    journal: BTreeMap<u64, JEntry>,
+    journal: JournalIndex,
 }
 
 /// The crash-atomic, durable copy of a heap: see the [module documentation](super).
@@ -110,7 +101,7 @@ pub struct Baseline<B: Backend> {
     /// The CRC table as on disk (as of the last apply).
     table: Vec<u32>,
     /// The committed journal, newest entry per page.
-    journal: BTreeMap<u64, JEntry>,
+    journal: JournalIndex,
     /// I/O buffer: one segment (header + 254 pages), also used for image and table runs.
     buf: Vec<u8>,
     /// Why writes are refused, after a failed write or sync.
@@ -256,10 +247,9 @@ fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
 }
 
 /// Indexes the committed journal: the newest entry per page.
-fn read_journal<B: Backend>(backend: &B, sb: &Superblock, layout: &Layout) -> Result<BTreeMap<u64, JEntry>> {
-    // Every entry in journal order, then one bulk build: collecting into a
-    // BTreeMap sorts stably and keeps the last entry of equal keys (the
-    // newest), several times faster than inserting each entry.
+fn read_journal<B: Backend>(backend: &B, sb: &Superblock, layout: &Layout) -> Result<JournalIndex> {
+    // Every entry in journal order, then one bulk build (a stable sort that
+    // keeps the last entry of each page: the newest).
     // At most one entry per journal page after the first header: one
     // allocation (growing a vector this large would copy and fault it twice).
     let mut journal = Vec::with_capacity((sb.journal_len / PAGE) as usize);
@@ -360,7 +350,7 @@ impl<B: Backend> Baseline<B> {
                 journal_base_seq: 1,
             },
             table,
-            journal: BTreeMap::new(),
+            journal: JournalIndex::default(),
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: None,
@@ -634,7 +624,7 @@ impl<B: Backend> Baseline<B> {
             None if self.sb.journal_len == 0 => return Ok(true),
             None => {
                 let dup_seq = self.duplicate_superblock()?;
-                let journal: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+                let journal: Vec<(u64, JEntry)> = self.journal.to_vec();
                 Applying { entries: journal.clone(), journal, done: 0, dup_seq, passes: 1 }
             }
         };
@@ -654,7 +644,7 @@ impl<B: Backend> Baseline<B> {
             .collect();
         if delta.len() > max_pages && a.passes < MAX_APPLY_PASSES {
             let dup_seq = self.duplicate_superblock()?;
-            let journal = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+            let journal = self.journal.to_vec();
             self.applying = Some(Applying { journal, entries: delta, done: 0, dup_seq, passes: a.passes + 1 });
             return Ok(false);
         }
@@ -663,7 +653,7 @@ impl<B: Backend> Baseline<B> {
         }
         self.write_image_pages(&delta)?;
         // The table pages that hold a changed CRC, in runs of adjacent table pages.
-        let entries: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+        let entries: Vec<(u64, JEntry)> = self.journal.to_vec();
         let mut chunks: Vec<u64> = entries.iter().map(|&(p, _)| p / TABLE_PER_PAGE).collect();
         chunks.dedup();
         let mut k = 0;
@@ -966,7 +956,7 @@ impl<B: Backend> Baseline<B> {
     /// file order, checking each page's CRC); with `skip_zero`, all-zero pages are not
     /// written (`dst` holds zeros there). Returns the journal pages and those skipped.
     fn load_journal(&self, dst: &mut [u8], skip_zero: bool) -> Result<(u64, u64)> {
-        let mut by_off: Vec<(u64, JEntry)> = self.journal.iter().map(|(&p, &e)| (p, e)).collect();
+        let mut by_off: Vec<(u64, JEntry)> = self.journal.to_vec();
         by_off.sort_unstable_by_key(|&(_, e)| e.off);
         let mut skipped = 0;
         let mut tmp = vec![0u8; RUN_PAGES * PAGE_SIZE];

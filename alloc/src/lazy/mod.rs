@@ -149,7 +149,7 @@ pub(crate) struct Lazy {
     /// The same context, for the hand-written ioctls.
     raw: RawUffd,
     source: Arc<dyn PageSource>,
-    states: PageStates,
+    states: Arc<PageStates>,
     durability: Arc<Durability>,
     wp: Option<WpFaults>,
     faults: AtomicU64,
@@ -213,11 +213,10 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 impl Lazy {
     pub(crate) fn new(
         base: *mut u8,
-        pages: u64,
         (uffd, raw): (userfaultfd::Uffd, RawUffd),
         source: Arc<dyn PageSource>,
-        durability: Arc<Durability>,
-        wp: Option<WpFaults>,
+        states: Arc<PageStates>,
+        (durability, wp): (Arc<Durability>, Option<WpFaults>),
     ) -> Result<Lazy, LazyError> {
         let sys = |op| move |e: io::Error| LazyError::Uffd { op, reason: e.to_string() };
         Ok(Lazy {
@@ -225,7 +224,7 @@ impl Lazy {
             uffd,
             raw,
             source,
-            states: PageStates::new(pages).map_err(sys("mapping the page state table"))?,
+            states,
             durability,
             wp,
             faults: AtomicU64::new(0),
@@ -565,13 +564,32 @@ pub(crate) fn durability(
     baseline: crate::baseline::Baseline<Arc<dyn crate::baseline::Backend>>,
     mode: track::TrackMode,
     raw: &RawUffd,
+    states: &Arc<PageStates>,
 ) -> Result<(Arc<Durability>, Option<WpFaults>), crate::error::OpenError> {
     use crate::track::{FastTracker, NoTracking, PreciseTracker, TrackError, TrackMode, Tracker};
+    if (states.pages() as usize).checked_mul(PAGE_SIZE) != Some(len) {
+        return Err(crate::error::OpenError::Corrupt {
+            path: "<lazy heap>".into(),
+            reason: format!("a state table of {} pages for a range of {len} bytes", states.pages()),
+        });
+    }
     let region = track::Region::new(base, len)?;
     let control = crate::control::Control::create(uuid, region.pages(), mode)?;
     let dup = || raw.try_clone().map_err(TrackError::sys("dup"));
     let (tracker, wp): (Box<dyn Tracker>, Option<WpFaults>) = match mode {
-        TrackMode::Fast => (Box::new(FastTracker::on_shared(region, dup()?)?), None),
+        // Nothing is installed yet, and a hole without a write-protect
+        // marker counts as written for PAGEMAP_SCAN. Rather than marking
+        // every hole now (a walk over the whole range before first use),
+        // scans leave out the pages still known zero and never touched
+        // (state Zero: a write to one first raises a missing-page fault,
+        // which installs it write-protected); no flush runs before every
+        // page is settled, and pages installed since are write-protected
+        // by UFFDIO_COPY_MODE_WP. The first harvest marks the holes.
+        TrackMode::Fast => {
+            let states = Arc::clone(states);
+            let clean = Box::new(move |p: u64| states.get(p) == PageState::Zero);
+            (Box::new(FastTracker::on_shared(region, dup()?)?.with_known_clean(clean)), None)
+        }
         TrackMode::Precise => {
             use std::os::fd::AsFd;
             let fd = raw.as_fd().try_clone_to_owned().map_err(TrackError::sys("dup"))?;
@@ -580,13 +598,5 @@ pub(crate) fn durability(
         }
         _ => (Box::new(NoTracking::new(region.pages(), region.page_size())), None),
     };
-    if mode == TrackMode::Fast {
-        // Nothing is installed yet. A hole without a write-protect marker
-        // counts as written for PAGEMAP_SCAN, so mark every hole now (a
-        // missing page still raises a missing-page fault, and UFFDIO_COPY
-        // fills a marked hole): otherwise the first flush would write every
-        // page the heap never touched.
-        tracker.protect_all()?;
-    }
     Ok((Arc::new(Durability::new(baseline, tracker, control)?), wp))
 }

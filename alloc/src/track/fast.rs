@@ -29,8 +29,11 @@ use super::{Region, TrackMode, Tracker};
 /// holds 512; 12 KiB on the stack).
 const SCAN_BATCH: usize = 512;
 
+/// Says which pages are known unwritten whatever their page table entry
+/// says (see [`FastTracker::with_known_clean`]).
+pub(crate) type KnownClean = Box<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// Asynchronous write-protect tracking harvested by `PAGEMAP_SCAN`.
-#[derive(Debug)]
 pub struct FastTracker {
     region: Region,
     uffd: Uffd,
@@ -38,6 +41,17 @@ pub struct FastTracker {
     /// Pages marked by [`Tracker::mark_dirty`] (and, until the first harvest
     /// or `protect_all`, every page): merged into the next harvest.
     marked: DirtyBitmap,
+    /// Pages never to report from a scan (a lazily loading heap's holes).
+    known_clean: Option<KnownClean>,
+}
+
+impl std::fmt::Debug for FastTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastTracker")
+            .field("region", &self.region)
+            .field("known_clean", &self.known_clean.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FastTracker {
@@ -93,7 +107,21 @@ impl FastTracker {
             Err(e) => return Err(TrackError::Sys { op: "PAGEMAP_SCAN", source: e }),
         }
         let marked = DirtyBitmap::new(region.pages())?;
-        Ok(Self { region, uffd, pagemap, marked })
+        Ok(Self { region, uffd, pagemap, marked, known_clean: None })
+    }
+
+    /// Pages for which `clean` says true are left out of every scan's
+    /// result (they are still re-protected by a harvest). For a lazily
+    /// loading heap: a page not installed yet is an empty entry, which
+    /// `PAGEMAP_SCAN` counts as written unless a write-protect marker was
+    /// put there; `clean` says which pages are such holes (known zero and
+    /// never touched: a write to one would first raise a missing-page
+    /// fault and install it), so the range need not be marked up front (a
+    /// walk over every page table of the heap). The first harvest marks
+    /// them in passing.
+    pub(crate) fn with_known_clean(mut self, clean: KnownClean) -> Self {
+        self.known_clean = Some(clean);
+        self
     }
 
     /// One get-and-re-protect pass over the region: calls `f(first, end)`
@@ -120,7 +148,25 @@ impl FastTracker {
                 .scan(start, end, flags, sys::PAGE_IS_WRITTEN, &mut vec)
                 .map_err(TrackError::sys("PAGEMAP_SCAN"))?;
             for reg in &vec[..n] {
-                f(r.page_of_clamped(reg.start), r.page_of_clamped(reg.end));
+                let (a, b) = (r.page_of_clamped(reg.start), r.page_of_clamped(reg.end));
+                match &self.known_clean {
+                    None => f(a, b),
+                    Some(clean) => {
+                        // The run without its known-clean pages, as sub-runs.
+                        let mut s = a;
+                        for p in a..b {
+                            if clean(p) {
+                                if s < p {
+                                    f(s, p);
+                                }
+                                s = p + 1;
+                            }
+                        }
+                        if s < b {
+                            f(s, b);
+                        }
+                    }
+                }
             }
             // A call that returns fewer regions than the buffer holds has
             // walked the whole range. Its walk_end can then be stale (an
