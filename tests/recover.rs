@@ -744,3 +744,70 @@ fn a_page_the_agent_cannot_serve_is_refused_eagerly_and_poisoned_lazily() {
     assert_eq!(epoch(), before, "a poisoned heap is never committed");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// Issue 9 §3: a lazy recovery of a fast-mode heap does not wait for the
+/// agent's seal (a whole pass over the dead owner's memory, seconds on a
+/// large heap; here slowed by a pause after every chunk). It starts while
+/// the agent is still sealing, takes every page the seal has not covered
+/// from the agent, follows the seal to take the clean pages from the
+/// baseline, and ends with every page right: the dirty ones before and
+/// beyond the cursor it started at, and the clean ones.
+#[test]
+fn a_lazy_recovery_starts_while_the_agent_seals_and_follows_the_seal() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    // A seal far slower than the load (the recovery is open and loaded long
+    // before it ends), then one about as fast (the seal's progress takes
+    // pages off the agent while the prefetcher runs).
+    for pause_ms in [200u64, 15] {
+        lazy_recovery_during_the_seal(pause_ms);
+    }
+}
+
+fn lazy_recovery_during_the_seal(pause_ms: u64) {
+    let (heap_mib, data_pages) = (64usize, 9000usize);
+    let s = {
+        let dir = std::env::temp_dir().join(format!("remem-recover-{}-sealing-{pause_ms}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = Token::generate().unwrap();
+        let mut serve = ServeOptions::new(token.clone());
+        serve.listen = "127.0.0.1:0".parse().unwrap();
+        // 16 chunks of 1024 pages.
+        let o =
+            AgentOptions::new(dir.join("agent").join("agent.sock"), serve).seal_pause(Duration::from_millis(pause_ms));
+        Setup { baseline: dir.join("heap"), agent: Agent::start(o).unwrap(), dir, token }
+    };
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},3,1,fast"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::kill_after(child, "ready", Duration::ZERO);
+    assert_eq!(s.agent.wait_state(info::SEALING, Duration::from_secs(60)), info::SEALING);
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.lazy = true;
+    let (heap, report) = recover(o).unwrap();
+    if pause_ms >= 200 {
+        assert_eq!(s.agent.state(), info::SEALING, "the recovery waited for the seal");
+    }
+    assert!(report.lazy && !report.baseline_only, "{report:?}");
+    let round = |p: usize| u64::from(p % 3 == 1);
+    let d = scatter::find(&heap, data_pages).unwrap();
+    scatter::verify(d, round).unwrap();
+    let st = heap.wait_lazy().unwrap();
+    assert!(st.failed.is_none() && st.poisoned == 0, "{st:?}");
+    let epoch = st.committed_epoch.expect("the recovered state is committed");
+    heap.wait_durable(epoch).unwrap();
+    scatter::verify(d, round).unwrap();
+    heap.close().unwrap();
+    // What was committed is the recovered state.
+    let again = Heap::open_with(&s.baseline, &HeapOptions::new(0).flush_interval(None)).unwrap();
+    scatter::verify(scatter::find(&again, data_pages).unwrap(), round).unwrap();
+    again.close().unwrap();
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -34,13 +34,15 @@
 //! repetitions, with min and max beside them.
 //!
 //! Each repetition then crashes a second child of the same shape and
-//! recovers it lazily (`RecoverOptions::lazy`):
+//! recovers it lazily (`RecoverOptions::lazy`), starting as soon as the
+//! agent has seen the owner go (state SEALING: the lazy recovery follows
+//! the seal instead of waiting for it):
 //! - `first_use`, `remem_lazy`: from the start of `recover()` to the first
 //!   read of the root (and of the block's header) returning;
 //! - `full`, `remem_lazy`: to every page resident and the recovered state
 //!   committed (`Heap::wait_lazy`), against the same `raw_copy`;
-//! - `kill_to_first_use`, `remem_lazy`: from the SIGKILL to the first read,
-//!   seal included.
+//! - `kill_to_first_use`, `remem_lazy`: from the SIGKILL to the first read
+//!   (the agent noticing the death included).
 //!
 //! It checks every page of the block the same way.
 
@@ -250,7 +252,10 @@ struct Crashed {
     seal: f64,
 }
 
-fn crash(dir: &Path, gib: f64, pct: u64) -> anyhow::Result<Crashed> {
+/// `sealed`: wait until the agent's seal is complete (eager recovery waits
+/// for it); otherwise only until the agent saw the owner go (SEALING: a lazy
+/// recovery starts then).
+fn crash(dir: &Path, gib: f64, pct: u64, sealed: bool) -> anyhow::Result<Crashed> {
     let heap_bytes = ((gib * (1u64 << 30) as f64) as u64).next_multiple_of(1 << 21);
     let baseline = dir.join(format!("heap-{gib}-{pct}"));
     let _ = std::fs::remove_file(&baseline);
@@ -288,7 +293,8 @@ fn crash(dir: &Path, gib: f64, pct: u64) -> anyhow::Result<Crashed> {
     let (_, dirty) = plan(data_pages, heap_bytes / PAGE as u64, pct);
     let killed = Instant::now();
     child.kill()?;
-    if agent.wait_state(info::SEALED, SEAL_WAIT) != info::SEALED {
+    let want: &[u32] = if sealed { &[info::SEALED] } else { &[info::SEALING, info::SEALED] };
+    if !want.contains(&agent.wait_state_in(want, SEAL_WAIT)) {
         return Err(anyhow::anyhow!("the agent did not seal within {SEAL_WAIT:?}"));
     }
     let seal = killed.elapsed().as_secs_f64();
@@ -299,7 +305,7 @@ fn crash(dir: &Path, gib: f64, pct: u64) -> anyhow::Result<Crashed> {
 /// before the recovery instead of after it (alternated, so that the page
 /// cache favours neither side).
 fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<Rep> {
-    let Crashed { agent, token, baseline, block, dirty, seal, .. } = crash(dir, gib, pct)?;
+    let Crashed { agent, token, baseline, block, dirty, seal, .. } = crash(dir, gib, pct, true)?;
     let mut raw_read = None;
     if read_first {
         raw_read = Some(sequential_read(&baseline)?);
@@ -338,7 +344,7 @@ fn one_rep(dir: &Path, gib: f64, pct: u64, read_first: bool) -> anyhow::Result<R
 /// The lazy half of a repetition: a second crash of the same shape,
 /// recovered lazily; fills the `lazy_*` figures of `rep`.
 fn lazy_rep(dir: &Path, gib: f64, pct: u64, rep: &mut Rep) -> anyhow::Result<()> {
-    let Crashed { agent, token, baseline, block, dirty, killed, .. } = crash(dir, gib, pct)?;
+    let Crashed { agent, token, baseline, block, dirty, killed, .. } = crash(dir, gib, pct, false)?;
     let mut o = RecoverOptions::new(&baseline, Some(agent.local_addr()), Some(token));
     o.lazy = true;
     let t = Instant::now();

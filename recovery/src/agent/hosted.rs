@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub digest: bool,
     /// Test hook: pages served damaged.
     pub damaged: Vec<u64>,
+    /// Test hook: pause after each sealed chunk.
+    pub seal_pause: std::time::Duration,
     /// The agent was dropped.
     pub stopping: AtomicBool,
 }

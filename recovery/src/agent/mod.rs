@@ -130,6 +130,10 @@ pub struct AgentOptions {
     pub digest: bool,
     /// Test hook: pages served damaged (see the module docs).
     pub damaged_pages: Vec<u64>,
+    /// Test hook: a pause after each sealed chunk of [`seal::CHUNK`] pages
+    /// (a slow seal, as on a large heap; the `remem agent` command reads
+    /// `REMEM_AGENT_SEAL_PAUSE_MS`).
+    pub seal_pause: std::time::Duration,
 }
 
 impl AgentOptions {
@@ -143,6 +147,7 @@ impl AgentOptions {
             max_heaps: dir::DEFAULT_SLOTS,
             digest: false,
             damaged_pages: Vec::new(),
+            seal_pause: std::time::Duration::ZERO,
         }
     }
 
@@ -173,6 +178,12 @@ impl AgentOptions {
     /// Test hook: serve these pages damaged.
     pub fn damaged_pages(mut self, pages: Vec<u64>) -> AgentOptions {
         self.damaged_pages = pages;
+        self
+    }
+
+    /// Test hook: pause this long after each sealed chunk.
+    pub fn seal_pause(mut self, pause: std::time::Duration) -> AgentOptions {
+        self.seal_pause = pause;
         self
     }
 }
@@ -267,6 +278,7 @@ impl Agent {
             policy,
             digest: opts.digest,
             damaged: opts.damaged_pages,
+            seal_pause: opts.seal_pause,
             stopping: AtomicBool::new(false),
         });
         shared.init_dir(opts.max_heaps);
@@ -331,6 +343,15 @@ impl Agent {
         self.wait_for(timeout, |t| {
             let s = latest_state(t);
             (s == want).then_some(s).ok_or(s)
+        })
+    }
+
+    /// Waits until the most recently registered heap's state is one of
+    /// `want` (or `timeout` passes); returns the state.
+    pub fn wait_state_in(&self, want: &[u32], timeout: Duration) -> u32 {
+        self.wait_for(timeout, |t| {
+            let s = latest_state(t);
+            want.contains(&s).then_some(s).ok_or(s)
         })
     }
 

@@ -188,6 +188,9 @@ fn seal(sh: &Shared, job: &Job) -> bool {
             if !ok {
                 return false;
             }
+            if !sh.seal_pause.is_zero() {
+                std::thread::sleep(sh.seal_pause);
+            }
             start = end;
         }
     }

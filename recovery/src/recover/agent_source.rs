@@ -5,16 +5,32 @@
 //! against the agent's table (a mismatch is [`PageRead::Unreadable`]), and
 //! reconnects with backoff when the connection is lost, going on from the
 //! first page not yet received.
+//!
+//! A lazy recovery may start while the agent is still sealing (fast mode:
+//! the seal compares every page of the dead owner's frozen memory with the
+//! baseline, which takes seconds on a large heap). Then the source claims
+//! every page from the seal's cursor on (the agent's copy is the newest of
+//! every page), and a thread ([`follow`]) reads the seal's progress over a
+//! connection of its own: for each chunk newly covered it stores the
+//! agent's CRCs, then stops claiming the chunk's pages the seal found equal
+//! to the baseline, then publishes how far it got. A page read from the
+//! agent is checked against the seal's CRC when the seal covered it when
+//! it was verified; a page beyond it, against the CRC-32 the agent's target
+//! computed over the response in its memory (TCP). The claims only ever
+//! shrink, as [`PageSource::claims`] requires.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use remem_alloc::source::{check_request, PageRead, PageSource, SourceError};
 
-use super::agent_view::{connect, AgentView, ConnectFail};
+use super::agent_view::{connect, read_bytes, AgentView, ConnectFail, Sealing};
 use super::pull::{runs_of, Puller, PAGE};
 use super::RecoverOptions;
+use crate::agent::{info, layout};
 use crate::transport::{Initiator, Kind, RegionDesc, Token};
 
 /// Reconnections tried when a pull is interrupted, with a doubling pause
@@ -29,20 +45,65 @@ struct Conn {
     heap: RegionDesc,
 }
 
+/// How often the seal's progress is read while it runs.
+const FOLLOW_EVERY: Duration = Duration::from_millis(10);
+/// Consecutive failures after which the seal is no longer followed (the
+/// pages beyond its cursor then stay claimed: correct, only slower).
+const FOLLOW_FAILURES: u32 = 20;
+
+/// What the source knows of the seal; shared with [`follow`].
+struct Known {
+    /// Bit p: page p may be newer than the baseline (claimed).
+    claimed: Vec<AtomicU64>,
+    /// Bit p: page p is in the owner's dirty lists (claimed whatever the seal says).
+    listed: Vec<u64>,
+    /// The agent's CRCs of pages `[0, start)`, as read when recovery began.
+    crcs: Vec<u32>,
+    /// Their CRCs of pages `[start, npages)`, valid below `cursor`.
+    later: Vec<AtomicU32>,
+    start: u64,
+    /// Pages `[0, cursor)` are covered by the seal: claims final, CRCs known.
+    cursor: AtomicU64,
+    /// Whether pages are verified against the seal's CRCs at all (not from a
+    /// hung owner, whose lists were never sealed).
+    verifies: bool,
+    /// Set when the source is dropped: [`follow`] stops.
+    stop: AtomicBool,
+}
+
+impl Known {
+    /// The seal's CRC of `page`, if the seal covers it.
+    fn crc(&self, page: u64) -> Option<u32> {
+        if !self.verifies || page >= self.cursor.load(Ordering::Acquire) {
+            return None;
+        }
+        match page.checked_sub(self.start) {
+            None => self.crcs.get(page as usize).copied(),
+            Some(k) => self.later.get(k as usize).map(|c| c.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 /// The agent's copy of the heap (see the module docs).
 pub struct AgentSource {
     conn: Mutex<Conn>,
-    /// Bit p: page p is in the agent's lists.
-    claimed: Vec<u64>,
-    /// The pages claimed, sorted.
+    known: Arc<Known>,
+    /// The pages listed when recovery began, sorted (with a seal in
+    /// progress: those below its cursor the seal found changed, and every
+    /// page of the owner's lists).
     pages: Vec<u64>,
-    crcs: Option<Vec<u32>>,
     npages: u64,
     addr: SocketAddr,
     kind: Kind,
     token: Option<Token>,
     /// Reconnections made.
     retries: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for AgentSource {
+    fn drop(&mut self) {
+        self.known.stop.store(true, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for AgentSource {
@@ -53,18 +114,52 @@ impl std::fmt::Debug for AgentSource {
 
 impl AgentSource {
     /// The source of what `view` (read from the agent at `addr`) lists.
+    /// With a seal in progress (`view.sealing`), a thread follows it until
+    /// it covers every page.
     pub(super) fn new(view: AgentView, opts: &RecoverOptions, addr: SocketAddr) -> AgentSource {
-        let npages = view.npages as usize;
-        let mut claimed = vec![0u64; npages.div_ceil(64)];
+        let npages = view.npages;
+        let words = npages.div_ceil(64) as usize;
+        let mut listed = vec![0u64; words];
         for &p in &view.pages {
-            claimed[p as usize / 64] |= 1 << (p % 64);
+            listed[p as usize / 64] |= 1 << (p % 64);
+        }
+        let start = view.sealing.map_or(npages, |s| s.cursor.min(npages));
+        // Claimed: the lists, and everything the seal has not covered yet.
+        let claimed = (0..words)
+            .map(|w| {
+                let first = w as u64 * 64;
+                let beyond = match start.saturating_sub(first) {
+                    0 => u64::MAX,
+                    k if k < 64 => !((1u64 << k) - 1),
+                    _ => 0,
+                };
+                AtomicU64::new(listed[w] | beyond)
+            })
+            .collect();
+        let known = Arc::new(Known {
+            claimed,
+            listed,
+            verifies: view.crcs.is_some(),
+            crcs: view.crcs.unwrap_or_default(),
+            later: (start..npages).map(|_| AtomicU32::new(0)).collect(),
+            start,
+            cursor: AtomicU64::new(start),
+            stop: AtomicBool::new(false),
+        });
+        if let Some(sealing) = view.sealing.filter(|_| start < npages) {
+            let (k, kind, token) = (Arc::clone(&known), opts.kind, opts.token.clone());
+            let spawned = std::thread::Builder::new()
+                .name("remem-follow-seal".into())
+                .spawn(move || follow(&k, sealing, npages, kind, token.as_ref(), addr));
+            if let Err(e) = spawned {
+                log::warn!("remem recover: cannot follow the agent's seal ({e}): every page it has not sealed comes from the agent");
+            }
         }
         AgentSource {
             conn: Mutex::new(Conn { init: view.init, puller: None, heap: view.heap }),
-            claimed,
+            known,
             pages: view.pages,
-            crcs: view.crcs,
-            npages: view.npages,
+            npages,
             addr,
             kind: opts.kind,
             token: opts.token.clone(),
@@ -79,7 +174,12 @@ impl AgentSource {
 
     /// Whether pages are checked against CRCs (not from a hung owner, whose lists were never sealed).
     pub fn verifies(&self) -> bool {
-        self.crcs.is_some()
+        self.known.verifies
+    }
+
+    /// Pages covered by the agent's seal so far, as this source knows it.
+    pub fn sealed_through(&self) -> u64 {
+        self.known.cursor.load(Ordering::Acquire)
     }
 
     /// Reconnections made so far.
@@ -145,13 +245,19 @@ impl AgentSource {
                 }
             }
             let Some(puller) = c.puller.as_mut() else { continue };
-            let crcs = &self.crcs;
-            let r = puller.pull(&mut *c.init, c.heap, &left, |first, bytes| {
+            let known = &*self.known;
+            let r = puller.pull(&mut *c.init, c.heap, &left, |first, bytes, response_crc| {
+                // Pages the seal has not covered yet: the response's CRC
+                // from the agent's memory (computed once for the piece).
+                let n = (bytes.len() / PAGE) as u64;
+                let piece_ok = !known.verifies
+                    || known.crc(first + n - 1).is_some()
+                    || response_crc.is_none_or(|want| crc32fast::hash(bytes) == want);
                 for (k, page) in bytes.chunks_exact(PAGE).enumerate() {
                     let p = first + k as u64;
-                    let ok = match crcs {
-                        Some(c) => c.get(p as usize).is_some_and(|&want| crc32fast::hash(page) == want),
-                        None => true,
+                    let ok = match known.crc(p) {
+                        Some(want) => crc32fast::hash(page) == want,
+                        None => piece_ok,
                     };
                     sink(p, page, ok)?;
                     from = p + 1;
@@ -173,9 +279,10 @@ impl AgentSource {
         }
     }
 
-    /// The agent's CRC of `page` (none from a hung owner).
+    /// The agent's CRC of `page` (none from a hung owner, nor beyond the
+    /// seal's cursor while it runs).
     pub fn crc(&self, page: u64) -> Option<u32> {
-        self.crcs.as_ref().and_then(|c| c.get(page as usize).copied())
+        self.known.crc(page)
     }
 
     /// Pulls `pages` (sorted) into `image` (the heap's bytes), calling
@@ -205,7 +312,7 @@ impl AgentSource {
 
 impl PageSource for AgentSource {
     fn claims(&self, page: u64) -> bool {
-        self.claimed.get(page as usize / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
+        self.known.claimed.get(page as usize / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
     }
 
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
@@ -234,4 +341,90 @@ impl PageSource for AgentSource {
     fn name(&self) -> &str {
         "agent"
     }
+}
+
+/// Follows a seal in progress (see the module docs) until it covers every
+/// page, the source is dropped, or the agent stops answering sensibly.
+fn follow(known: &Known, sealing: Sealing, npages: u64, kind: Kind, token: Option<&Token>, addr: SocketAddr) {
+    let mut failures = 0u32;
+    let mut init: Option<Box<dyn Initiator>> = None;
+    while !known.stop.load(Ordering::Acquire) && known.cursor.load(Ordering::Acquire) < npages {
+        std::thread::sleep(FOLLOW_EVERY);
+        let step = match init.as_mut() {
+            Some(i) => follow_step(known, &sealing, npages, &mut **i),
+            None => match connect(kind, token, addr) {
+                Ok(i) => {
+                    init = Some(i);
+                    continue;
+                }
+                Err(ConnectFail::Unreachable(e) | ConnectFail::Refused(e)) => Err(e),
+            },
+        };
+        match step {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                init = None;
+                failures += 1;
+                if failures >= FOLLOW_FAILURES {
+                    log::warn!(
+                        "remem recover: stopped following the agent's seal at page {} ({e}): the pages beyond \
+                         come from the agent",
+                        known.cursor.load(Ordering::Acquire)
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One look at the seal's progress: takes in what it newly covers.
+fn follow_step(known: &Known, s: &Sealing, npages: u64, init: &mut dyn Initiator) -> Result<(), String> {
+    let block = read_bytes(init, s.directory, s.slot_off, info::LEN)?;
+    let u64_of = |at: usize| layout::u64_at(&block, at).ok_or_else(|| format!("no u64 at {at} of the info block"));
+    if layout::u64_at(&block, info::ASSIGNED) != Some(s.assigned) {
+        // The slot went to another heap: nothing more is learnt (and the
+        // source's own reads will fail if the heap is gone).
+        known.stop.store(true, Ordering::Release);
+        return Err("the agent's slot for the heap was reassigned".into());
+    }
+    let cursor = match layout::u32_at(&block, info::STATE) {
+        Some(info::SEALED) => npages,
+        Some(info::SEALING) => u64_of(info::SEAL_CURSOR)?,
+        other => {
+            known.stop.store(true, Ordering::Release);
+            return Err(format!("the heap's slot is in state {other:?}, neither sealing nor sealed"));
+        }
+    };
+    let from = known.cursor.load(Ordering::Acquire);
+    if cursor > npages || cursor < from {
+        known.stop.store(true, Ordering::Release);
+        return Err(format!("the seal cursor went from {from} to {cursor} (the heap has {npages} pages)"));
+    }
+    if cursor == from {
+        return Ok(());
+    }
+    // The bits and CRCs of [from, cursor): the agent wrote them before it
+    // advanced the cursor just read.
+    let (w0, w1) = (from / 64, cursor.div_ceil(64));
+    let bits = read_bytes(init, s.sealed, w0 * 8, ((w1 - w0) * 8) as usize)?;
+    let crcs = read_bytes(init, s.crc, from * 4, ((cursor - from) * 4) as usize)?;
+    for p in from..cursor {
+        let k = (p - from) as usize;
+        let crc = u32::from_le_bytes([crcs[4 * k], crcs[4 * k + 1], crcs[4 * k + 2], crcs[4 * k + 3]]);
+        if let Some(c) = known.later.get((p - known.start) as usize) {
+            c.store(crc, Ordering::Relaxed);
+        }
+        let w = (p / 64 - w0) as usize;
+        let word = u64::from_le_bytes(bits[8 * w..8 * w + 8].try_into().unwrap_or([0xff; 8]));
+        let bit = 1u64 << (p % 64);
+        let listed = known.listed.get(p as usize / 64).is_some_and(|l| l & bit != 0);
+        if word & bit == 0 && !listed {
+            if let Some(c) = known.claimed.get(p as usize / 64) {
+                c.fetch_and(!bit, Ordering::AcqRel);
+            }
+        }
+    }
+    known.cursor.store(cursor, Ordering::Release);
+    Ok(())
 }

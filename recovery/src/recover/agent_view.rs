@@ -105,6 +105,25 @@ pub(super) struct AgentView {
     pub(super) lossy: bool,
     /// BLAKE3 of the image at sealing, when the agent publishes one.
     pub(super) digest: Option<[u8; 32]>,
+    /// The seal was still in progress (state SEALING, a lazy recovery): the
+    /// lists, bits and CRCs cover pages below `cursor` only, and every page
+    /// from `cursor` on may be newer than the baseline.
+    pub(super) sealing: Option<Sealing>,
+}
+
+/// Where a seal in progress stood, and where to follow it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sealing {
+    /// Pages `[0, cursor)` are covered by the seal.
+    pub(super) cursor: u64,
+    /// The directory region and the offset of the heap's info block in it.
+    pub(super) directory: RegionDesc,
+    pub(super) slot_off: u64,
+    /// The slot's `assigned` stamp (a change means the slot was reused).
+    pub(super) assigned: u64,
+    /// The agent's CRC table and sealed bitmap.
+    pub(super) crc: RegionDesc,
+    pub(super) sealed: RegionDesc,
 }
 
 /// The owner's tracking mode, from its control region header.
@@ -126,16 +145,19 @@ fn find_directory(init: &mut dyn Initiator) -> Result<Option<RegionDesc>, String
     Ok(None)
 }
 
-/// The info block of heap `uuid` in a directory, if a slot holds it.
-fn find_slot(d: &[u8], uuid: [u8; 16]) -> Option<&[u8]> {
+/// The info block of heap `uuid` in a directory, and its offset, if a slot holds it.
+fn find_slot(d: &[u8], uuid: [u8; 16]) -> Option<(usize, &[u8])> {
     let slots = layout::u32_at(d, dir::SLOTS)? as usize;
-    (0..slots.min(dir::MAX_SLOTS)).filter_map(|s| d.get(dir::slot_offset(s)..dir::slot_offset(s) + info::LEN)).find(
-        |b| {
+    (0..slots.min(dir::MAX_SLOTS))
+        .filter_map(|s| {
+            let off = dir::slot_offset(s);
+            d.get(off..off + info::LEN).map(|b| (off, b))
+        })
+        .find(|(_, b)| {
             b.get(..8) == Some(&info::MAGIC_BYTES[..])
                 && layout::u32_at(b, info::STATE) != Some(info::FREE)
                 && b.get(info::UUID..info::UUID + 16) == Some(&uuid[..])
-        },
-    )
+        })
 }
 
 /// Connects, finds the heap of `uuid` in the agent's directory (see
@@ -168,7 +190,7 @@ pub(super) fn agent_view(
             .map_err(unreachable)?
             .ok_or_else(|| proto("the agent announced no directory region".into()))?;
         let d = read_bytes(&mut *init, dreg, 0, dreg.len as usize).map_err(unreachable)?;
-        let Some(block) = find_slot(&d, uuid).map(<[u8]>::to_vec) else {
+        let Some((slot_off, block)) = find_slot(&d, uuid).map(|(o, b)| (o, b.to_vec())) else {
             if Instant::now() >= deadline {
                 return Err(proto(format!("the agent holds no heap {}", remem_alloc::format::uuid_string(&uuid))));
             }
@@ -178,6 +200,15 @@ pub(super) fn agent_view(
         let state = u32_at(&block, info::STATE).map_err(proto)?;
         if state == info::SEALED || state == info::CLOSED {
             return read_view(init, &block, npages, false).map_err(proto);
+        }
+        if state == info::SEALING && opts.lazy {
+            // The owner is gone and its memory frozen: a lazy recovery
+            // starts now and follows the seal (see `AgentSource`).
+            let mut v = read_view(init, &block, npages, false).map_err(proto)?;
+            if let Some(s) = v.sealing.as_mut() {
+                (s.directory, s.slot_off) = (dreg, slot_off as u64);
+            }
+            return Ok(v);
         }
         if state == info::RUNNING && hung.is_none() {
             hung = Some(lease_expired(&mut *init, &block).map_err(proto)?);
@@ -241,16 +272,18 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool
     if agent_npages != npages {
         return Err(format!("the agent's heap has {agent_npages} pages, the baseline's {npages}"));
     }
+    let state = u32_at(block, info::STATE)?;
     let digest = (u64_at(block, info::DIGEST_READY)? == 1).then(|| {
         let mut d = [0u8; 32];
         d.copy_from_slice(&block[info::DIGEST..info::DIGEST + 32]);
         d
     });
-    if u32_at(block, info::STATE)? == info::CLOSED {
+    if state == info::CLOSED {
         // Closed cleanly, or superseded: everything is in the baseline.
         let heap = RegionDesc { addr: 0, rkey: 0, len: 0 };
         let crcs = Some(Vec::new());
-        return Ok(AgentView { init, heap, pages: Vec::new(), crcs, npages, hung: false, lossy: false, digest: None });
+        let (hung, lossy, digest, sealing) = (false, false, None, None);
+        return Ok(AgentView { init, heap, pages: Vec::new(), crcs, npages, hung, lossy, digest, sealing });
     }
     let find = |n: usize| layout::region_desc(block, n).ok_or_else(|| format!("the info block has no region {n}"));
     let (heap, control, crc, sealed) =
@@ -273,12 +306,29 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool
         Ok(off as usize..end as usize)
     };
     let (cur, clo) = (set(remem_alloc::ctl::CURRENT_OFF)?, set(remem_alloc::ctl::CLOSING_OFF)?);
-    let sealed_bits = read_bytes(&mut *init, sealed, 0, set_bytes as usize)?;
-    let crc_bytes = read_bytes(&mut *init, crc, 0, (npages * 4) as usize)?;
+    if crc.len < npages * 4 || sealed.len < set_bytes {
+        return Err(format!("the crc region ({} bytes) or sealed bitmap ({} bytes) is too short", crc.len, sealed.len));
+    }
+    // Sealed so far: all of it, unless the seal is in progress (then its
+    // cursor, read before the bits and CRCs it covers, which the agent
+    // publishes before advancing it).
+    let sealing = state == info::SEALING && !hung;
+    let cursor = if sealing { u64_at(block, info::SEAL_CURSOR)? } else { npages };
+    if cursor > npages {
+        return Err(format!("the seal cursor {cursor} is beyond the heap's {npages} pages"));
+    }
+    let sealed_bits = read_bytes(&mut *init, sealed, 0, (cursor.div_ceil(64) * 8) as usize)?;
+    let crc_bytes = read_bytes(&mut *init, crc, 0, (cursor * 4) as usize)?;
     let mut pages = Vec::new();
     let (cur, clo) = (&ctl[cur], &ctl[clo]);
     for w in 0..words as usize {
-        let mut bits = u64_at(cur, 8 * w)? | u64_at(clo, 8 * w)? | u64_at(&sealed_bits, 8 * w)?;
+        let first = w as u64 * 64;
+        let sealed_word = match cursor.saturating_sub(first) {
+            0 => 0,
+            k if k < 64 => u64_at(&sealed_bits, 8 * w)? & ((1u64 << k) - 1),
+            _ => u64_at(&sealed_bits, 8 * w)?,
+        };
+        let mut bits = u64_at(cur, 8 * w)? | u64_at(clo, 8 * w)? | sealed_word;
         while bits != 0 {
             let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
             if p < npages {
@@ -290,5 +340,13 @@ fn read_view(mut init: Box<dyn Initiator>, block: &[u8], npages: u64, hung: bool
     // A hung owner's lists were never sealed: no CRCs.
     let crcs =
         (!hung).then(|| crc_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
-    Ok(AgentView { init, heap, pages, crcs, npages, digest, hung, lossy: false })
+    let sealing = sealing.then(|| Sealing {
+        cursor,
+        directory: RegionDesc { addr: 0, rkey: 0, len: 0 },
+        slot_off: 0,
+        assigned: u64_at(block, info::ASSIGNED).unwrap_or(0),
+        crc,
+        sealed,
+    });
+    Ok(AgentView { init, heap, pages, crcs, npages, digest, hung, lossy: false, sealing })
 }

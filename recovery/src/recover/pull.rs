@@ -7,7 +7,9 @@
 //! buffer, at most `depth / buffers` of them), so that with every buffer in
 //! flight no more than [`Initiator::max_outstanding`] reads are outstanding,
 //! for any page set. Batches complete in posting order; each is handed to
-//! the caller's sink (first page, bytes) before its buffer is reused.
+//! the caller's sink (first page, bytes, and the response's CRC-32 from the
+//! source memory where the transport carries one) before its buffer is
+//! reused.
 //!
 //! ```text
 //!  runs     [5..9) [12] [40..3000) ...
@@ -165,14 +167,16 @@ impl Puller {
     }
 
     /// Pulls `runs` (sorted, disjoint; see [`check_runs`]) of `region` and
-    /// calls `sink(first page, bytes)` for every piece, in page order.
+    /// calls `sink(first page, bytes, crc)` for every piece (one read), in
+    /// page order; `crc` is the CRC-32 the target computed over the piece in
+    /// its memory (TCP; none over verbs).
     /// Never has more than `init.max_outstanding()` reads outstanding.
     pub fn pull(
         &mut self,
         init: &mut dyn Initiator,
         region: RegionDesc,
         runs: &[(u64, u64)],
-        mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+        mut sink: impl FnMut(u64, &[u8], Option<u32>) -> Result<(), String>,
     ) -> Result<(), PullError> {
         check_runs(runs, region.len / PAGE as u64)?;
         let depth = init.max_outstanding().max(1);
@@ -230,11 +234,11 @@ impl Puller {
                     return Err(PullError::Read { page: p.page, status: c.status });
                 }
             }
-            out.drain(..want);
+            let crcs: Vec<Option<u32>> = out.drain(..want).map(|c| c.crc).collect();
             outstanding -= want;
             let bytes = init.buf(self.bufs[slot]).map_err(|e| PullError::Transport(e.to_string()))?;
-            for p in &batch {
-                sink(p.page, &bytes[p.at..p.at + p.pages * PAGE]).map_err(PullError::Sink)?;
+            for (p, crc) in batch.iter().zip(crcs) {
+                sink(p.page, &bytes[p.at..p.at + p.pages * PAGE], crc).map_err(PullError::Sink)?;
             }
             free.push(slot);
         }
@@ -304,7 +308,7 @@ mod tests {
         let mut p = Puller::with_buf_len(&mut *init, buf_len).unwrap();
         let mut want = runs.iter().flat_map(|&(s, n)| s..s + n);
         let mut seen = 0u64;
-        p.pull(&mut *init, region, runs, |first, bytes| {
+        p.pull(&mut *init, region, runs, |first, bytes, _| {
             for (k, page) in bytes.chunks_exact(PAGE).enumerate() {
                 let pg = first + k as u64;
                 assert_eq!(Some(pg), want.next(), "pages in order, each once");
@@ -365,7 +369,7 @@ mod tests {
         pull_and_check(&*target, &token, region, &[], 4, BUF);
         let mut init = connect(Kind::Tcp, &ConnectOptions::new(target.local_addr(), token.clone())).unwrap();
         let mut p = Puller::new(&mut *init).unwrap();
-        assert!(matches!(p.pull(&mut *init, region, &[(7, 2)], |_, _| Ok(())), Err(PullError::BadRuns(_))));
+        assert!(matches!(p.pull(&mut *init, region, &[(7, 2)], |_, _, _| Ok(())), Err(PullError::BadRuns(_))));
     }
 
     #[test]
