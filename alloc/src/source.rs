@@ -116,6 +116,33 @@ pub trait PageSource: Send + Sync {
     /// connection); the caller may retry or reconnect.
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError>;
 
+    /// Reads the pages of `runs` (`(first page, count)`, sorted, disjoint,
+    /// inside `[first, first + status.len())`) into their places in `dst`
+    /// and `status`, which cover the pages from `first` on; leaves the
+    /// other pages alone. The default reads run by run; a source with a
+    /// round trip per call (the agent) reads them all in one pipelined
+    /// pass.
+    fn read_runs(
+        &self,
+        first: u64,
+        runs: &[(u64, u64)],
+        dst: &mut [u8],
+        status: &mut [PageRead],
+    ) -> Result<(), SourceError> {
+        check_request(self.name(), dst, status)?;
+        for &(s, n) in runs {
+            let k = s.checked_sub(first).filter(|&k| k + n <= status.len() as u64).ok_or_else(|| {
+                SourceError::BadRequest {
+                    source_name: self.name().into(),
+                    what: format!("run {s}+{n} outside pages {first}+{}", status.len()),
+                }
+            })? as usize;
+            let n = n as usize;
+            self.read_pages(s, &mut dst[k * PAGE_SIZE..(k + n) * PAGE_SIZE], &mut status[k..k + n])?;
+        }
+        Ok(())
+    }
+
     /// Short name for reports ("baseline", "agent", "resume").
     fn name(&self) -> &str;
 }
@@ -126,6 +153,15 @@ impl<S: PageSource + ?Sized> PageSource for Arc<S> {
     }
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
         (**self).read_pages(first, dst, status)
+    }
+    fn read_runs(
+        &self,
+        first: u64,
+        runs: &[(u64, u64)],
+        dst: &mut [u8],
+        status: &mut [PageRead],
+    ) -> Result<(), SourceError> {
+        (**self).read_runs(first, runs, dst, status)
     }
     fn name(&self) -> &str {
         (**self).name()
@@ -144,8 +180,10 @@ pub fn check_request(source_name: &str, dst: &[u8], status: &[PageRead]) -> Resu
 }
 
 /// Ordered layers, newest first: each page is read from the first layer
-/// that claims it. Runs of adjacent pages claimed by the same layer go to
-/// that layer in one call.
+/// that claims it. Each layer gets one [`PageSource::read_runs`] call per
+/// request, with every run of the request's pages it claims (a 4 MiB
+/// prefetch with scattered newer pages is one pipelined pull from the
+/// agent and reads of the baseline between, not a round trip per page).
 ///
 /// A page a layer reports [`PageRead::Unreadable`] is asked of the next
 /// claiming layer only if the failing layer no longer claims it when asked
@@ -184,6 +222,8 @@ impl Layered {
     /// the first of them that claims it.
     fn read_from(&self, from: usize, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
         let n = status.len();
+        // Runs of adjacent pages per layer, in page order.
+        let mut runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.layers.len()];
         let mut k = 0;
         while k < n {
             let page = first + k as u64;
@@ -192,15 +232,21 @@ impl Layered {
             while e < n && self.layer_of(first + e as u64, from) == Some(layer) {
                 e += 1;
             }
+            runs[layer].push((page, (e - k) as u64));
+            k = e;
+        }
+        for (layer, runs) in runs.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let l = &self.layers[layer];
-            l.read_pages(page, &mut dst[k * PAGE_SIZE..e * PAGE_SIZE], &mut status[k..e])?;
-            for j in k..e {
-                let p = first + j as u64;
-                if status[j] == PageRead::Unreadable && !l.claims(p) && layer + 1 < self.layers.len() {
-                    self.read_from(layer + 1, p, &mut dst[j * PAGE_SIZE..(j + 1) * PAGE_SIZE], &mut status[j..=j])?;
+            l.read_runs(first, runs, dst, status)?;
+            for &(s, c) in runs {
+                for p in s..s + c {
+                    let j = (p - first) as usize;
+                    if status[j] == PageRead::Unreadable && !l.claims(p) && layer + 1 < self.layers.len() {
+                        let one = &mut dst[j * PAGE_SIZE..(j + 1) * PAGE_SIZE];
+                        self.read_from(layer + 1, p, one, &mut status[j..=j])?;
+                    }
                 }
             }
-            k = e;
         }
         Ok(())
     }
@@ -615,6 +661,55 @@ mod tests {
                 assert_eq!(st[p], PageRead::Zero, "page {p}");
             } else {
                 assert_eq!((st[p], &dst[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]), (PageRead::Data, &want[..]), "page {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn layered_asks_each_layer_once_per_request_with_all_its_runs() {
+        struct Counting(ImageSource, AtomicU64, std::sync::Mutex<Vec<(u64, u64)>>);
+        impl PageSource for Counting {
+            fn claims(&self, p: u64) -> bool {
+                self.0.claims(p)
+            }
+            fn read_pages(&self, f: u64, d: &mut [u8], s: &mut [PageRead]) -> Result<(), SourceError> {
+                self.0.read_pages(f, d, s)
+            }
+            fn read_runs(
+                &self,
+                first: u64,
+                runs: &[(u64, u64)],
+                dst: &mut [u8],
+                status: &mut [PageRead],
+            ) -> Result<(), SourceError> {
+                self.1.fetch_add(1, Ordering::Relaxed);
+                self.2.lock().unwrap().extend_from_slice(runs);
+                for &(s, n) in runs {
+                    let k = (s - first) as usize;
+                    let n = n as usize;
+                    self.0.read_pages(s, &mut dst[k * PAGE_SIZE..(k + n) * PAGE_SIZE], &mut status[k..k + n])?;
+                }
+                Ok(())
+            }
+            fn name(&self) -> &str {
+                "counting"
+            }
+        }
+        let newer = Arc::new(Counting(
+            ImageSource::new("agent", image(40, 100)).claiming([3, 4, 10, 20, 21, 22, 39]),
+            AtomicU64::new(0),
+            Default::default(),
+        ));
+        let l = Layered::new(vec![newer.clone(), Arc::new(ImageSource::new("base", image(40, 1)))]);
+        let (dst, st) = read_all(&l, 2, 38);
+        assert_eq!(newer.1.load(Ordering::Relaxed), 1, "one call for the whole request");
+        assert_eq!(*newer.2.lock().unwrap(), vec![(3, 2), (10, 1), (20, 3), (39, 1)]);
+        for k in 0..38usize {
+            let p = k + 2;
+            let fill = if [3, 4, 10, 20, 21, 22, 39].contains(&p) { 100 } else { 1 };
+            let want = &image(40, fill)[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+            if p % 3 != 0 {
+                assert_eq!((st[k], &dst[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]), (PageRead::Data, want), "page {p}");
             }
         }
     }

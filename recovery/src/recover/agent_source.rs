@@ -316,17 +316,30 @@ impl PageSource for AgentSource {
     }
 
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
+        self.read_runs(first, &[(first, status.len() as u64)], dst, status)
+    }
+
+    fn read_runs(
+        &self,
+        first: u64,
+        runs: &[(u64, u64)],
+        dst: &mut [u8],
+        status: &mut [PageRead],
+    ) -> Result<(), SourceError> {
         check_request("agent", dst, status)?;
-        if first.checked_add(status.len() as u64).is_none_or(|e| e > self.npages) {
+        let end = first.checked_add(status.len() as u64).filter(|&e| e <= self.npages);
+        let inside = |&(s, n): &(u64, u64)| s >= first && s.checked_add(n).is_some_and(|e| Some(e) <= end);
+        if end.is_none() || !runs.iter().all(inside) {
             return Err(SourceError::BadRequest {
                 source_name: "agent".into(),
-                what: format!("pages {first}+{} beyond the heap", status.len()),
+                what: format!("runs outside pages {first}+{} of a heap of {} pages", status.len(), self.npages),
             });
         }
-        if status.is_empty() {
+        let runs: Vec<(u64, u64)> = runs.iter().copied().filter(|&(_, n)| n > 0).collect();
+        if runs.is_empty() {
             return Ok(());
         }
-        self.pull_runs(&[(first, status.len() as u64)], |p, page, ok| {
+        self.pull_runs(&runs, |p, page, ok| {
             let k = (p - first) as usize;
             if ok {
                 dst[k * PAGE..(k + 1) * PAGE].copy_from_slice(page);
