@@ -609,20 +609,32 @@ fn child_recover() {
         return;
     };
     let token = Token::from_hex(&token, "test").unwrap();
-    let (heap, _) = recover(RecoverOptions::new(&path, Some(addr.parse().unwrap()), Some(token))).unwrap();
+    let mut o = RecoverOptions::new(&path, Some(addr.parse().unwrap()), Some(token));
+    o.lazy = std::env::var("REMEM_TEST_RECOVER_LAZY").is_ok();
+    let (heap, _) = recover(o).unwrap();
+    if let Some(st) = heap.wait_lazy() {
+        assert!(st.failed.is_none(), "{st:?}");
+    }
     heap.close().unwrap();
     println!("recovered");
 }
 
 /// Issue 9 §5: a recovery killed (SIGKILL) in the middle of its pull
-/// resumes from its resume file (`<baseline>.recovering`) when run again:
-/// it pulls fewer pages, and the heap is whole.
+/// (eager), or of its prefetch (lazy), resumes from its resume file
+/// (`<baseline>.recovering`) when run again: it pulls fewer pages, and the
+/// heap is whole.
 #[test]
 fn a_killed_recovery_resumes_where_it_stopped() {
     if std::env::var("REMEM_TEST_BASELINE").is_ok() {
         return;
     }
-    let s = setup("resume");
+    for lazy in [false, true] {
+        killed_recovery_resumes(lazy);
+    }
+}
+
+fn killed_recovery_resumes(lazy: bool) {
+    let s = setup(if lazy { "resume-lazy" } else { "resume" });
     let data_pages = 50_000;
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
@@ -641,6 +653,7 @@ fn a_killed_recovery_resumes_where_it_stopped() {
         .env("REMEM_TEST_BASELINE", &s.baseline)
         .env("REMEM_TEST_RECOVER_ADDR", s.agent.local_addr().to_string())
         .env("REMEM_TEST_RECOVER_TOKEN", s.token.to_hex().as_str())
+        .envs(lazy.then_some(("REMEM_TEST_RECOVER_LAZY", "1")))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -652,15 +665,24 @@ fn a_killed_recovery_resumes_where_it_stopped() {
     }
     first.kill().unwrap();
     first.wait().unwrap();
-    let (heap, report) =
-        recover(RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()))).unwrap();
-    assert!(report.pages_resumed >= 4_000, "{report:?}");
-    assert!(report.pages_pulled + report.pages_resumed >= data_pages as u64, "{report:?}");
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.lazy = lazy;
+    let (heap, report) = recover(o).unwrap();
+    assert!(report.pages_resumed >= 4_000, "lazy {lazy}: {report:?}");
+    assert!(report.pages_pulled + report.pages_resumed >= data_pages as u64, "lazy {lazy}: {report:?}");
     assert!(report.pages_pulled < data_pages as u64, "fewer pages pulled the second time: {report:?}");
     let d = scatter::find(&heap, data_pages).unwrap();
+    if let Some(st) = heap.wait_lazy() {
+        assert!(st.failed.is_none() && st.poisoned == 0 && st.committed_epoch.is_some(), "{st:?}");
+        // Removed once the commit is durable, just after `wait_lazy` returns.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while resume.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     scatter::verify(d, |_| 1).unwrap();
     heap.close().unwrap();
-    assert!(!resume.exists(), "the resume file is removed once the recovery is committed");
+    assert!(!resume.exists(), "lazy {lazy}: the resume file is removed once the recovery is committed");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
 

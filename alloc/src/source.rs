@@ -143,6 +143,12 @@ pub trait PageSource: Send + Sync {
         Ok(())
     }
 
+    /// Told once, by a lazy loader, when every page is in and the
+    /// recovered state is committed and durable: a source may drop what it
+    /// kept only to resume an interrupted recovery (the agent's resume
+    /// file). Default: nothing.
+    fn recovered(&self) {}
+
     /// Short name for reports ("baseline", "agent", "resume").
     fn name(&self) -> &str;
 }
@@ -162,6 +168,9 @@ impl<S: PageSource + ?Sized> PageSource for Arc<S> {
         status: &mut [PageRead],
     ) -> Result<(), SourceError> {
         (**self).read_runs(first, runs, dst, status)
+    }
+    fn recovered(&self) {
+        (**self).recovered()
     }
     fn name(&self) -> &str {
         (**self).name()
@@ -255,6 +264,12 @@ impl Layered {
 impl PageSource for Layered {
     fn claims(&self, page: u64) -> bool {
         self.layer_of(page, 0).is_some()
+    }
+
+    fn recovered(&self) {
+        for l in &self.layers {
+            l.recovered();
+        }
     }
 
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {

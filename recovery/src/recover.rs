@@ -70,7 +70,9 @@ pub struct RecoverOptions {
     /// recovery pass needs are in; every other page comes from the agent (or
     /// the baseline) on first touch or from a background prefetcher, and the
     /// recovered state is committed once every page is in
-    /// ([`Heap::wait_lazy`]). The resume file is not used in this mode.
+    /// ([`Heap::wait_lazy`]). The resume file serves the pages an
+    /// interrupted earlier recovery pulled, and keeps the pages pulled now;
+    /// it is removed once the recovered state is durable.
     pub lazy: bool,
     /// Also compare a BLAKE3 digest of the whole assembled image with the
     /// agent's (off by default: every pulled page is CRC-checked already,
@@ -451,8 +453,23 @@ fn recover_lazy(
     let mut layers: Vec<Arc<dyn PageSource>> = Vec::new();
     report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
     if let (Some(v), Some(addr)) = (view, opts.agent) {
-        let src = AgentSource::new(v, &opts, addr);
+        let mut src = AgentSource::new(v, &opts, addr);
         report.pages_pulled = src.pages().len() as u64;
+        if src.verifies() {
+            // Pages an interrupted earlier recovery pulled come from its
+            // resume file; every page pulled now goes there too.
+            match resume::ResumeFile::open_with(&resume::path_of(&path), &bl.uuid(), bl.npages(), false) {
+                Ok(f) => {
+                    let file: resume::SharedResume = Arc::new(parking_lot::Mutex::new(Some(f)));
+                    let held = resume::ResumeSource::new(file.clone(), bl.npages(), |p| src.crc(p));
+                    report.pages_resumed = held.pages();
+                    layers.push(Arc::new(held));
+                    src = src.with_resume(file);
+                }
+                Err(e) => log::warn!("remem recover: no resume file ({e}): every page comes from the agent"),
+            }
+        }
+        report.pages_pulled = report.pages_pulled.saturating_sub(report.pages_resumed);
         report.bytes_pulled = report.pages_pulled * 4096;
         layers.push(Arc::new(src));
     }
@@ -478,7 +495,7 @@ fn recover_lazy(
     report.baseline_epoch = from.epoch;
     report.txs_rolled_back = heap.recovery_report().txs_rolled_back;
     report.rpo_seconds = if report.baseline_only { from.age.as_secs_f64() } else { 0.0 };
-    report.pages_from_baseline = heap.size() / 4096 - report.pages_pulled;
+    report.pages_from_baseline = (heap.size() / 4096).saturating_sub(report.pages_pulled + report.pages_resumed);
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((heap, report))
 }

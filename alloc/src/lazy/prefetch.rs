@@ -88,9 +88,14 @@ pub(super) fn run(l: &Lazy, commit: Box<dyn FnOnce() -> Option<Result<u64, Flush
     // The one commit of the recovered state.
     match commit() {
         Some(Ok(epoch)) => {
-            let mut d = l.done.lock();
-            d.committed_epoch = Some(epoch);
-            l.cond.notify_all();
+            {
+                let mut d = l.done.lock();
+                d.committed_epoch = Some(epoch);
+                l.cond.notify_all();
+            }
+            if l.durability.wait_durable(epoch).is_ok() {
+                l.source.recovered();
+            }
         }
         Some(Err(e)) => l.fail(format!("committing the recovered state: {e}")),
         None => {}

@@ -98,6 +98,9 @@ pub struct AgentSource {
     token: Option<Token>,
     /// Reconnections made.
     retries: std::sync::atomic::AtomicU64,
+    /// Where pages read through [`PageSource::read_runs`] are kept for a
+    /// resumed recovery (lazy recovery).
+    resume: Option<super::resume::SharedResume>,
 }
 
 impl Drop for AgentSource {
@@ -164,7 +167,15 @@ impl AgentSource {
             kind: opts.kind,
             token: opts.token.clone(),
             retries: Default::default(),
+            resume: None,
         }
+    }
+
+    /// Keeps every page read through [`PageSource::read_runs`] in `file`,
+    /// which [`PageSource::recovered`] removes.
+    pub(super) fn with_resume(mut self, file: super::resume::SharedResume) -> AgentSource {
+        self.resume = Some(file);
+        self
     }
 
     /// The pages this source claims, sorted.
@@ -339,16 +350,31 @@ impl PageSource for AgentSource {
         if runs.is_empty() {
             return Ok(());
         }
+        let mut resume = self.resume.as_ref().map(|r| r.lock());
         self.pull_runs(&runs, |p, page, ok| {
             let k = (p - first) as usize;
             if ok {
                 dst[k * PAGE..(k + 1) * PAGE].copy_from_slice(page);
                 status[k] = PageRead::Data;
+                if let Some(file) = resume.as_mut() {
+                    if let Some(Err(e)) = file.as_mut().map(|f| f.append(p, crc32fast::hash(page), page)) {
+                        log::warn!("remem recover: writing the resume file failed ({e}); going on without it");
+                        **file = None;
+                    }
+                }
             } else {
                 status[k] = PageRead::Unreadable;
             }
             Ok(())
         })
+    }
+
+    fn recovered(&self) {
+        if let Some(file) = self.resume.as_ref().and_then(|r| r.lock().take()) {
+            if let Err(e) = file.remove() {
+                log::warn!("remem recover: removing the resume file: {e}");
+            }
+        }
     }
 
     fn name(&self) -> &str {

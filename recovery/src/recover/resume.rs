@@ -18,8 +18,19 @@
 //! only when its CRC equals the CRC the agent gives for that page now (so a
 //! resume file left by another seal is harmless), and its bytes are checked
 //! against it when read back. A file of another heap is discarded.
+//!
+//! Eager recovery appends every page it pulls and reads the file back
+//! before pulling. Lazy recovery appends every page its agent source
+//! pulls (faults and prefetch alike) and serves the pages the file holds
+//! through [`ResumeSource`], a layer before the agent; the file is removed
+//! once the recovered state is committed and durable.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use remem_alloc::source::{check_request, PageRead, PageSource, SourceError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -63,12 +74,22 @@ pub struct ResumeFile {
     end: u64,
     unsynced: usize,
     buf: Vec<u8>,
+    /// Sync each full batch (else only write it out).
+    sync_batches: bool,
 }
 
 impl ResumeFile {
     /// Opens (or starts) the resume file of the heap `uuid` of `npages`
     /// pages at `path`, reading back the intact records it holds.
     pub fn open(path: &Path, uuid: &[u8; 16], npages: u64) -> std::io::Result<ResumeFile> {
+        Self::open_with(path, uuid, npages, true)
+    }
+
+    /// [`ResumeFile::open`]; without `sync`, nothing is synced but at
+    /// [`ResumeFile::sync`] and drop: records reach the page cache as
+    /// batches fill (they survive the recovering process's death, not its
+    /// host's crash), so that a lazy recovery never waits for the disk.
+    pub fn open_with(path: &Path, uuid: &[u8; 16], npages: u64, sync: bool) -> std::io::Result<ResumeFile> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let want = header(uuid, npages);
         let len = file.metadata()?.len();
@@ -92,19 +113,27 @@ impl ResumeFile {
         } else {
             file.set_len(0)?;
             file.write_all_at(&want, 0)?;
-            file.sync_data()?;
+            if sync {
+                file.sync_data()?;
+            }
         }
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|_| sync) {
             if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
                 let _ = d.sync_all();
             }
         }
-        Ok(ResumeFile { file, path: path.to_owned(), held, end, unsynced: 0, buf: Vec::with_capacity(SYNC_EVERY) })
+        let buf = Vec::with_capacity(SYNC_EVERY);
+        Ok(ResumeFile { file, path: path.to_owned(), held, end, unsynced: 0, buf, sync_batches: sync })
     }
 
     /// The CRC of the record of `page`, if the file holds one.
     pub fn crc_of(&self, page: u64) -> Option<u32> {
         self.held.get(&page).map(|&(_, c)| c)
+    }
+
+    /// Every page held, with its record's CRC.
+    pub fn records(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.held.iter().map(|(&p, &(_, c))| (p, c))
     }
 
     /// Pages held.
@@ -132,19 +161,28 @@ impl ResumeFile {
         self.buf.extend_from_slice(&[0u8; 4]);
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= SYNC_EVERY {
-            self.sync()?;
+            if self.sync_batches {
+                self.sync()?;
+            } else {
+                self.write_out()?;
+            }
         }
         Ok(())
     }
 
-    /// Writes and syncs the records appended so far.
-    pub fn sync(&mut self) -> std::io::Result<()> {
+    fn write_out(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.end)?;
             self.end += self.buf.len() as u64;
             self.unsynced += self.buf.len();
             self.buf.clear();
         }
+        Ok(())
+    }
+
+    /// Writes and syncs the records appended so far.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.write_out()?;
         if self.unsynced > 0 {
             self.file.sync_data()?;
             self.unsynced = 0;
@@ -161,6 +199,80 @@ impl ResumeFile {
 impl Drop for ResumeFile {
     fn drop(&mut self) {
         let _ = self.sync();
+    }
+}
+
+/// A resume file shared by the lazy recovery's sources: the agent's
+/// source appends to it, [`ResumeSource`] reads from it. `None` once it
+/// failed (recovery goes on without it) or was removed.
+pub type SharedResume = Arc<Mutex<Option<ResumeFile>>>;
+
+/// The pages an interrupted earlier recovery pulled, as a [`PageSource`]
+/// in front of the agent: it claims a page the file holds when the
+/// record's CRC is the agent's CRC of that page now (the same seal of the
+/// same memory), checks the bytes against it when read, and gives up a
+/// page whose record fails (the agent's copy is read instead).
+pub struct ResumeSource {
+    file: SharedResume,
+    /// Bit p: page p is served from the file.
+    claimed: Vec<AtomicU64>,
+    npages: u64,
+}
+
+impl std::fmt::Debug for ResumeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeSource").field("npages", &self.npages).finish_non_exhaustive()
+    }
+}
+
+impl ResumeSource {
+    /// Serves the records of `file` whose CRC `current(page)` confirms.
+    pub fn new(file: SharedResume, npages: u64, current: impl Fn(u64) -> Option<u32>) -> ResumeSource {
+        let claimed: Vec<AtomicU64> = (0..npages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        if let Some(f) = file.lock().as_ref() {
+            for (p, crc) in f.records() {
+                if p < npages && current(p) == Some(crc) {
+                    claimed[p as usize / 64].fetch_or(1 << (p % 64), Ordering::Relaxed);
+                }
+            }
+        }
+        ResumeSource { file, claimed, npages }
+    }
+
+    /// Pages served from the file.
+    pub fn pages(&self) -> u64 {
+        self.claimed.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
+    }
+}
+
+impl PageSource for ResumeSource {
+    fn claims(&self, page: u64) -> bool {
+        self.claimed.get(page as usize / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
+        check_request("resume", dst, status)?;
+        if first.checked_add(status.len() as u64).is_none_or(|e| e > self.npages) {
+            return Err(SourceError::BadRequest {
+                source_name: "resume".into(),
+                what: format!("pages {first}+{} beyond the heap", status.len()),
+            });
+        }
+        let file = self.file.lock();
+        for (k, st) in status.iter_mut().enumerate() {
+            let p = first + k as u64;
+            let ok = file.as_ref().is_some_and(|f| f.read(p, &mut dst[k * PAGE..(k + 1) * PAGE]).unwrap_or(false));
+            *st = if ok { PageRead::Data } else { PageRead::Unreadable };
+            if !ok {
+                // Disowned: the next layer (the agent) serves it.
+                self.claimed[p as usize / 64].fetch_and(!(1 << (p % 64)), Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "resume"
     }
 }
 
