@@ -350,3 +350,29 @@ fn fast_mode_holes_stay_out_of_commits_and_a_write_to_one_is_committed() {
     check_blocks(&heap, 40_000);
     heap.close().unwrap();
 }
+
+/// A heap whose metadata (page descriptors) is large enough that the lazy
+/// open fetches it with two threads: every block and the allocator's state
+/// come back whole.
+#[test]
+fn a_large_heap_opens_lazily_with_its_metadata_fetched_in_halves() {
+    for mode in [TrackMode::Fast, TrackMode::Precise] {
+        let path = tmp(&format!("large-{mode}"));
+        let blocks = fill(&path, 1 << 30, 64, 300_000);
+        let heap = Heap::open_lazy(&path, &opts(mode), baseline_source(&path)).unwrap();
+        check_blocks(&heap, 300_000);
+        // The allocator works on the recovered metadata: new blocks do not
+        // overlap the old ones.
+        let fresh: Vec<usize> = (0..32).map(|_| heap.alloc(300_000).unwrap().as_ptr() as usize).collect();
+        for f in &fresh {
+            assert!(blocks.iter().all(|b| f + 300_000 <= *b || b + 300_000 <= *f), "{mode}: overlap");
+        }
+        let st = heap.wait_lazy().unwrap();
+        assert!(st.failed.is_none() && st.committed_epoch.is_some(), "{mode}: {st:?}");
+        check_blocks(&heap, 300_000);
+        let c = heap.check();
+        assert!(c.is_ok(), "{mode}: {:?}", c.problems);
+        heap.close().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+}

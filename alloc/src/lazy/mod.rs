@@ -271,10 +271,37 @@ impl Lazy {
         Ok(())
     }
 
-    /// Fetches and installs every absent page of `first..end` on the calling
-    /// thread (zero pages included), and waits for pages others have in
-    /// flight there: for the pages the recovery pass reads.
+    /// Fetches and installs every absent page of `first..end` (zero pages
+    /// included), and waits for pages others have in flight there: for the
+    /// pages the recovery pass reads (the page descriptors grow with the
+    /// heap: 16 MiB at 8 GiB). A large range is fetched by two threads, each
+    /// a half.
     pub(crate) fn fetch_now(&self, first: u64, end: u64) -> Result<(), LazyError> {
+        const SPLIT_ABOVE: u64 = 256;
+        if end.saturating_sub(first) <= SPLIT_ABOVE {
+            return self.fetch_range(first, end);
+        }
+        let mid = first + (end - first) / 2;
+        std::thread::scope(|s| {
+            let upper = std::thread::Builder::new().spawn_scoped(s, || self.fetch_range(mid, end));
+            let lower = self.fetch_range(first, mid);
+            match upper {
+                Ok(h) => {
+                    let upper = h.join().unwrap_or_else(|_| {
+                        Err(LazyError::Uffd {
+                            op: "fetching metadata pages",
+                            reason: "the fetching thread panicked".into(),
+                        })
+                    });
+                    lower.and(upper)
+                }
+                // No second thread: this one does the rest.
+                Err(_) => lower.and_then(|()| self.fetch_range(mid, end)),
+            }
+        })
+    }
+
+    fn fetch_range(&self, first: u64, end: u64) -> Result<(), LazyError> {
         let chunk = 256u64;
         let mut buf = vec![0u8; chunk as usize * PAGE_SIZE];
         let mut status = vec![PageRead::Zero; chunk as usize];
