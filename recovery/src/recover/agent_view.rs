@@ -201,9 +201,12 @@ pub(super) fn agent_view(
         if state == info::SEALED || state == info::CLOSED {
             return read_view(init, &block, npages, false).map_err(proto);
         }
-        if state == info::SEALING && opts.lazy {
+        if state == info::SEALING && opts.lazy && opts.kind == Kind::Tcp {
             // The owner is gone and its memory frozen: a lazy recovery
-            // starts now and follows the seal (see `AgentSource`).
+            // starts now and follows the seal (see `AgentSource`). Only
+            // over TCP, whose responses carry a CRC from the agent's memory
+            // for the pages the seal has not covered yet (RDMA reads carry
+            // none: over verbs a lazy recovery waits for the seal).
             let mut v = read_view(init, &block, npages, false).map_err(proto)?;
             if let Some(s) = v.sealing.as_mut() {
                 (s.directory, s.slot_off) = (dreg, slot_off as u64);
