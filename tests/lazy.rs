@@ -376,3 +376,78 @@ fn a_large_heap_opens_lazily_with_its_metadata_fetched_in_halves() {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+/// Fast mode, holes left unmarked. Threads write fresh
+/// blocks (hole pages, state Zero) while the heap loads, across its one
+/// commit and across later flushes; every write must reach the baseline.
+#[test]
+fn writes_to_holes_during_load_and_commit_all_reach_the_baseline() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let path = tmp("holes-race");
+    fill(&path, 64 << 20, 40, 30_000);
+    let source = Arc::new(SlowPrefetch(baseline_source(&path), std::time::Duration::from_millis(2)));
+    let heap = Heap::open_lazy(&path, &opts(TrackMode::Fast), source).unwrap();
+    let stop = AtomicBool::new(false);
+    let written: Vec<(usize, usize, u8)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2u8)
+            .map(|t| {
+                let (heap, stop) = (&heap, &stop);
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Relaxed) && out.len() < 3000 {
+                        let size = 4096 * (1 + (i as usize % 5));
+                        let Ok(p) = heap.alloc(size) else { break };
+                        let v = (t.wrapping_mul(97).wrapping_add(i as u8)) | 1;
+                        // SAFETY: the block is ours, `size` bytes.
+                        unsafe { std::ptr::write_bytes(p.as_ptr(), v, size) };
+                        out.push((p.as_ptr() as usize, size, v));
+                        i += 1;
+                        if i.is_multiple_of(64) {
+                            std::thread::yield_now();
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let st = heap.wait_lazy().unwrap();
+        assert!(st.failed.is_none() && st.committed_epoch.is_some(), "{st:?}");
+        for _ in 0..5 {
+            let e = heap.flush().unwrap();
+            heap.wait_durable(e).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let e = heap.flush().unwrap();
+    heap.wait_durable(e).unwrap();
+    heap.close().unwrap();
+    eprintln!("{} blocks written", written.len());
+    let heap = Heap::open_with(&path, &opts(TrackMode::Fast)).unwrap();
+    let mut bad = 0;
+    for &(p, size, v) in &written {
+        // SAFETY: the blocks were never freed; same address after reopen.
+        let b = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+        if !b.iter().all(|&x| x == v) {
+            bad += 1;
+        }
+    }
+    check_blocks(&heap, 30_000);
+    heap.close().unwrap();
+    assert_eq!(bad, 0, "{bad} of {} written blocks did not reach the baseline", written.len());
+}
+
+/// The default `PageSource::read_runs` refuses a run whose count
+/// overflows with a `BadRequest`, never a panic.
+#[test]
+fn read_runs_with_an_overflowing_run_is_a_bad_request_not_a_panic() {
+    use remem::alloc::source::{PageRead, SourceError};
+    let src = ImageSource::new("img", vec![1u8; 4 * 4096]);
+    let mut dst = vec![0u8; 2 * 4096];
+    let mut st = vec![PageRead::Zero; 2];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        src.read_runs(0, &[(1, u64::MAX)], &mut dst, &mut st).map_err(|e| matches!(e, SourceError::BadRequest { .. }))
+    }));
+    assert!(matches!(r, Ok(Err(true))), "expected a BadRequest, got {r:?}");
+}

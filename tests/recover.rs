@@ -779,6 +779,7 @@ fn a_lazy_recovery_starts_while_the_agent_seals_and_follows_the_seal() {
     if std::env::var("REMEM_TEST_BASELINE").is_ok() {
         return;
     }
+    let _serial = FOLLOWERS.lock().unwrap_or_else(|e| e.into_inner());
     // A seal far slower than the load (the recovery is open and loaded long
     // before it ends), then one about as fast (the seal's progress takes
     // pages off the agent while the prefetcher runs).
@@ -832,4 +833,500 @@ fn lazy_recovery_during_the_seal(pause_ms: u64) {
     scatter::verify(scatter::find(&again, data_pages).unwrap(), round).unwrap();
     again.close().unwrap();
     let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// Serializes the tests that count follower threads or panics process-wide.
+static FOLLOWERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// CRC-32 (IEEE, as crc32fast), bit by bit.
+fn crc32_of(d: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in d {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Sets `page[at..at + 4]` so that the page's CRC-32 is 0 (CRC is affine in
+/// the message bits: solve the 32x32 system over GF(2)).
+fn forge_crc_zero(page: &mut [u8], at: usize) {
+    page[at..at + 4].fill(0);
+    let base = crc32_of(page);
+    let mut basis: Vec<(u32, u32)> = Vec::new();
+    for i in 0..32 {
+        page[at + i / 8] = 1 << (i % 8);
+        let mut v = crc32_of(page) ^ base;
+        page[at + i / 8] = 0;
+        let mut m = 1u32 << i;
+        for &(bv, bm) in &basis {
+            if v ^ bv < v {
+                v ^= bv;
+                m ^= bm;
+            }
+        }
+        if v != 0 {
+            basis.push((v, m));
+            basis.sort_by_key(|b| std::cmp::Reverse(b.0));
+        }
+    }
+    let (mut t, mut combo) = (base, 0u32);
+    for &(bv, bm) in &basis {
+        if t ^ bv < t {
+            t ^= bv;
+            combo ^= bm;
+        }
+    }
+    assert_eq!(t, 0, "no solution");
+    for i in 0..32 {
+        if combo & (1 << i) != 0 {
+            page[at + i / 8] |= 1 << (i % 8);
+        }
+    }
+    assert_eq!(crc32_of(page), 0);
+}
+
+/// A precise-mode seal computes CRCs only for the pages its lists name (the
+/// agent's CRC table holds 0 elsewhere). A lazy recovery's resume layer
+/// claims only records of pages the agent claims, so a record left by an
+/// older recovery (or planted) for an unlisted page, even one whose CRC is
+/// 0, is never served in place of the baseline's page.
+#[test]
+fn a_resume_record_for_a_page_the_agent_does_not_list_is_never_served() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let s = setup("precise-resume");
+    let (data_pages, stride) = (64usize, 8usize);
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", format!("32,{data_pages},{stride},0,precise"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::kill_after(child, "ready", Duration::ZERO);
+    assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(60)), info::SEALED);
+    // Where the data block lies, from a copy of the baseline.
+    let copy = s.dir.join("copy");
+    std::fs::copy(&s.baseline, &copy).unwrap();
+    let (first, uuid, npages) = {
+        let bl =
+            remem::alloc::baseline::Baseline::open(remem::alloc::baseline::FileBackend::open(&copy).unwrap()).unwrap();
+        let (uuid, npages) = (bl.uuid(), bl.npages());
+        drop(bl);
+        let heap = Heap::open_with(&copy, &HeapOptions::new(0).flush_interval(None)).unwrap();
+        let first = heap.offset_of(heap.root().unwrap().as_ptr()).unwrap() as u64 / 4096;
+        heap.close().unwrap();
+        (first, uuid, npages)
+    };
+    // A resume file with records of CRC 0 for data pages 1..stride (unlisted:
+    // the baseline's round 0 is current).
+    let resume_path = remem::recovery::recover::resume::path_of(&s.baseline);
+    {
+        let mut f = remem::recovery::recover::resume::ResumeFile::open(&resume_path, &uuid, npages).unwrap();
+        for k in 1..stride as u64 {
+            let mut page = vec![0xEEu8; 4096];
+            page[..8].copy_from_slice(&k.to_le_bytes());
+            page[8..16].copy_from_slice(&99u64.to_le_bytes());
+            forge_crc_zero(&mut page, 100);
+            f.append(first + k, 0, &page).unwrap();
+        }
+        f.sync().unwrap();
+    }
+    let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
+    o.lazy = true;
+    let (heap, report) = recover(o).unwrap();
+    eprintln!("report: {report:?}");
+    let round = |p: usize| u64::from(p.is_multiple_of(stride));
+    let d = scatter::find(&heap, data_pages).unwrap();
+    let got = scatter::verify(d, round);
+    let st = heap.wait_lazy().unwrap();
+    heap.close().unwrap();
+    // What the baseline now holds (the commit of the recovered state).
+    let again = Heap::open_with(&s.baseline, &HeapOptions::new(0).flush_interval(None)).unwrap();
+    let committed = scatter::verify(scatter::find(&again, data_pages).unwrap(), round);
+    again.close().unwrap();
+    let _ = std::fs::remove_dir_all(&s.dir);
+    assert!(
+        report.pages_resumed == 0 && got.is_ok() && committed.is_ok(),
+        "records for pages the agent does not list were resumed ({}); recovered data: {got:?}; committed: {committed:?}",
+        report.pages_resumed
+    );
+    assert!(st.failed.is_none(), "{st:?}");
+}
+
+/// A hostile or buggy agent at SEALING (a bare target
+/// serving a crafted directory whose heap region is the baseline's image):
+/// cursors not a multiple of 64, going backwards, beyond the heap, a state
+/// that changes to garbage, a reassigned slot, a SEALED with every page
+/// dirty. Recovery must not panic (the follower thread included: a panic
+/// hook counts panics anywhere) and must load a consistent heap; it
+/// commits only when the seal ended (SEALED) and confirmed the pages served
+/// before it, and otherwise refuses the commit with a clear reason.
+#[test]
+fn a_hostile_sealing_agent_neither_panics_nor_gets_an_unconfirmed_commit() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let _serial = FOLLOWERS.lock().unwrap_or_else(|e| e.into_inner());
+    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
+    use remem::recovery::transport::{serve, SharedBytes};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |i| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        prev(i);
+    }));
+    let (dir, path) = closed_heap("hostile-sealing");
+    // (case, steps: (delay ms, state, cursor, assigned, sealed bits all ones))
+    type Step = (u64, u32, u64, u64, bool);
+    let cases: Vec<(&str, Vec<Step>)> = vec![
+        (
+            "odd cursors",
+            vec![(0, info::SEALING, 37, 1, false), (30, info::SEALING, 101, 1, false), (30, info::SEALED, 0, 1, false)],
+        ),
+        ("backwards", vec![(0, info::SEALING, 200, 1, false), (30, info::SEALING, 3, 1, false)]),
+        ("beyond", vec![(0, info::SEALING, 5, 1, false), (30, info::SEALING, u64::MAX, 1, false)]),
+        ("garbage state", vec![(0, info::SEALING, 64, 1, false), (30, 77, 64, 1, false)]),
+        ("reassigned", vec![(0, info::SEALING, 64, 1, false), (30, info::SEALING, 128, 9, false)]),
+        ("sealed all dirty", vec![(0, info::SEALING, 1, 1, false), (30, info::SEALED, 1, 1, true)]),
+    ];
+    for (what, steps) in cases {
+        let (uuid, npages, img) = {
+            use remem::alloc::baseline::{Baseline, FileBackend};
+            let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+            let (uuid, npages) = (b.uuid(), b.npages());
+            let src = BaselineSource::new(b);
+            let mut img = vec![0u8; npages as usize * 4096];
+            let mut st = vec![PageRead::Zero; npages as usize];
+            src.read_pages(0, &mut img, &mut st).unwrap();
+            for (k, s) in st.iter().enumerate() {
+                if *s == PageRead::Zero {
+                    img[k * 4096..(k + 1) * 4096].fill(0);
+                }
+            }
+            (uuid, npages, img)
+        };
+        let words = npages.div_ceil(64) as usize;
+        let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
+        let token = Token::generate().unwrap();
+        let mut so = ServeOptions::new(token.clone());
+        so.listen = "127.0.0.1:0".parse().unwrap();
+        let target = serve(Kind::Tcp, so).unwrap();
+        let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
+        target.register(block.clone()).unwrap();
+        let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
+        ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
+        ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
+        let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
+        heap_mem.write(0, &img);
+        let crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
+        let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
+        crc_mem.write(0, &crcs);
+        let sealed = Arc::new(SharedBytes::zeroed(words * 8));
+        let regions = [
+            target.register(heap_mem).unwrap(),
+            target.register(ctl).unwrap(),
+            target.register(crc_mem).unwrap(),
+            target.register(sealed.clone()).unwrap(),
+        ];
+        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+        block.write(dir::SLOTS, &1u32.to_le_bytes());
+        let at = dir::slot_offset(0);
+        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+        block.write(at + info::UUID, &uuid);
+        block.write(at + info::NPAGES, &npages.to_le_bytes());
+        for (n, r) in regions.iter().enumerate() {
+            let d = at + info::region(n);
+            block.write(d, &r.addr.to_le_bytes());
+            block.write(d + 8, &r.len.to_le_bytes());
+            block.write(d + 16, &r.rkey.to_le_bytes());
+        }
+        let apply = |&(_, state, cursor, assigned, dirty): &Step| {
+            if dirty {
+                sealed.write(0, &vec![0xff; words * 8]);
+            }
+            block.write(at + info::SEAL_CURSOR, &cursor.to_le_bytes());
+            block.write(at + info::ASSIGNED, &assigned.to_le_bytes());
+            block.write(at + info::STATE, &state.to_le_bytes());
+        };
+        apply(&steps[0]);
+        let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
+        o.lazy = true;
+        let (heap, report) = recover(o).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for s in &steps[1..] {
+            std::thread::sleep(Duration::from_millis(s.0));
+            apply(s);
+        }
+        let st = heap.wait_lazy().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let c = heap.check();
+        let sealed_in_the_end = steps.last().is_some_and(|s| s.1 == info::SEALED);
+        eprintln!("{what}: {st:?} {report:?}");
+        assert_eq!(st.poisoned, 0, "{what}: {st:?}");
+        assert!(c.is_ok(), "{what}: {c:?}");
+        if sealed_in_the_end {
+            assert!(st.failed.is_none() && st.committed_epoch.is_some(), "{what}: {st:?}");
+            heap.close().unwrap();
+        } else {
+            let why = st.failed.clone().unwrap_or_default();
+            assert!(st.committed_epoch.is_none() && why.contains("not committed"), "{what}: {st:?}");
+            assert!(heap.close().is_err(), "{what}: an uncommitted recovery closes with an error");
+        }
+        drop(target);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic happened somewhere");
+}
+
+/// A recovery that does not use the resume file (baseline only here)
+/// removes one left by an earlier recovery, eager and lazy alike.
+#[test]
+fn a_lazy_recovery_without_the_agent_removes_a_stale_resume_file() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    for lazy in [false, true] {
+        let (dir, path) = closed_heap(&format!("stale-resume-{lazy}"));
+        let (uuid, npages) = {
+            use remem::alloc::baseline::{Baseline, FileBackend};
+            let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+            (b.uuid(), b.npages())
+        };
+        let resume_path = remem::recovery::recover::resume::path_of(&path);
+        {
+            let mut f = remem::recovery::recover::resume::ResumeFile::open(&resume_path, &uuid, npages).unwrap();
+            let page = vec![1u8; 4096];
+            f.append(npages - 1, crc32_of(&page), &page).unwrap();
+        }
+        let mut o = RecoverOptions::new(&path, None, None);
+        o.allow_data_loss = true;
+        o.lazy = lazy;
+        let (heap, _) = recover(o).unwrap();
+        if let Some(st) = heap.wait_lazy() {
+            assert!(st.failed.is_none() && st.committed_epoch.is_some(), "{st:?}");
+        }
+        heap.close().unwrap();
+        let left = resume_path.exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!left, "lazy {lazy}: the resume file is still there after the recovered state was committed");
+    }
+}
+
+/// A page a lazy recovery takes from the agent before the seal covered it
+/// is checked against the seal's CRC once the seal ends, before the commit.
+/// Here a crafted agent serves page X for the last page while its seal
+/// (SEALED, bit set) says the page is Y (as when the memory was not frozen:
+/// a reattach, a live owner on an unlocked shared baseline, a buggy agent):
+/// the eager path refuses the agent, and the lazy one refuses the commit.
+#[test]
+fn a_page_served_before_the_seal_covered_it_is_checked_against_the_seal() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
+    use remem::recovery::transport::{serve, SharedBytes};
+    use std::sync::Arc;
+    let mut outcome = Vec::new();
+    for lazy in [false, true] {
+        let (dir, path) = closed_heap(&format!("beyond-cursor-{lazy}"));
+        let (uuid, npages, mut img) = {
+            use remem::alloc::baseline::{Baseline, FileBackend};
+            let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+            let (uuid, npages) = (b.uuid(), b.npages());
+            let src = BaselineSource::new(b);
+            let mut img = vec![0u8; npages as usize * 4096];
+            let mut st = vec![PageRead::Zero; npages as usize];
+            src.read_pages(0, &mut img, &mut st).unwrap();
+            for (k, s) in st.iter().enumerate() {
+                if *s == PageRead::Zero {
+                    img[k * 4096..(k + 1) * 4096].fill(0);
+                }
+            }
+            (uuid, npages, img)
+        };
+        let last = npages as usize - 1;
+        img[last * 4096..].fill(0xAB); // X, served
+        let words = npages.div_ceil(64) as usize;
+        let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
+        let token = Token::generate().unwrap();
+        let mut so = ServeOptions::new(token.clone());
+        so.listen = "127.0.0.1:0".parse().unwrap();
+        let target = serve(Kind::Tcp, so).unwrap();
+        let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
+        target.register(block.clone()).unwrap();
+        let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
+        ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
+        ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
+        let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
+        heap_mem.write(0, &img);
+        let mut crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
+        let y_crc = crc32_of(&[0xCDu8; 4096]); // the seal says Y
+        crcs[4 * last..4 * last + 4].copy_from_slice(&y_crc.to_le_bytes());
+        let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
+        crc_mem.write(0, &crcs);
+        let sealed = Arc::new(SharedBytes::zeroed(words * 8));
+        let mut bits = vec![0u8; words * 8];
+        bits[last / 8] |= 1 << (last % 8);
+        sealed.write(0, &bits);
+        let regions = [
+            target.register(heap_mem).unwrap(),
+            target.register(ctl).unwrap(),
+            target.register(crc_mem).unwrap(),
+            target.register(sealed).unwrap(),
+        ];
+        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+        block.write(dir::SLOTS, &1u32.to_le_bytes());
+        let at = dir::slot_offset(0);
+        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+        block.write(at + info::UUID, &uuid);
+        block.write(at + info::NPAGES, &npages.to_le_bytes());
+        for (n, r) in regions.iter().enumerate() {
+            let d = at + info::region(n);
+            block.write(d, &r.addr.to_le_bytes());
+            block.write(d + 8, &r.len.to_le_bytes());
+            block.write(d + 16, &r.rkey.to_le_bytes());
+        }
+        block.write(at + info::ASSIGNED, &1u64.to_le_bytes());
+        let (state, cursor) = if lazy { (info::SEALING, 0u64) } else { (info::SEALED, npages) };
+        block.write(at + info::SEAL_CURSOR, &cursor.to_le_bytes());
+        block.write(at + info::STATE, &state.to_le_bytes());
+        let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
+        o.lazy = lazy;
+        let r = match recover(o) {
+            Err(e) => format!("refused: {e}"),
+            Ok((heap, _)) => {
+                // The seal ends (SEALED, every CRC published) once the load
+                // has settled. (Flipping it earlier makes the outcome a race:
+                // the page is then poisoned if, and only if, the prefetcher
+                // reads it after the follower saw the seal's CRC.)
+                while !heap.lazy_status().unwrap().settled {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                block.write(at + info::SEAL_CURSOR, &npages.to_le_bytes());
+                block.write(at + info::STATE, &info::SEALED.to_le_bytes());
+                let st = heap.wait_lazy().unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = heap.close();
+                match (st.failed, st.poisoned, st.committed_epoch) {
+                    (Some(f), _, _) => format!("failed: {f}"),
+                    (None, p, _) if p > 0 => format!("{p} pages poisoned"),
+                    (None, _, e) => format!("committed epoch {e:?} with page {last} = X, the seal says Y"),
+                }
+            }
+        };
+        eprintln!("lazy {lazy}: {r}");
+        outcome.push(r);
+        drop(target);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    assert!(outcome[0].starts_with("refused"), "eager: {}", outcome[0]);
+    assert!(!outcome[1].starts_with("committed"), "lazy at SEALING: {}", outcome[1]);
+}
+
+fn follow_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "remem-follow-se")
+        .count()
+}
+
+/// A seal that never ends (an agent whose seal thread
+/// died or never started leaves the slot SEALING at its cursor). The
+/// follower gives up once the cursor has not moved for the recovery's
+/// `wait_sealed`; the pages served before the seal covered them cannot be
+/// confirmed, so the recovered state is not committed (the heap stays
+/// usable, its flushes fail), and no follower thread is left polling.
+#[test]
+fn a_seal_that_never_ends_is_given_up_and_the_commit_refused() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let _serial = FOLLOWERS.lock().unwrap_or_else(|e| e.into_inner());
+    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
+    use remem::recovery::transport::{serve, SharedBytes};
+    use std::sync::Arc;
+    let (dir, path) = closed_heap("stuck-seal");
+    let (uuid, npages, img) = {
+        use remem::alloc::baseline::{Baseline, FileBackend};
+        let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
+        let (uuid, npages) = (b.uuid(), b.npages());
+        let src = BaselineSource::new(b);
+        let mut img = vec![0u8; npages as usize * 4096];
+        let mut st = vec![PageRead::Zero; npages as usize];
+        src.read_pages(0, &mut img, &mut st).unwrap();
+        for (k, s) in st.iter().enumerate() {
+            if *s == PageRead::Zero {
+                img[k * 4096..(k + 1) * 4096].fill(0);
+            }
+        }
+        (uuid, npages, img)
+    };
+    let words = npages.div_ceil(64) as usize;
+    let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
+    let token = Token::generate().unwrap();
+    let mut so = ServeOptions::new(token.clone());
+    so.listen = "127.0.0.1:0".parse().unwrap();
+    let target = serve(Kind::Tcp, so).unwrap();
+    let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
+    target.register(block.clone()).unwrap();
+    let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
+    ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
+    ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
+    let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
+    heap_mem.write(0, &img);
+    let crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
+    let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
+    crc_mem.write(0, &crcs);
+    let regions = [
+        target.register(heap_mem).unwrap(),
+        target.register(ctl).unwrap(),
+        target.register(crc_mem).unwrap(),
+        target.register(Arc::new(SharedBytes::zeroed(words * 8))).unwrap(),
+    ];
+    block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+    block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+    block.write(dir::SLOTS, &1u32.to_le_bytes());
+    let at = dir::slot_offset(0);
+    block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+    block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+    block.write(at + info::UUID, &uuid);
+    block.write(at + info::NPAGES, &npages.to_le_bytes());
+    for (n, r) in regions.iter().enumerate() {
+        let d = at + info::region(n);
+        block.write(d, &r.addr.to_le_bytes());
+        block.write(d + 8, &r.len.to_le_bytes());
+        block.write(d + 16, &r.rkey.to_le_bytes());
+    }
+    block.write(at + info::ASSIGNED, &1u64.to_le_bytes());
+    block.write(at + info::SEAL_CURSOR, &64u64.to_le_bytes());
+    block.write(at + info::STATE, &info::SEALING.to_le_bytes());
+    let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
+    o.lazy = true;
+    o.wait_sealed = Duration::from_secs(1);
+    let (heap, _) = recover(o).unwrap();
+    let st = heap.wait_lazy().unwrap();
+    let why = st.failed.clone().unwrap_or_default();
+    assert!(st.committed_epoch.is_none() && why.contains("never covered"), "{st:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let after_commit = follow_threads();
+    assert!(heap.close().is_err(), "an uncommitted recovery closes with an error");
+    std::thread::sleep(Duration::from_millis(200));
+    let after_close = follow_threads();
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("follower threads after the refused commit: {after_commit}; after close: {after_close}");
+    assert_eq!(after_close, 0, "the follower outlived the heap");
+    assert_eq!(after_commit, 0, "the follower still polls the agent after it gave up");
 }

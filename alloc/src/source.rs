@@ -131,15 +131,25 @@ pub trait PageSource: Send + Sync {
     ) -> Result<(), SourceError> {
         check_request(self.name(), dst, status)?;
         for &(s, n) in runs {
-            let k = s.checked_sub(first).filter(|&k| k + n <= status.len() as u64).ok_or_else(|| {
-                SourceError::BadRequest {
+            let k = s
+                .checked_sub(first)
+                .filter(|&k| k.checked_add(n).is_some_and(|e| e <= status.len() as u64))
+                .ok_or_else(|| SourceError::BadRequest {
                     source_name: self.name().into(),
                     what: format!("run {s}+{n} outside pages {first}+{}", status.len()),
-                }
-            })? as usize;
+                })? as usize;
             let n = n as usize;
             self.read_pages(s, &mut dst[k * PAGE_SIZE..(k + n) * PAGE_SIZE], &mut status[k..k + n])?;
         }
+        Ok(())
+    }
+
+    /// Asked once by a lazy loader when every page is in, before the
+    /// recovered state is committed: `Err` refuses the commit (the heap
+    /// stays usable; its flushes fail). A source that served pages it could
+    /// not verify fully at the time (the agent, while its seal ran) checks
+    /// them now. Default: `Ok`.
+    fn confirm(&self) -> Result<(), String> {
         Ok(())
     }
 
@@ -168,6 +178,9 @@ impl<S: PageSource + ?Sized> PageSource for Arc<S> {
         status: &mut [PageRead],
     ) -> Result<(), SourceError> {
         (**self).read_runs(first, runs, dst, status)
+    }
+    fn confirm(&self) -> Result<(), String> {
+        (**self).confirm()
     }
     fn recovered(&self) {
         (**self).recovered()
@@ -264,6 +277,10 @@ impl Layered {
 impl PageSource for Layered {
     fn claims(&self, page: u64) -> bool {
         self.layer_of(page, 0).is_some()
+    }
+
+    fn confirm(&self) -> Result<(), String> {
+        self.layers.iter().try_for_each(|l| l.confirm().map_err(|e| format!("{}: {e}", l.name())))
     }
 
     fn recovered(&self) {

@@ -115,9 +115,12 @@ pub struct RecoverReport {
     pub uuid: String,
     /// Epoch of the baseline that was loaded.
     pub baseline_epoch: u64,
-    /// Pages of the heap loaded from the baseline.
+    /// Pages of the heap loaded from the baseline (lazy: the others, as
+    /// known when the heap opened).
     pub pages_from_baseline: u64,
-    /// Pages pulled from the agent.
+    /// Pages pulled from the agent (lazy: the pages its lists and its seal
+    /// named when the heap opened, not yet the pages beyond a seal still in
+    /// progress, which come from the agent too until the seal covers them).
     pub pages_pulled: u64,
     /// Bytes pulled.
     pub bytes_pulled: u64,
@@ -461,7 +464,10 @@ fn recover_lazy(
             match resume::ResumeFile::open_with(&resume::path_of(&path), &bl.uuid(), bl.npages(), false) {
                 Ok(f) => {
                     let file: resume::SharedResume = Arc::new(parking_lot::Mutex::new(Some(f)));
-                    let held = resume::ResumeSource::new(file.clone(), bl.npages(), |p| src.crc(p));
+                    // Only pages the agent claims, whose seal CRC it has.
+                    let held = resume::ResumeSource::new(file.clone(), bl.npages(), |p| {
+                        remem_alloc::source::PageSource::claims(&src, p).then(|| src.crc(p)).flatten()
+                    });
                     report.pages_resumed = held.pages();
                     layers.push(Arc::new(held));
                     src = src.with_resume(file);
@@ -472,6 +478,13 @@ fn recover_lazy(
         report.pages_pulled = report.pages_pulled.saturating_sub(report.pages_resumed);
         report.bytes_pulled = report.pages_pulled * 4096;
         layers.push(Arc::new(src));
+    }
+    if layers.is_empty() {
+        // Nothing to resume from the agent: a resume file left by an
+        // earlier recovery of it is of no use once this one commits.
+        if std::fs::remove_file(resume::path_of(&path)).is_ok() {
+            log::info!("remem recover: removed the resume file of an earlier recovery");
+        }
     }
     layers.push(Arc::new(BaselineSource::new(bl.try_clone().map_err(|e| bl_err(e.to_string()))?)));
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));

@@ -85,17 +85,19 @@ pub(super) fn run(l: &Lazy, commit: Box<dyn FnOnce() -> Option<Result<u64, Flush
         l.fail(format!("{poisoned} pages could not be read from any current copy and are poisoned"));
         return;
     }
+    if let Err(e) = l.source.confirm() {
+        l.fail(format!("the recovered state is not committed: {e}"));
+        return;
+    }
     // The one commit of the recovered state.
     match commit() {
         Some(Ok(epoch)) => {
-            {
-                let mut d = l.done.lock();
-                d.committed_epoch = Some(epoch);
-                l.cond.notify_all();
-            }
             if l.durability.wait_durable(epoch).is_ok() {
                 l.source.recovered();
             }
+            let mut d = l.done.lock();
+            d.committed_epoch = Some(epoch);
+            l.cond.notify_all();
         }
         Some(Err(e)) => l.fail(format!("committing the recovered state: {e}")),
         None => {}

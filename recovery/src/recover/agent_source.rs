@@ -48,7 +48,8 @@ struct Conn {
 /// How often the seal's progress is read while it runs.
 const FOLLOW_EVERY: Duration = Duration::from_millis(10);
 /// Consecutive failures after which the seal is no longer followed (the
-/// pages beyond its cursor then stay claimed: correct, only slower).
+/// pages beyond its cursor then stay claimed, and those served are not
+/// confirmed: the commit is refused).
 const FOLLOW_FAILURES: u32 = 20;
 
 /// What the source knows of the seal; shared with [`follow`].
@@ -67,19 +68,46 @@ struct Known {
     /// Whether pages are verified against the seal's CRCs at all (not from a
     /// hung owner, whose lists were never sealed).
     verifies: bool,
-    /// Set when the source is dropped: [`follow`] stops.
+    /// Set when the source is dropped or the recovery is over: [`follow`] stops.
     stop: AtomicBool,
+    /// [`follow`] has ended (or never ran): `cursor` moves no more.
+    followed: AtomicBool,
+    /// Bit p: page p (at or beyond `start`) was served before the seal
+    /// covered it; its CRC as served is in `served`.
+    served_bits: Vec<AtomicU64>,
+    served: Vec<AtomicU32>,
 }
 
 impl Known {
-    /// The seal's CRC of `page`, if the seal covers it.
-    fn crc(&self, page: u64) -> Option<u32> {
+    fn claimed(&self, page: u64) -> bool {
+        self.claimed.get(page as usize / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// The seal's CRC of `page` as published, if the seal covers it
+    /// (meaningful only where the seal hashed the page: every page in fast
+    /// mode, the listed ones in precise mode).
+    fn sealed_crc(&self, page: u64) -> Option<u32> {
         if !self.verifies || page >= self.cursor.load(Ordering::Acquire) {
             return None;
         }
         match page.checked_sub(self.start) {
             None => self.crcs.get(page as usize).copied(),
             Some(k) => self.later.get(k as usize).map(|c| c.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The seal's CRC of a page this source claims (the seal hashed it).
+    fn crc(&self, page: u64) -> Option<u32> {
+        self.sealed_crc(page).filter(|_| self.claimed(page))
+    }
+
+    /// Records the CRC of a page served before the seal covered it.
+    fn note_served(&self, page: u64, crc: u32) {
+        if let (Some(k), Some(w)) = (page.checked_sub(self.start), self.served_bits.get(page as usize / 64)) {
+            if let Some(c) = self.served.get(k as usize) {
+                c.store(crc, Ordering::Relaxed);
+                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
         }
     }
 }
@@ -139,23 +167,33 @@ impl AgentSource {
                 AtomicU64::new(listed[w] | beyond)
             })
             .collect();
+        let beyond = (npages - start) as usize;
         let known = Arc::new(Known {
             claimed,
             listed,
             verifies: view.crcs.is_some(),
             crcs: view.crcs.unwrap_or_default(),
-            later: (start..npages).map(|_| AtomicU32::new(0)).collect(),
+            later: (0..beyond).map(|_| AtomicU32::new(0)).collect(),
             start,
             cursor: AtomicU64::new(start),
             stop: AtomicBool::new(false),
+            followed: AtomicBool::new(true),
+            served_bits: if beyond > 0 { (0..words).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() },
+            served: (0..beyond).map(|_| AtomicU32::new(0)).collect(),
         });
         if let Some(sealing) = view.sealing.filter(|_| start < npages) {
-            let (k, kind, token) = (Arc::clone(&known), opts.kind, opts.token.clone());
-            let spawned = std::thread::Builder::new()
-                .name("remem-follow-seal".into())
-                .spawn(move || follow(&k, sealing, npages, kind, token.as_ref(), addr));
+            known.followed.store(false, Ordering::Release);
+            let (k, kind, token, stall) = (Arc::clone(&known), opts.kind, opts.token.clone(), opts.wait_sealed);
+            let spawned = std::thread::Builder::new().name("remem-follow-seal".into()).spawn(move || {
+                follow(&k, sealing, (npages, stall), kind, token.as_ref(), addr);
+                k.followed.store(true, Ordering::Release);
+            });
             if let Err(e) = spawned {
-                log::warn!("remem recover: cannot follow the agent's seal ({e}): every page it has not sealed comes from the agent");
+                known.followed.store(true, Ordering::Release);
+                log::warn!(
+                    "remem recover: cannot follow the agent's seal ({e}): every page it has not sealed comes from \
+                     the agent, and the recovered state cannot be confirmed against the seal"
+                );
             }
         }
         AgentSource {
@@ -268,6 +306,11 @@ impl AgentSource {
                     let p = first + k as u64;
                     let ok = match known.crc(p) {
                         Some(want) => crc32fast::hash(page) == want,
+                        None if piece_ok && known.verifies => {
+                            // Checked against the seal before the commit (`confirm`).
+                            known.note_served(p, crc32fast::hash(page));
+                            true
+                        }
                         None => piece_ok,
                     };
                     sink(p, page, ok)?;
@@ -323,7 +366,52 @@ impl AgentSource {
 
 impl PageSource for AgentSource {
     fn claims(&self, page: u64) -> bool {
-        self.known.claimed.get(page as usize / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        self.known.claimed(page)
+    }
+
+    /// Waits until the seal covers every page this source served before the
+    /// seal reached it, then checks each against the seal's CRC: a page
+    /// whose bytes as served differ from what the seal found (the agent's
+    /// memory changed under the recovery), or that the seal never covered
+    /// (the seal stopped, or could not be followed), refuses the commit.
+    fn confirm(&self) -> Result<(), String> {
+        let k = &*self.known;
+        if k.served_bits.is_empty() {
+            return Ok(());
+        }
+        while !k.followed.load(Ordering::Acquire) {
+            std::thread::sleep(FOLLOW_EVERY);
+        }
+        let cursor = k.cursor.load(Ordering::Acquire);
+        let (mut unsealed, mut differ) = (Vec::new(), Vec::new());
+        for (w, bits) in k.served_bits.iter().enumerate() {
+            let mut b = bits.load(Ordering::Acquire);
+            while b != 0 {
+                let p = w as u64 * 64 + u64::from(b.trailing_zeros());
+                b &= b - 1;
+                let served = k.served.get((p - k.start) as usize).map(|c| c.load(Ordering::Relaxed));
+                match k.sealed_crc(p) {
+                    None => unsealed.push(p),
+                    Some(c) if Some(c) != served => differ.push(p),
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(p) = differ.first() {
+            return Err(format!(
+                "{} pages the agent served before its seal covered them differ from what the seal found (first: page \
+                 {p}): the failed host's memory changed during the recovery",
+                differ.len()
+            ));
+        }
+        if let Some(p) = unsealed.first() {
+            return Err(format!(
+                "the agent's seal stopped at page {cursor} and never covered {} pages served before it (first: page \
+                 {p}); recover again",
+                unsealed.len()
+            ));
+        }
+        Ok(())
     }
 
     fn read_pages(&self, first: u64, dst: &mut [u8], status: &mut [PageRead]) -> Result<(), SourceError> {
@@ -370,6 +458,7 @@ impl PageSource for AgentSource {
     }
 
     fn recovered(&self) {
+        self.known.stop.store(true, Ordering::Release);
         if let Some(file) = self.resume.as_ref().and_then(|r| r.lock().take()) {
             if let Err(e) = file.remove() {
                 log::warn!("remem recover: removing the resume file: {e}");
@@ -384,11 +473,30 @@ impl PageSource for AgentSource {
 
 /// Follows a seal in progress (see the module docs) until it covers every
 /// page, the source is dropped, or the agent stops answering sensibly.
-fn follow(known: &Known, sealing: Sealing, npages: u64, kind: Kind, token: Option<&Token>, addr: SocketAddr) {
+/// A seal whose cursor does not move for `stall` (the recovery's
+/// `wait_sealed`) is no longer followed.
+fn follow(
+    known: &Known,
+    sealing: Sealing,
+    (npages, stall): (u64, Duration),
+    kind: Kind,
+    token: Option<&Token>,
+    addr: SocketAddr,
+) {
     let mut failures = 0u32;
     let mut init: Option<Box<dyn Initiator>> = None;
+    let (mut last, mut moved) = (known.cursor.load(Ordering::Acquire), std::time::Instant::now());
     while !known.stop.load(Ordering::Acquire) && known.cursor.load(Ordering::Acquire) < npages {
         std::thread::sleep(FOLLOW_EVERY);
+        let now = known.cursor.load(Ordering::Acquire);
+        if now != last {
+            (last, moved) = (now, std::time::Instant::now());
+        } else if moved.elapsed() > stall {
+            log::warn!(
+                "remem recover: the agent's seal has not moved past page {now} for {stall:?}: no longer following it"
+            );
+            return;
+        }
         let step = match init.as_mut() {
             Some(i) => follow_step(known, &sealing, npages, &mut **i),
             None => match connect(kind, token, addr) {

@@ -15,8 +15,9 @@
 //! Little-endian. Records are appended as pages arrive and synced every
 //! [`SYNC_EVERY`] bytes and at the end; a record torn by a crash (short, or
 //! its CRC wrong) ends the usable part of the file. A record is used again
-//! only when its CRC equals the CRC the agent gives for that page now (so a
-//! resume file left by another seal is harmless), and its bytes are checked
+//! only for a page the agent lists and when its CRC equals the CRC the
+//! agent's seal gives for that page now (so a resume file left by another
+//! seal is harmless), and its bytes are checked
 //! against it when read back. A file of another heap is discarded.
 //!
 //! Eager recovery appends every page it pulls and reads the file back
@@ -90,7 +91,15 @@ impl ResumeFile {
     /// batches fill (they survive the recovering process's death, not its
     /// host's crash), so that a lazy recovery never waits for the disk.
     pub fn open_with(path: &Path, uuid: &[u8; 16], npages: u64, sync: bool) -> std::io::Result<ResumeFile> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a symbolic link planted at the path.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         let want = header(uuid, npages);
         let len = file.metadata()?.len();
         let mut held = HashMap::new();
