@@ -201,7 +201,8 @@ struct Batch {
 /// The writer thread of a connection: sends each buffer, counts its reads
 /// as served, hands it back; ends when the serving thread closes its
 /// outbox, or at the first failed write (a peer that took nothing for the
-/// write timeout, or a closed connection).
+/// write timeout, or a closed connection), which also shuts the socket
+/// down so that the serving thread stops waiting for requests.
 fn write_batches(
     mut conn: TcpStream,
     full: &mpsc::Receiver<Batch>,
@@ -209,7 +210,11 @@ fn write_batches(
     counters: &Counters,
 ) -> io::Result<()> {
     for mut batch in full {
-        conn.write_all(&batch.bytes)?;
+        if let Err(e) = conn.write_all(&batch.bytes) {
+            // The serving thread may be waiting for requests: end its read too.
+            let _ = conn.shutdown(Shutdown::Both);
+            return Err(e);
+        }
         Counters::add(&counters.reads_served, batch.served);
         batch.bytes.clear();
         // The serving thread may be gone already; then nothing waits for it.

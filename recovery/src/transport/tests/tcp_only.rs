@@ -596,3 +596,40 @@ fn a_target_with_a_stuck_writer_drops_promptly() {
     drop(ini);
     drop(s);
 }
+
+/// Peers that stop reading and send nothing more are dropped once they
+/// took no data for the write timeout, however far the serving thread got
+/// (still copying, or done and waiting for requests while the writer is
+/// stuck): the writer thread's failed write ends the serving thread's wait
+/// for requests too.
+#[test]
+fn peers_that_neither_read_nor_ask_are_dropped_after_the_write_timeout() {
+    let token = Token::generate().unwrap();
+    let opts = ServeOptions { write_timeout: Duration::from_millis(300), ..ServeOptions::new(token.clone()) };
+    let target = serve(Kind::Tcp, opts.listen(loopback())).unwrap();
+    let region = target.register(Arc::new(SharedBytes::from(pattern(REGION, 1)))).unwrap();
+    // Replies of 8 to 16 MiB: more than the socket buffers take (a reply
+    // they hold would leave nothing to time out, and the connection waits
+    // for requests, as any idle one does).
+    let sizes: Vec<u64> = (2048..4096).step_by(128).collect();
+    let mut peers = Vec::new();
+    for &n in &sizes {
+        let (mut s, mut ch, _) = raw_session(target.local_addr(), &token);
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096);
+        let reqs: Vec<Request> = (0..n)
+            .map(|i| Request {
+                op: OP_READ,
+                rkey: region.rkey,
+                addr: region.addr + (i % 256) * PAGE as u64,
+                len: PAGE as u32,
+                seq: i,
+            })
+            .collect();
+        send_requests(&mut s, &mut ch, &reqs);
+        peers.push(s);
+    }
+    let n = sizes.len() as u64;
+    let st = eventually(&*target, |st| st.accepted == n && st.active == 0);
+    assert_eq!(st.active, 0, "every connection was dropped: {st:?}");
+    drop(peers);
+}
