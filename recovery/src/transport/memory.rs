@@ -2,9 +2,10 @@
 //!
 //! The agent serves the heap's memfd mapping (and a control region) by
 //! wrapping a read-only mapping in a type that implements `AsRef<[u8]>`
-//! (every such type is a [`SourceMemory`]). The TCP transport writes
-//! responses straight from these bytes (`writev`, no copy in user space);
-//! the verbs transport registers their address with the device once.
+//! (every such type is a [`SourceMemory`]). The TCP transport copies the
+//! bytes of each response into a buffer of the connection (where it
+//! computes their CRC and seals them); the verbs transport registers their
+//! address with the device once.
 //!
 //! The bytes may change while they are served (the database may still be
 //! writing the heap): a read returns what the memory holds when the target
@@ -67,8 +68,9 @@ impl Deref for MemoryView<'_> {
 }
 
 /// Bytes that the owner may change while they are served: a control region
-/// of the agent, or test data. Writes wait for the batch of TCP reads in
-/// progress (at most one `writev` of responses per connection).
+/// of the agent, or test data. Writes wait for the TCP reads being copied
+/// out (at most one 1 MiB buffer's worth per connection; never for a
+/// socket write).
 #[derive(Debug)]
 pub struct SharedBytes {
     bytes: RwLock<Box<[u8]>>,

@@ -501,3 +501,135 @@ fn a_reader_that_never_reads_stalls_nobody() {
     assert!(target.stats().reads_served < 2044, "the slow reader is still stuck on its own connection");
     s.shutdown(Shutdown::Both).unwrap();
 }
+
+/// Bytes of the target's handshake reply and sealed ACCEPT for one region,
+/// ahead of the first response in the stream to the initiator.
+fn reply_len(f: &Fixture) -> usize {
+    let accept = handshake::encode_accept(&[f.region], &[]);
+    56 + crate::transport::channel::LEN_PREFIX + 8 + accept.len() + crate::transport::channel::TAG
+}
+
+/// A bit flipped deep inside a large sealed message (one of many pages,
+/// sent by the writer thread) fails the reads from there on: the reads
+/// whose bytes all came in earlier messages land intact, the first one
+/// touching the altered message is lost, the rest are flushed, and no
+/// altered byte reaches a completed read.
+#[test]
+fn a_bit_flipped_inside_a_multi_page_message_fails_the_reads_from_there_on() {
+    let f = Fixture::new(Kind::Tcp);
+    let skip = reply_len(&f);
+    // Into the third sealed message of the responses, well past its start.
+    for at in [skip + 2 * 65537 + 30_000, skip + 9 * 65537 + 17] {
+        let cut = Arc::new(AtomicBool::new(false));
+        let (addr, h) = relay(f.target.local_addr(), cut.clone(), move |off, bytes| {
+            if (off..off + bytes.len()).contains(&at) {
+                bytes[at - off] ^= 0x01;
+            }
+        });
+        let mut ini = connect(Kind::Tcp, &ConnectOptions::new(addr, f.token.clone()).depth(256)).unwrap();
+        let buf = ini.alloc_buf(REGION).unwrap();
+        let reads: Vec<ReadRequest> =
+            (0..256).map(|i| read(i, f.region, i * PAGE as u64, PAGE as u32, buf, i as usize * PAGE)).collect();
+        let c = run(&mut *ini, &reads);
+        let ok = c.iter().take_while(|c| c.status == Status::Success).count();
+        // Each message holds 65519 bytes of plaintext: 4116 per read of a page.
+        assert!(ok > 0 && ok < (at - skip) / (PAGE + 20) + 1, "byte {at}: {ok} reads succeeded");
+        assert_eq!(c[ok].status, Status::ConnectionLost, "byte {at}");
+        assert!(c[ok + 1..].iter().all(|c| c.status == Status::Flushed), "byte {at}");
+        let got = ini.buf(buf).unwrap();
+        assert_eq!(got[..ok * PAGE], f.source(0, ok * PAGE)[..], "byte {at}: what landed is intact");
+        for (c, r) in c[..ok].iter().zip(&reads) {
+            assert_eq!(c.crc, Some(crc32fast::hash(&f.source(r.offset as usize, PAGE))));
+        }
+        drop(ini);
+        cut.store(true, Ordering::SeqCst);
+        drop(h.join().unwrap());
+    }
+}
+
+/// An access error behind hundreds of pages in the same batch: every page
+/// before it arrives (the writer thread sent them all before the target
+/// half-closed), then the error, then nothing.
+#[test]
+fn an_error_behind_many_pages_arrives_after_all_of_them() {
+    let f = Fixture::new(Kind::Tcp);
+    let mut ini = f.connect(Kind::Tcp, 1024);
+    let buf = ini.alloc_buf(600 * PAGE).unwrap();
+    let mut reads: Vec<ReadRequest> =
+        (0..600).map(|i| read(i, f.region, (i % 256) * PAGE as u64, PAGE as u32, buf, i as usize * PAGE)).collect();
+    reads[550].region.rkey ^= 0x5a5a;
+    let c = run(&mut *ini, &reads);
+    assert!(c[..550].iter().all(|c| c.status == Status::Success));
+    assert_eq!(c[550].status, Status::AccessError);
+    assert!(c[551..].iter().all(|c| c.status == Status::Flushed));
+    let got = ini.buf(buf).unwrap();
+    for i in 0..550 {
+        assert_eq!(got[i * PAGE..(i + 1) * PAGE], f.source((i % 256) * PAGE, PAGE)[..], "page {i}");
+    }
+    assert_eq!(eventually(&*f.target, |s| s.access_errors == 1).reads_served, 550);
+}
+
+/// A target dropped while its writer thread is blocked on a peer that
+/// reads nothing shuts down promptly (the writer's write fails; the
+/// serving thread, waiting for a free buffer, sees the writer go).
+#[test]
+fn a_target_with_a_stuck_writer_drops_promptly() {
+    let f = Fixture::new(Kind::Tcp);
+    let (mut s, mut ch, _) = raw_session(f.target.local_addr(), &f.token);
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096);
+    let reqs: Vec<Request> = (0..4000)
+        .map(|i| Request {
+            op: OP_READ,
+            rkey: f.region.rkey,
+            addr: f.region.addr + (i % 256) * PAGE as u64,
+            len: PAGE as u32,
+            seq: i,
+        })
+        .collect();
+    send_requests(&mut s, &mut ch, &reqs);
+    eventually(&*f.target, |st| st.reads_served > 0);
+    thread::sleep(Duration::from_millis(200));
+    let Fixture { target, ini, .. } = f;
+    let start = Instant::now();
+    drop(target);
+    assert!(start.elapsed() < T, "dropped in {:?}", start.elapsed());
+    drop(ini);
+    drop(s);
+}
+
+/// Peers that stop reading and send nothing more are dropped once they
+/// took no data for the write timeout, however far the serving thread got
+/// (still copying, or done and waiting for requests while the writer is
+/// stuck): the writer thread's failed write ends the serving thread's wait
+/// for requests too.
+#[test]
+fn peers_that_neither_read_nor_ask_are_dropped_after_the_write_timeout() {
+    let token = Token::generate().unwrap();
+    let opts = ServeOptions { write_timeout: Duration::from_millis(300), ..ServeOptions::new(token.clone()) };
+    let target = serve(Kind::Tcp, opts.listen(loopback())).unwrap();
+    let region = target.register(Arc::new(SharedBytes::from(pattern(REGION, 1)))).unwrap();
+    // Replies of 8 to 16 MiB: more than the socket buffers take (a reply
+    // they hold would leave nothing to time out, and the connection waits
+    // for requests, as any idle one does).
+    let sizes: Vec<u64> = (2048..4096).step_by(128).collect();
+    let mut peers = Vec::new();
+    for &n in &sizes {
+        let (mut s, mut ch, _) = raw_session(target.local_addr(), &token);
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096);
+        let reqs: Vec<Request> = (0..n)
+            .map(|i| Request {
+                op: OP_READ,
+                rkey: region.rkey,
+                addr: region.addr + (i % 256) * PAGE as u64,
+                len: PAGE as u32,
+                seq: i,
+            })
+            .collect();
+        send_requests(&mut s, &mut ch, &reqs);
+        peers.push(s);
+    }
+    let n = sizes.len() as u64;
+    let st = eventually(&*target, |st| st.accepted == n && st.active == 0);
+    assert_eq!(st.active, 0, "every connection was dropped: {st:?}");
+    drop(peers);
+}
