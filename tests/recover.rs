@@ -69,6 +69,19 @@ struct Setup {
     token: Token,
 }
 
+/// Starts the `child_scatter` database on `s`'s baseline and agent, with
+/// `REMEM_TEST_SCATTER` = `spec`.
+fn spawn_scatter(s: &Setup, spec: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
+        .env("REMEM_TEST_BASELINE", &s.baseline)
+        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
+        .env("REMEM_TEST_SCATTER", spec)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn setup(name: &str) -> Setup {
     let dir = std::env::temp_dir().join(format!("remem-recover-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -133,14 +146,7 @@ fn scatter_case(
     lazy: bool,
 ) -> remem::recovery::recover::RecoverReport {
     let s = setup(name);
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
-        .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
-        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},{stride},{offset},{mode}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scatter(&s, &format!("{heap_mib},{data_pages},{stride},{offset},{mode}"));
     common::kill_after(child, "ack ", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(120)), info::SEALED);
     let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
@@ -636,14 +642,7 @@ fn a_killed_recovery_resumes_where_it_stopped() {
 fn killed_recovery_resumes(lazy: bool) {
     let s = setup(if lazy { "resume-lazy" } else { "resume" });
     let data_pages = 50_000;
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
-        .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
-        .env("REMEM_TEST_SCATTER", format!("256,{data_pages},1,0,fast"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scatter(&s, &format!("256,{data_pages},1,0,fast"));
     common::kill_after(child, "ack ", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(120)), info::SEALED);
     // The first recovery, in a child process, killed once its resume file holds some pages.
@@ -725,14 +724,7 @@ fn a_page_the_agent_cannot_serve_is_refused_eagerly_and_poisoned_lazily() {
             .damaged_pages(vec![dirty_victim, clean_victim]);
         Setup { baseline: dir.join("heap"), agent: Agent::start(o).unwrap(), dir, token }
     };
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
-        .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
-        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},2,0,fast"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scatter(&s, &format!("{heap_mib},{data_pages},2,0,fast"));
     common::kill_after(child, "ready", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(60)), info::SEALED);
     let epoch = || {
@@ -802,14 +794,7 @@ fn lazy_recovery_during_the_seal(pause_ms: u64) {
             AgentOptions::new(dir.join("agent").join("agent.sock"), serve).seal_pause(Duration::from_millis(pause_ms));
         Setup { baseline: dir.join("heap"), agent: Agent::start(o).unwrap(), dir, token }
     };
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
-        .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
-        .env("REMEM_TEST_SCATTER", format!("{heap_mib},{data_pages},3,1,fast"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scatter(&s, &format!("{heap_mib},{data_pages},3,1,fast"));
     common::kill_after(child, "ready", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALING, Duration::from_secs(60)), info::SEALING);
     let mut o = RecoverOptions::new(&s.baseline, Some(s.agent.local_addr()), Some(s.token.clone()));
@@ -900,14 +885,7 @@ fn a_resume_record_for_a_page_the_agent_does_not_list_is_never_served() {
     }
     let s = setup("precise-resume");
     let (data_pages, stride) = (64usize, 8usize);
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_scatter", "--nocapture", "--test-threads=1", "-q"])
-        .env("REMEM_TEST_BASELINE", &s.baseline)
-        .env("REMEM_TEST_SOCKET", s.dir.join("agent").join("agent.sock"))
-        .env("REMEM_TEST_SCATTER", format!("32,{data_pages},{stride},0,precise"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scatter(&s, &format!("32,{data_pages},{stride},0,precise"));
     common::kill_after(child, "ready", Duration::ZERO);
     assert_eq!(s.agent.wait_state(info::SEALED, Duration::from_secs(60)), info::SEALED);
     // Where the data block lies, from a copy of the baseline.
@@ -959,6 +937,79 @@ fn a_resume_record_for_a_page_the_agent_does_not_list_is_never_served() {
     assert!(st.failed.is_none(), "{st:?}");
 }
 
+/// A bare transport target serving a crafted agent directory for the heap
+/// at `path` (a hostile or buggy agent): one slot whose heap region holds
+/// the baseline's image, an empty control region, the image's CRCs and a
+/// zero sealed bitmap, after `tweak(image, crc bytes, sealed bits)`. The
+/// slot's state, cursor and `assigned` are the test's to write.
+struct CraftedAgent {
+    target: Box<dyn remem::recovery::transport::Target>,
+    token: Token,
+    block: std::sync::Arc<remem::recovery::transport::SharedBytes>,
+    at: usize,
+    sealed: std::sync::Arc<remem::recovery::transport::SharedBytes>,
+    npages: u64,
+    words: usize,
+}
+
+fn crafted_agent(path: &Path, tweak: impl FnOnce(&mut [u8], &mut [u8], &mut [u8])) -> CraftedAgent {
+    use remem::alloc::baseline::{Baseline, FileBackend};
+    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
+    use remem::recovery::transport::{serve, SharedBytes};
+    use std::sync::Arc;
+    let b = Baseline::open(FileBackend::open(path).unwrap()).unwrap();
+    let (uuid, npages) = (b.uuid(), b.npages());
+    let src = BaselineSource::new(b);
+    let mut img = vec![0u8; npages as usize * 4096];
+    let mut st = vec![PageRead::Zero; npages as usize];
+    src.read_pages(0, &mut img, &mut st).unwrap();
+    for (k, s) in st.iter().enumerate() {
+        if *s == PageRead::Zero {
+            img[k * 4096..(k + 1) * 4096].fill(0);
+        }
+    }
+    let words = npages.div_ceil(64) as usize;
+    let mut crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
+    let mut bits = vec![0u8; words * 8];
+    tweak(&mut img, &mut crcs, &mut bits);
+    let token = Token::generate().unwrap();
+    let mut so = ServeOptions::new(token.clone());
+    so.listen = "127.0.0.1:0".parse().unwrap();
+    let target = serve(Kind::Tcp, so).unwrap();
+    let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
+    target.register(block.clone()).unwrap();
+    let ctl = Arc::new(SharedBytes::zeroed(4096 + 2 * (words * 8).next_multiple_of(4096)));
+    ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
+    ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
+    let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
+    heap_mem.write(0, &img);
+    let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
+    crc_mem.write(0, &crcs);
+    let sealed = Arc::new(SharedBytes::zeroed(words * 8));
+    sealed.write(0, &bits);
+    let regions = [
+        target.register(heap_mem).unwrap(),
+        target.register(ctl).unwrap(),
+        target.register(crc_mem).unwrap(),
+        target.register(sealed.clone()).unwrap(),
+    ];
+    block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+    block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+    block.write(dir::SLOTS, &1u32.to_le_bytes());
+    let at = dir::slot_offset(0);
+    block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+    block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+    block.write(at + info::UUID, &uuid);
+    block.write(at + info::NPAGES, &npages.to_le_bytes());
+    for (n, r) in regions.iter().enumerate() {
+        let d = at + info::region(n);
+        block.write(d, &r.addr.to_le_bytes());
+        block.write(d + 8, &r.len.to_le_bytes());
+        block.write(d + 16, &r.rkey.to_le_bytes());
+    }
+    CraftedAgent { target, token, block, at, sealed, npages, words }
+}
+
 /// A hostile or buggy agent at SEALING (a bare target
 /// serving a crafted directory whose heap region is the baseline's image):
 /// cursors not a multiple of 64, going backwards, beyond the heap, a state
@@ -973,10 +1024,7 @@ fn a_hostile_sealing_agent_neither_panics_nor_gets_an_unconfirmed_commit() {
         return;
     }
     let _serial = FOLLOWERS.lock().unwrap_or_else(|e| e.into_inner());
-    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
-    use remem::recovery::transport::{serve, SharedBytes};
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
     static PANICS: AtomicU64 = AtomicU64::new(0);
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |i| {
@@ -998,58 +1046,7 @@ fn a_hostile_sealing_agent_neither_panics_nor_gets_an_unconfirmed_commit() {
         ("sealed all dirty", vec![(0, info::SEALING, 1, 1, false), (30, info::SEALED, 1, 1, true)]),
     ];
     for (what, steps) in cases {
-        let (uuid, npages, img) = {
-            use remem::alloc::baseline::{Baseline, FileBackend};
-            let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
-            let (uuid, npages) = (b.uuid(), b.npages());
-            let src = BaselineSource::new(b);
-            let mut img = vec![0u8; npages as usize * 4096];
-            let mut st = vec![PageRead::Zero; npages as usize];
-            src.read_pages(0, &mut img, &mut st).unwrap();
-            for (k, s) in st.iter().enumerate() {
-                if *s == PageRead::Zero {
-                    img[k * 4096..(k + 1) * 4096].fill(0);
-                }
-            }
-            (uuid, npages, img)
-        };
-        let words = npages.div_ceil(64) as usize;
-        let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
-        let token = Token::generate().unwrap();
-        let mut so = ServeOptions::new(token.clone());
-        so.listen = "127.0.0.1:0".parse().unwrap();
-        let target = serve(Kind::Tcp, so).unwrap();
-        let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
-        target.register(block.clone()).unwrap();
-        let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
-        ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
-        ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
-        let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
-        heap_mem.write(0, &img);
-        let crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
-        let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
-        crc_mem.write(0, &crcs);
-        let sealed = Arc::new(SharedBytes::zeroed(words * 8));
-        let regions = [
-            target.register(heap_mem).unwrap(),
-            target.register(ctl).unwrap(),
-            target.register(crc_mem).unwrap(),
-            target.register(sealed.clone()).unwrap(),
-        ];
-        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
-        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
-        block.write(dir::SLOTS, &1u32.to_le_bytes());
-        let at = dir::slot_offset(0);
-        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
-        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
-        block.write(at + info::UUID, &uuid);
-        block.write(at + info::NPAGES, &npages.to_le_bytes());
-        for (n, r) in regions.iter().enumerate() {
-            let d = at + info::region(n);
-            block.write(d, &r.addr.to_le_bytes());
-            block.write(d + 8, &r.len.to_le_bytes());
-            block.write(d + 16, &r.rkey.to_le_bytes());
-        }
+        let CraftedAgent { target, token, block, at, sealed, words, .. } = crafted_agent(&path, |_, _, _| {});
         let apply = |&(_, state, cursor, assigned, dirty): &Step| {
             if dirty {
                 sealed.write(0, &vec![0xff; words * 8]);
@@ -1132,71 +1129,17 @@ fn a_page_served_before_the_seal_covered_it_is_checked_against_the_seal() {
     if std::env::var("REMEM_TEST_BASELINE").is_ok() {
         return;
     }
-    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
-    use remem::recovery::transport::{serve, SharedBytes};
-    use std::sync::Arc;
     let mut outcome = Vec::new();
     for lazy in [false, true] {
         let (dir, path) = closed_heap(&format!("beyond-cursor-{lazy}"));
-        let (uuid, npages, mut img) = {
-            use remem::alloc::baseline::{Baseline, FileBackend};
-            let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
-            let (uuid, npages) = (b.uuid(), b.npages());
-            let src = BaselineSource::new(b);
-            let mut img = vec![0u8; npages as usize * 4096];
-            let mut st = vec![PageRead::Zero; npages as usize];
-            src.read_pages(0, &mut img, &mut st).unwrap();
-            for (k, s) in st.iter().enumerate() {
-                if *s == PageRead::Zero {
-                    img[k * 4096..(k + 1) * 4096].fill(0);
-                }
-            }
-            (uuid, npages, img)
-        };
-        let last = npages as usize - 1;
-        img[last * 4096..].fill(0xAB); // X, served
-        let words = npages.div_ceil(64) as usize;
-        let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
-        let token = Token::generate().unwrap();
-        let mut so = ServeOptions::new(token.clone());
-        so.listen = "127.0.0.1:0".parse().unwrap();
-        let target = serve(Kind::Tcp, so).unwrap();
-        let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
-        target.register(block.clone()).unwrap();
-        let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
-        ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
-        ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
-        let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
-        heap_mem.write(0, &img);
-        let mut crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
-        let y_crc = crc32_of(&[0xCDu8; 4096]); // the seal says Y
-        crcs[4 * last..4 * last + 4].copy_from_slice(&y_crc.to_le_bytes());
-        let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
-        crc_mem.write(0, &crcs);
-        let sealed = Arc::new(SharedBytes::zeroed(words * 8));
-        let mut bits = vec![0u8; words * 8];
-        bits[last / 8] |= 1 << (last % 8);
-        sealed.write(0, &bits);
-        let regions = [
-            target.register(heap_mem).unwrap(),
-            target.register(ctl).unwrap(),
-            target.register(crc_mem).unwrap(),
-            target.register(sealed).unwrap(),
-        ];
-        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
-        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
-        block.write(dir::SLOTS, &1u32.to_le_bytes());
-        let at = dir::slot_offset(0);
-        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
-        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
-        block.write(at + info::UUID, &uuid);
-        block.write(at + info::NPAGES, &npages.to_le_bytes());
-        for (n, r) in regions.iter().enumerate() {
-            let d = at + info::region(n);
-            block.write(d, &r.addr.to_le_bytes());
-            block.write(d + 8, &r.len.to_le_bytes());
-            block.write(d + 16, &r.rkey.to_le_bytes());
-        }
+        let mut last = 0;
+        let CraftedAgent { target, token, block, at, npages, .. } = crafted_agent(&path, |img, crcs, bits| {
+            last = img.len() / 4096 - 1;
+            img[last * 4096..].fill(0xAB); // X, served
+            let y_crc = crc32_of(&[0xCDu8; 4096]); // the seal says Y
+            crcs[4 * last..4 * last + 4].copy_from_slice(&y_crc.to_le_bytes());
+            bits[last / 8] |= 1 << (last % 8);
+        });
         block.write(at + info::ASSIGNED, &1u64.to_le_bytes());
         let (state, cursor) = if lazy { (info::SEALING, 0u64) } else { (info::SEALED, npages) };
         block.write(at + info::SEAL_CURSOR, &cursor.to_le_bytes());
@@ -1254,61 +1197,8 @@ fn a_seal_that_never_ends_is_given_up_and_the_commit_refused() {
         return;
     }
     let _serial = FOLLOWERS.lock().unwrap_or_else(|e| e.into_inner());
-    use remem::alloc::source::{BaselineSource, PageRead, PageSource};
-    use remem::recovery::transport::{serve, SharedBytes};
-    use std::sync::Arc;
     let (dir, path) = closed_heap("stuck-seal");
-    let (uuid, npages, img) = {
-        use remem::alloc::baseline::{Baseline, FileBackend};
-        let b = Baseline::open(FileBackend::open(&path).unwrap()).unwrap();
-        let (uuid, npages) = (b.uuid(), b.npages());
-        let src = BaselineSource::new(b);
-        let mut img = vec![0u8; npages as usize * 4096];
-        let mut st = vec![PageRead::Zero; npages as usize];
-        src.read_pages(0, &mut img, &mut st).unwrap();
-        for (k, s) in st.iter().enumerate() {
-            if *s == PageRead::Zero {
-                img[k * 4096..(k + 1) * 4096].fill(0);
-            }
-        }
-        (uuid, npages, img)
-    };
-    let words = npages.div_ceil(64) as usize;
-    let good_ctl = 4096 + 2 * (words * 8).next_multiple_of(4096);
-    let token = Token::generate().unwrap();
-    let mut so = ServeOptions::new(token.clone());
-    so.listen = "127.0.0.1:0".parse().unwrap();
-    let target = serve(Kind::Tcp, so).unwrap();
-    let block = Arc::new(SharedBytes::zeroed(dir::len(1)));
-    target.register(block.clone()).unwrap();
-    let ctl = Arc::new(SharedBytes::zeroed(good_ctl));
-    ctl.write(remem::alloc::ctl::CURRENT_OFF, &4096u64.to_le_bytes());
-    ctl.write(remem::alloc::ctl::CLOSING_OFF, &4096u64.to_le_bytes());
-    let heap_mem = Arc::new(SharedBytes::zeroed(img.len()));
-    heap_mem.write(0, &img);
-    let crcs: Vec<u8> = img.chunks(4096).flat_map(|p| crc32_of(p).to_le_bytes()).collect();
-    let crc_mem = Arc::new(SharedBytes::zeroed(crcs.len()));
-    crc_mem.write(0, &crcs);
-    let regions = [
-        target.register(heap_mem).unwrap(),
-        target.register(ctl).unwrap(),
-        target.register(crc_mem).unwrap(),
-        target.register(Arc::new(SharedBytes::zeroed(words * 8))).unwrap(),
-    ];
-    block.write(dir::MAGIC, &dir::MAGIC_BYTES);
-    block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
-    block.write(dir::SLOTS, &1u32.to_le_bytes());
-    let at = dir::slot_offset(0);
-    block.write(at + info::MAGIC, &info::MAGIC_BYTES);
-    block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
-    block.write(at + info::UUID, &uuid);
-    block.write(at + info::NPAGES, &npages.to_le_bytes());
-    for (n, r) in regions.iter().enumerate() {
-        let d = at + info::region(n);
-        block.write(d, &r.addr.to_le_bytes());
-        block.write(d + 8, &r.len.to_le_bytes());
-        block.write(d + 16, &r.rkey.to_le_bytes());
-    }
+    let CraftedAgent { target, token, block, at, .. } = crafted_agent(&path, |_, _, _| {});
     block.write(at + info::ASSIGNED, &1u64.to_le_bytes());
     block.write(at + info::SEAL_CURSOR, &64u64.to_le_bytes());
     block.write(at + info::STATE, &info::SEALING.to_le_bytes());
