@@ -48,11 +48,6 @@ impl JournalIndex {
         self.v.len()
     }
 
-    /// No entry at all.
-    pub(super) fn clear(&mut self) {
-        self.v.clear();
-    }
-
     fn find(&self, page: u64) -> Result<usize, usize> {
         self.v.binary_search_by_key(&page, |&(p, _)| p)
     }

@@ -1,6 +1,7 @@
 //! [`Baseline`]: create/open, commit, apply, fence and load over a [`Backend`].
 
 use std::io;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::backend::Backend;
@@ -98,10 +99,11 @@ pub struct Baseline<B: Backend> {
     layout: Layout,
     /// The superblock this instance last wrote or read (what it believes is on disk).
     sb: Superblock,
-    /// The CRC table as on disk (as of the last apply).
-    table: Vec<u32>,
-    /// The committed journal, newest entry per page.
-    journal: JournalIndex,
+    /// The CRC table as on disk (as of the last apply). Shared with clones
+    /// ([`Baseline::try_clone`]) until one of them changes it.
+    table: Arc<Vec<u32>>,
+    /// The committed journal, newest entry per page (shared like `table`).
+    journal: Arc<JournalIndex>,
     /// I/O buffer: one segment (header + 254 pages), also used for image and table runs.
     buf: Vec<u8>,
     /// Why writes are refused, after a failed write or sync.
@@ -349,8 +351,8 @@ impl<B: Backend> Baseline<B> {
                 journal_len: 0,
                 journal_base_seq: 1,
             },
-            table,
-            journal: JournalIndex::default(),
+            table: Arc::new(table),
+            journal: Arc::default(),
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: None,
@@ -374,8 +376,8 @@ impl<B: Backend> Baseline<B> {
             backend,
             layout: c.sb.layout(),
             sb: c.sb,
-            table: c.table,
-            journal: c.journal,
+            table: Arc::new(c.table),
+            journal: Arc::new(c.journal),
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: c.discarded,
@@ -397,8 +399,8 @@ impl<B: Backend> Baseline<B> {
             backend: self.backend.clone(),
             layout: self.layout,
             sb: self.sb,
-            table: self.table.clone(),
-            journal: self.journal.clone(),
+            table: Arc::clone(&self.table),
+            journal: Arc::clone(&self.journal),
             buf: vec![0u8; SEG_MAX_BYTES],
             poisoned: None,
             discarded: self.discarded.clone(),
@@ -487,8 +489,8 @@ impl<B: Backend> Baseline<B> {
 
     /// The committed CRC32 of every page.
     pub fn crc_table(&self) -> Vec<u32> {
-        let mut t = self.table.clone();
-        for (&p, e) in &self.journal {
+        let mut t: Vec<u32> = self.table.to_vec();
+        for (&p, e) in self.journal.iter() {
             t[p as usize] = e.crc;
         }
         t
@@ -576,7 +578,7 @@ impl<B: Backend> Baseline<B> {
         let new = Superblock { seq, epoch, commit_unix_ns: now_unix_ns(), journal_len: end, ..self.sb };
         self.write_superblock(&new)?;
         self.sb = new;
-        self.journal.extend(staged);
+        Arc::make_mut(&mut self.journal).extend(staged);
         Ok(self.info())
     }
 
@@ -670,10 +672,11 @@ impl<B: Backend> Baseline<B> {
         let seq = self.sb.seq + 1;
         let new = Superblock { seq, journal_len: 0, journal_base_seq: seq, ..self.sb };
         self.write_superblock(&new)?;
+        let table = Arc::make_mut(&mut self.table);
         for (p, e) in entries {
-            self.table[p as usize] = e.crc;
+            table[p as usize] = e.crc;
         }
-        self.journal.clear();
+        self.journal = Arc::default();
         self.sb = new;
         Ok(true)
     }
@@ -754,7 +757,7 @@ impl<B: Backend> Baseline<B> {
                         found_size: c.sb.heap_size,
                     });
                 }
-                (self.sb, self.table, self.journal) = (c.sb, c.table, c.journal);
+                (self.sb, self.table, self.journal) = (c.sb, Arc::new(c.table), Arc::new(c.journal));
             }
             if new_generation <= self.sb.generation {
                 return Err(BaselineError::StaleGeneration { requested: new_generation, current: self.sb.generation });
