@@ -40,7 +40,7 @@ use crate::error::{AllocError, Error, OpenError, PointerError, Result};
 use crate::flush::{Durability, FlushError, FlushStats};
 use crate::fork::{Forked, NotInherited, Owner};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
-use crate::lanes::{self, HasLanes, LaneSet};
+use crate::lanes::{self, HasLanes, LaneSet, ThreadLanes};
 use crate::mem::Mem;
 use crate::meta::{LaneWords, Located, Meta};
 use crate::pages::PageIndex;
@@ -1051,17 +1051,27 @@ impl Heap {
     /// [`crate::fork`]), so the slow path is where an inherited heap is refused.
     #[inline]
     fn with_lane<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
-        match lanes::last(self.inner.id) {
+        lanes::with_own(|t| self.with_lane_in(t, f))
+    }
+
+    /// [`Heap::with_lane`] with the lane cache `t`, a thread-local of this
+    /// thread without destructor (see [`lanes::acquire`]).
+    #[inline]
+    fn with_lane_in<R, E: From<Forked>>(&self, t: &ThreadLanes, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
+        match t.last(self.inner.id) {
             Some(l) => self.in_gate(l, f),
-            None => self.with_lane_slow(f),
+            None => self.with_lane_slow(t, f),
         }
     }
 
     #[cold]
-    fn with_lane_slow<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
+    #[inline(never)]
+    fn with_lane_slow<R, E: From<Forked>>(&self, t: &ThreadLanes, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
         self.inner.owner.check()?;
         let home: Arc<dyn HasLanes> = self.inner.clone();
-        match lanes::acquire(self.inner.id, &home) {
+        // SAFETY: every caller passes remem-alloc's own thread-local or one
+        // an `*_in` caller vouched for (their safety contract).
+        match unsafe { lanes::acquire(self.inner.id, &home, t) } {
             0 => {
                 let _g = self.inner.lanes.shared.lock();
                 self.in_gate(0, f)
@@ -1094,7 +1104,25 @@ impl Heap {
     /// Allocates `size` bytes aligned to `align` (a power of two, at most 4096).
     #[inline]
     pub fn alloc_aligned(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let off = self.alloc_off(size, align)?;
+        lanes::with_own(|t| {
+            let off = self.alloc_off(t, size, align)?;
+            Ok(self.ptr(off))
+        })
+    }
+
+    /// [`Heap::alloc_aligned`] with the caller's lane cache `lanes` instead
+    /// of remem-alloc's own: for an embedder that already looked up a
+    /// thread-local of its own (the C ABI), so that the call looks up none.
+    ///
+    /// # Safety
+    ///
+    /// `lanes` must be a thread-local of the calling thread (a `static` in
+    /// `thread_local!`) whose type has no destructor, so that it lives as
+    /// long as the thread: the heap remembers it and empties it when the
+    /// thread's lanes are handed back at thread exit.
+    #[inline(always)]
+    pub unsafe fn alloc_in(&self, lanes: &ThreadLanes, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let off = self.alloc_off(lanes, size, align)?;
         Ok(self.ptr(off))
     }
 
@@ -1112,13 +1140,13 @@ impl Heap {
         unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr(off)) }
     }
 
-    #[inline]
-    fn alloc_off(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+    #[inline(always)]
+    fn alloc_off(&self, t: &ThreadLanes, size: usize, align: usize) -> Result<usize, AllocError> {
         // The fast path: a small block from this thread's lane cache. The
         // views are taken before entering the gate, whose store would make
         // the compiler load them again.
         if align.is_power_of_two() && align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
-            if let Some(l) = lanes::last(self.inner.id) {
+            if let Some(l) = t.last(self.inner.id) {
                 let c = class_small(size);
                 let m = &self.inner.meta;
                 let (mem, lane) = (m.mem, m.lane(l));
@@ -1128,11 +1156,12 @@ impl Heap {
                 // The cache is empty: refill on the slow path.
             }
         }
-        self.alloc_off_slow(size, align)
+        self.alloc_off_slow(t, size, align)
     }
 
     #[cold]
-    fn alloc_off_slow(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+    #[inline(never)]
+    fn alloc_off_slow(&self, t: &ThreadLanes, size: usize, align: usize) -> Result<usize, AllocError> {
         if !align.is_power_of_two() || align > PAGE_SIZE {
             return Err(AllocError::Alignment(align));
         }
@@ -1140,8 +1169,8 @@ impl Heap {
             return Err(AllocError::BadSize(size));
         }
         match class_for(size, align) {
-            Some(c) => self.with_lane(|l| self.alloc_small(l, c)),
-            None => self.with_lane(|_| self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None)),
+            Some(c) => self.with_lane_in(t, |l| self.alloc_small(l, c)),
+            None => self.with_lane_in(t, |_| self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None)),
         }
     }
 
@@ -1348,6 +1377,22 @@ impl Heap {
     /// two threads free the same block at the same moment).
     #[inline]
     pub fn free(&self, ptr: NonNull<u8>) -> Result<()> {
+        lanes::with_own(|t| self.free_with(t, ptr))
+    }
+
+    /// [`Heap::free`] with the caller's lane cache `lanes` (see
+    /// [`Heap::alloc_in`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::alloc_in`].
+    #[inline(always)]
+    pub unsafe fn free_in(&self, lanes: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
+        self.free_with(lanes, ptr)
+    }
+
+    #[inline(always)]
+    fn free_with(&self, t: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
         // The fast path: a block of a live slab, into this thread's lane
         // cache. `block_at` refuses offsets outside the heap's data pages.
         // The views are taken before entering the gate, whose store would
@@ -1356,7 +1401,7 @@ impl Heap {
         let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
         // No cached lane (a forked child has none: see `fork.rs`): the slow
         // path, which refuses an inherited heap before touching its memory.
-        if let Some(l) = lanes::last(self.inner.id) {
+        if let Some(l) = t.last(self.inner.id) {
             if let Some((slab, c, idx)) = m.block_at(off) {
                 let word = m.slab_word(slab, idx / 64);
                 let canary_word = m.mem.u64(off + CANARY);
@@ -1370,14 +1415,15 @@ impl Heap {
                 return self.free_full(l, off, slab, c, idx);
             }
         }
-        self.free_slow(ptr)
+        self.free_slow(t, ptr)
     }
 
     #[cold]
-    fn free_slow(&self, ptr: NonNull<u8>) -> Result<()> {
+    #[inline(never)]
+    fn free_slow(&self, t: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
         let p = ptr.as_ptr() as usize;
         let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
-        self.with_lane(|l| self.free_slow_in(l, off, p))
+        self.with_lane_in(t, |l| self.free_slow_in(l, off, p))
     }
 
     /// `free` on lane `l` (held by the caller).
@@ -1602,6 +1648,12 @@ impl Heap {
         }
     }
 
+    /// The heap's process-unique id (lane caches are keyed by it).
+    #[cfg(test)]
+    pub(crate) fn inner_id(&self) -> u64 {
+        self.inner.id
+    }
+
     pub(crate) fn meta(&self) -> &Meta {
         &self.inner.meta
     }
@@ -1627,15 +1679,27 @@ impl Heap {
     /// the shared lane is left; `Err` in a forked child (the lane cache is
     /// empty there, so the check costs nothing on the cached path).
     pub(crate) fn private_lane(&self) -> Result<Option<u32>, Forked> {
-        let l = match lanes::last(self.inner.id) {
+        lanes::with_own(|t| self.private_lane_in(t))
+    }
+
+    /// [`Heap::private_lane`] with the lane cache `t`, a thread-local of
+    /// this thread without destructor (see [`lanes::acquire`]).
+    #[inline]
+    pub(crate) fn private_lane_in(&self, t: &ThreadLanes) -> Result<Option<u32>, Forked> {
+        let l = match t.last(self.inner.id) {
             Some(l) => l,
-            None => {
-                self.inner.owner.check()?;
-                let home: Arc<dyn HasLanes> = self.inner.clone();
-                lanes::acquire(self.inner.id, &home)
-            }
+            None => self.private_lane_slow(t)?,
         };
         Ok((l != 0).then_some(l))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn private_lane_slow(&self, t: &ThreadLanes) -> Result<u32, Forked> {
+        self.inner.owner.check()?;
+        let home: Arc<dyn HasLanes> = self.inner.clone();
+        // SAFETY: as in `with_lane_slow`.
+        Ok(unsafe { lanes::acquire(self.inner.id, &home, t) })
     }
 
     /// `Err` when this process is a fork of the one that opened the heap

@@ -60,7 +60,9 @@ fn nonzero(size: usize) -> FfiResult {
 pub unsafe extern "C" fn remem_alloc(heap: *mut remem_heap, size: usize, out: *mut *mut c_void) -> remem_status {
     boundary("remem_alloc", |t| {
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc(size)?)) }
+        // SAFETY: forwarded from the caller; `t.lanes` lives in THREAD, a
+        // thread-local without destructor (remem-alloc's contract).
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_in(&t.lanes, size, 16)?)) }
     })
 }
 
@@ -87,7 +89,8 @@ pub unsafe extern "C" fn remem_alloc_aligned(
             return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("alignment {align} is not a power of two up to 4096")));
         }
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_aligned(size, align)?)) }
+        // SAFETY: forwarded from the caller; `t.lanes` as in remem_alloc.
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_in(&t.lanes, size, align)?)) }
     })
 }
 
@@ -125,7 +128,8 @@ pub unsafe extern "C" fn remem_free(heap: *mut remem_heap, ptr: *mut c_void) -> 
     boundary("remem_free", |t| {
         with_heap(t, heap, |h| match NonNull::new(ptr.cast::<u8>()) {
             None => Ok(()),
-            Some(p) => Ok(h.free(p)?),
+            // SAFETY: `t.lanes` as in remem_alloc.
+            Some(p) => Ok(unsafe { h.free_in(&t.lanes, p) }?),
         })
     })
 }
