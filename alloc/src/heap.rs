@@ -27,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -1083,15 +1083,15 @@ impl Heap {
     /// Runs the mutating call `f` on lane `l` inside the flush gate.
     #[inline(always)]
     pub(crate) fn in_gate<R>(&self, l: u32, f: impl FnOnce(u32) -> R) -> R {
-        struct Exit<'a>(&'a crate::gate::Gate, u32, u32);
+        struct Exit<'a>(&'a AtomicU32, u32);
         impl Drop for Exit<'_> {
             #[inline(always)]
             fn drop(&mut self) {
-                self.0.exit(self.1, self.2);
+                crate::gate::Gate::exit_slot(self.0, self.1);
             }
         }
-        let depth = self.inner.gate.enter(l);
-        let _exit = Exit(&self.inner.gate, l, depth);
+        let (active, depth) = self.inner.gate.enter_slot(l);
+        let _exit = Exit(active, depth);
         f(l)
     }
 
@@ -1104,10 +1104,8 @@ impl Heap {
     /// Allocates `size` bytes aligned to `align` (a power of two, at most 4096).
     #[inline]
     pub fn alloc_aligned(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        lanes::with_own(|t| {
-            let off = self.alloc_off(t, size, align)?;
-            Ok(self.ptr(off))
-        })
+        // SAFETY: OWN is a thread-local without destructor.
+        lanes::with_own(|t| unsafe { self.alloc_in(t, size, align) })
     }
 
     /// [`Heap::alloc_aligned`] with the caller's lane cache `lanes` instead
@@ -1123,7 +1121,9 @@ impl Heap {
     #[inline(always)]
     pub unsafe fn alloc_in(&self, lanes: &ThreadLanes, size: usize, align: usize) -> Result<NonNull<u8>> {
         let off = self.alloc_off(lanes, size, align)?;
-        Ok(self.ptr(off))
+        // SAFETY: the allocator just wrote the block's canary word, so `off`
+        // is inside the mapping, which is never at address 0.
+        Ok(unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr_seen(off)) })
     }
 
     /// Allocates `size` zeroed bytes.
@@ -1142,15 +1142,13 @@ impl Heap {
 
     #[inline(always)]
     fn alloc_off(&self, t: &ThreadLanes, size: usize, align: usize) -> Result<usize, AllocError> {
-        // The fast path: a small block from this thread's lane cache. The
-        // views are taken before entering the gate, whose store would make
-        // the compiler load them again.
+        // The fast path: a small block from this thread's lane cache. As in
+        // `free_with`, the views are taken inside the gate.
         if align.is_power_of_two() && align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
             if let Some(l) = t.last(self.inner.id) {
                 let c = class_small(size);
                 let m = &self.inner.meta;
-                let (mem, lane) = (m.mem, m.lane(l));
-                if let Some(off) = self.in_gate(l, |_| Self::pop_cached(c, mem, lane)) {
+                if let Some(off) = self.in_gate(l, |l| Self::pop_cached(c, m.mem, m.held_lane(l))) {
                     return Ok(off);
                 }
                 // The cache is empty: refill on the slow path.
@@ -1395,24 +1393,26 @@ impl Heap {
     fn free_with(&self, t: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
         // The fast path: a block of a live slab, into this thread's lane
         // cache. `block_at` refuses offsets outside the heap's data pages.
-        // The views are taken before entering the gate, whose store would
-        // make the compiler load them again.
-        let m = &self.inner.meta;
-        let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+        // Everything is computed inside the gate: values computed before it
+        // would live across its fence, in more registers than there are.
         // No cached lane (a forked child has none: see `fork.rs`): the slow
         // path, which refuses an inherited heap before touching its memory.
         if let Some(l) = t.last(self.inner.id) {
-            if let Some((slab, c, idx)) = m.block_at(off) {
+            let fast = self.in_gate(l, |l| {
+                let m = &self.inner.meta;
+                let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+                let (slab, c, idx) = m.block_at(off)?;
                 let word = m.slab_word(slab, idx / 64);
-                let canary_word = m.mem.u64(off + CANARY);
-                let lane = m.lane(l);
-                let canary = self.canary(off);
                 let bit = 1u64 << (idx % 64);
-                if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
-                    return Ok(());
-                }
+                let canary_word = m.mem.u64(off + CANARY);
+                let pushed = Self::push_cached(off, c, (word, bit), (canary_word, self.canary(off)), m.held_lane(l));
+                Some((pushed, off, slab, c, idx))
+            });
+            match fast {
+                Some((true, ..)) => return Ok(()),
                 // The cache is full, or the block looks free.
-                return self.free_full(l, off, slab, c, idx);
+                Some((false, off, slab, c, idx)) => return self.free_full(l, off, slab, c, idx),
+                None => {}
             }
         }
         self.free_slow(t, ptr)

@@ -124,6 +124,17 @@ impl Meta {
         unsafe { self.mem.view_unchecked(self.layout.lane(l)) }
     }
 
+    /// Lane `l`, one this heap's lane set handed out (so below `nlanes`:
+    /// the fast paths' lanes come from a thread's lane cache, keyed by the
+    /// heap's id), without the bounds check of [`Meta::lane`].
+    #[inline(always)]
+    pub(crate) fn held_lane(&self, l: u32) -> &LaneWords {
+        debug_assert!(l < self.layout.nlanes, "lane {l} of {}", self.layout.nlanes);
+        // SAFETY: as in `lane`; `l < nlanes` because the lane set of a heap
+        // with this layout only hands out lanes below `nlanes`.
+        unsafe { self.mem.view_unchecked(self.layout.lane(l)) }
+    }
+
     /// A `u64` field of lane `l`.
     #[inline]
     pub(crate) fn lane_u64(&self, l: u32, field: usize) -> &AtomicU64 {

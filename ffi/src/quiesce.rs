@@ -80,15 +80,29 @@ pub(crate) fn init() {
     });
 }
 
-/// A call in flight on one handle; dropping it ends the call.
+/// A call in flight on one handle, on the thread's own record; dropping
+/// it ends the call (one store, also when the call unwinds).
 pub(crate) struct InCall {
+    rec: &'static Record,
+}
+
+impl Drop for InCall {
+    #[inline(always)]
+    fn drop(&mut self) {
+        self.rec.active.store(0, Release);
+    }
+}
+
+/// [`InCall`] for a call that took its record on the slow path
+/// ([`enter_slow`]): the first call of a thread, a nested call, a call
+/// during thread teardown.
+pub(crate) struct InCallSlow {
     rec: &'static Record,
     /// The record was taken for this call only.
     temporary: bool,
 }
 
-impl Drop for InCall {
-    #[inline(always)]
+impl Drop for InCallSlow {
     fn drop(&mut self) {
         self.rec.active.store(0, Release);
         if self.temporary {
@@ -98,18 +112,20 @@ impl Drop for InCall {
 }
 
 /// Says that this thread (whose state is `t`) is now inside a call on
-/// handle `v`; the caller reads the handle's slot after this returns.
+/// handle `v`, on its own record; the caller reads the handle's slot
+/// after this returns. `None` (nothing done) when the thread has no
+/// record yet or is inside a call already: then use [`enter_slow`].
 #[inline(always)]
-pub(crate) fn enter(t: &ThreadState, v: u64) -> InCall {
+pub(crate) fn enter(t: &ThreadState, v: u64) -> Option<InCall> {
     let rec = t.record.get();
     // SAFETY: records are never freed.
     match unsafe { rec.as_ref() } {
         Some(rec) if rec.active.load(Relaxed) == 0 => {
             rec.active.store(v, Relaxed);
             publish();
-            InCall { rec, temporary: false }
+            Some(InCall { rec })
         }
-        _ => enter_slow(t, v),
+        _ => None,
     }
 }
 
@@ -124,9 +140,11 @@ fn publish() {
     }
 }
 
+/// [`enter`] where it gave up: takes a record (and keeps it, on a
+/// thread's first call).
 #[cold]
 #[inline(never)]
-fn enter_slow(t: &ThreadState, v: u64) -> InCall {
+pub(crate) fn enter_slow(t: &ThreadState, v: u64) -> InCallSlow {
     let nested = t.record.get();
     let rec = take_record();
     rec.active.store(v, Relaxed);
@@ -137,7 +155,7 @@ fn enter_slow(t: &ThreadState, v: u64) -> InCall {
     if keep {
         t.record.set(rec);
     }
-    InCall { rec, temporary: !keep }
+    InCallSlow { rec, temporary: !keep }
 }
 
 /// A free record, or a new one.
@@ -217,7 +235,7 @@ mod tests {
                 .map(|_| {
                     let (open, inside) = (open.clone(), inside.clone());
                     std::thread::spawn(move || loop {
-                        let call = THREAD.with(|t| enter(t, round));
+                        let call = THREAD.with(|t| enter_slow(t, round));
                         if open.load(Acquire) != round {
                             return;
                         }
@@ -242,8 +260,9 @@ mod tests {
     fn nested_calls_take_a_record_of_their_own() {
         init();
         THREAD.with(|t| {
-            let outer = enter(t, 7);
-            let inner = enter(t, 8);
+            let outer = enter(t, 7).map_or_else(|| enter_slow(t, 7), |c| InCallSlow { rec: c.rec, temporary: false });
+            assert!(enter(t, 8).is_none(), "the fast path refuses a nested call");
+            let inner = enter_slow(t, 8);
             assert!(inner.temporary);
             assert_eq!(outer.rec.active.load(SeqCst), 7);
             drop(inner);
