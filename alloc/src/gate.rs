@@ -105,6 +105,14 @@ impl Gate {
         a.store(depth, Release);
     }
 
+    /// [`Gate::enter_slot`] as a guard that ends the call when dropped
+    /// (also when the call unwinds).
+    #[inline(always)]
+    pub(crate) fn inside(&self, l: u32) -> Inside<'_> {
+        let (a, depth) = self.enter_slot(l);
+        Inside(a, depth)
+    }
+
     /// The outermost entry: publish `active`, then look at `pausing`
     /// (without membarrier, [`FENCE`] is set and the slow path fences).
     #[inline(always)]
@@ -221,6 +229,16 @@ fn delay(d: Duration) {
     let until = Instant::now() + d;
     while Instant::now() < until {
         std::thread::yield_now();
+    }
+}
+
+/// A mutating call on one lane is inside the gate while this lives.
+pub(crate) struct Inside<'a>(&'a AtomicU32, u32);
+
+impl Drop for Inside<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        Gate::exit_slot(self.0, self.1);
     }
 }
 

@@ -27,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -1083,15 +1083,7 @@ impl Heap {
     /// Runs the mutating call `f` on lane `l` inside the flush gate.
     #[inline(always)]
     pub(crate) fn in_gate<R>(&self, l: u32, f: impl FnOnce(u32) -> R) -> R {
-        struct Exit<'a>(&'a AtomicU32, u32);
-        impl Drop for Exit<'_> {
-            #[inline(always)]
-            fn drop(&mut self) {
-                crate::gate::Gate::exit_slot(self.0, self.1);
-            }
-        }
-        let (active, depth) = self.inner.gate.enter_slot(l);
-        let _exit = Exit(active, depth);
+        let _inside = self.inner.gate.inside(l);
         f(l)
     }
 
@@ -1148,7 +1140,10 @@ impl Heap {
             if let Some(l) = t.last(self.inner.id) {
                 let c = class_small(size);
                 let m = &self.inner.meta;
-                if let Some(off) = self.in_gate(l, |l| Self::pop_cached(c, m.mem, m.held_lane(l))) {
+                let inside = self.inner.gate.inside(l);
+                let off = Self::pop_cached(c, m.mem, m.held_lane(l));
+                drop(inside);
+                if let Some(off) = off {
                     return Ok(off);
                 }
                 // The cache is empty: refill on the slow path.
@@ -1398,16 +1393,11 @@ impl Heap {
         // No cached lane (a forked child has none: see `fork.rs`): the slow
         // path, which refuses an inherited heap before touching its memory.
         if let Some(l) = t.last(self.inner.id) {
-            let fast = self.in_gate(l, |l| {
-                let m = &self.inner.meta;
-                let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
-                let (slab, c, idx) = m.block_at(off)?;
-                let word = m.slab_word(slab, idx / 64);
-                let bit = 1u64 << (idx % 64);
-                let canary_word = m.mem.u64(off + CANARY);
-                let pushed = Self::push_cached(off, c, (word, bit), (canary_word, self.canary(off)), m.held_lane(l));
-                Some((pushed, off, slab, c, idx))
-            });
+            // The gate by hand: through `in_gate`'s closure the compiler
+            // sometimes leaves this path out of line.
+            let inside = self.inner.gate.inside(l);
+            let fast = self.free_cached(l, ptr);
+            drop(inside);
             match fast {
                 Some((true, ..)) => return Ok(()),
                 // The cache is full, or the block looks free.
@@ -1416,6 +1406,21 @@ impl Heap {
             }
         }
         self.free_slow(t, ptr)
+    }
+
+    /// The fast path of [`Heap::free`] on lane `l`, inside the gate: the
+    /// block's (pushed into the cache, offset, slab, class, index), or
+    /// `None` when the pointer is not a block of a live slab.
+    #[inline(always)]
+    fn free_cached(&self, l: u32, ptr: NonNull<u8>) -> Option<(bool, usize, u64, usize, usize)> {
+        let m = &self.inner.meta;
+        let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+        let (slab, c, idx) = m.block_at(off)?;
+        let word = m.block_word(slab, idx);
+        let bit = 1u64 << (idx % 64);
+        let canary_word = m.mem.u64(off + CANARY);
+        let pushed = Self::push_cached(off, c, (word, bit), (canary_word, self.canary(off)), m.held_lane(l));
+        Some((pushed, off, slab, c, idx))
     }
 
     #[cold]

@@ -192,6 +192,18 @@ impl Meta {
         &self.slab(page).bitmap[w]
     }
 
+    /// [`Meta::slab_word`] of block `idx` of the slab at page `head`, for a
+    /// `(head, _, idx)` that [`Meta::block_at`] returned: no bounds checks
+    /// (`block_at` found `head` below `npages` and `idx` below its class's
+    /// block count, whose bitmap fits [`MAX_BITMAP_WORDS`]).
+    #[inline(always)]
+    pub(crate) fn block_word(&self, head: u64, idx: usize) -> &AtomicU64 {
+        debug_assert!(head < self.npages && idx / 64 < MAX_BITMAP_WORDS);
+        // SAFETY: the slab header lies in page `head`, inside the heap
+        // (`head < npages`, `new`), and `idx / 64 < MAX_BITMAP_WORDS`.
+        unsafe { self.mem.view_unchecked::<SlabWords>(Self::page_off(head)).bitmap.get_unchecked(idx / 64) }
+    }
+
     /// Offset of block `idx` of class `info` in the slab at `page`.
     #[inline]
     pub(crate) fn block_off(page: u64, info: &ClassInfo, idx: usize) -> usize {

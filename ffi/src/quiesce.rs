@@ -58,11 +58,14 @@ struct Owner;
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let rec = THREAD.try_with(|t| t.record.replace(std::ptr::null())).unwrap_or(std::ptr::null());
-        // SAFETY: records are never freed; this one was ours.
-        if let Some(rec) = unsafe { rec.as_ref() } {
-            rec.active.store(0, Release);
-            rec.taken.store(false, Release);
+        let null = std::ptr::null();
+        let recs = THREAD.try_with(|t| [t.record.replace(null), t.fenced_record.replace(null)]).unwrap_or([null; 2]);
+        for rec in recs {
+            // SAFETY: records are never freed; this one was ours.
+            if let Some(rec) = unsafe { rec.as_ref() } {
+                rec.active.store(0, Release);
+                rec.taken.store(false, Release);
+            }
         }
     }
 }
@@ -114,7 +117,9 @@ impl Drop for InCallSlow {
 /// Says that this thread (whose state is `t`) is now inside a call on
 /// handle `v`, on its own record; the caller reads the handle's slot
 /// after this returns. `None` (nothing done) when the thread has no
-/// record yet or is inside a call already: then use [`enter_slow`].
+/// record here yet or is inside a call already: then use [`enter_slow`].
+/// Only a process registered for membarrier keeps records here (see
+/// `ThreadState::fenced_record`), so this path needs no fence.
 #[inline(always)]
 pub(crate) fn enter(t: &ThreadState, v: u64) -> Option<InCall> {
     let rec = t.record.get();
@@ -122,7 +127,8 @@ pub(crate) fn enter(t: &ThreadState, v: u64) -> Option<InCall> {
     match unsafe { rec.as_ref() } {
         Some(rec) if rec.active.load(Relaxed) == 0 => {
             rec.active.store(v, Relaxed);
-            publish();
+            // The closer's membarrier orders this store before our loads.
+            compiler_fence(SeqCst);
             Some(InCall { rec })
         }
         _ => None,
@@ -145,15 +151,29 @@ fn publish() {
 #[cold]
 #[inline(never)]
 pub(crate) fn enter_slow(t: &ThreadState, v: u64) -> InCallSlow {
-    let nested = t.record.get();
+    let fenced = t.fenced_record.get();
+    // SAFETY: records are never freed.
+    if let Some(rec) = unsafe { fenced.as_ref() } {
+        if rec.active.load(Relaxed) == 0 {
+            rec.active.store(v, Relaxed);
+            fence(SeqCst);
+            return InCallSlow { rec, temporary: false };
+        }
+    }
+    let nested = !t.record.get().is_null() || !fenced.is_null();
     let rec = take_record();
     rec.active.store(v, Relaxed);
     publish();
     // A first call keeps its record; a nested call (or one during thread
-    // teardown) gives it back when it ends.
-    let keep = nested.is_null() && OWNER.try_with(|_| ()).is_ok();
+    // teardown) gives it back when it ends. Without membarrier the record
+    // is kept where only this path, which fences, finds it.
+    let keep = !nested && OWNER.try_with(|_| ()).is_ok();
     if keep {
-        t.record.set(rec);
+        if ASYMMETRIC.load(Relaxed) {
+            t.record.set(rec);
+        } else {
+            t.fenced_record.set(rec);
+        }
     }
     InCallSlow { rec, temporary: !keep }
 }
