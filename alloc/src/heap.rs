@@ -1319,7 +1319,12 @@ impl Heap {
     }
 
     fn list(&self, slab: u64, c: usize) {
-        if !self.inner.listed[slab as usize].swap(true, AcqRel) {
+        // Mostly listed already (every free into a slab another lane owns,
+        // or none, comes here): a load first spares the frees a locked
+        // swap. A `true` read here is a swap ordered before the one that
+        // cleared it, which the partial lists' protocol allows already.
+        let listed = &self.inner.listed[slab as usize];
+        if !listed.load(Acquire) && !listed.swap(true, AcqRel) {
             self.inner.partial[c].lock().push(slab);
         }
     }
