@@ -10,7 +10,9 @@
 //! every `active` word to read 0 (the asymmetric Dekker pattern of RCU and
 //! folly's `asymmetricHeavyBarrier`). Either the flusher sees a thread's
 //! `active`, or that thread sees `pausing` and waits. Without membarrier
-//! the fast path uses a full fence instead.
+//! `pausing` keeps a [`FENCE`] bit set for good, which sends every
+//! outermost entry to the slow path: a full fence, then `pausing` read
+//! again (so the fast path has no branch of its own for that case).
 //!
 //! Calls nest (a transaction commit frees blocks): only the outermost
 //! entry checks `pausing`.
@@ -30,6 +32,10 @@ use std::time::{Duration, Instant};
 const PAUSE: u32 = 1;
 /// `pausing` bit: each outermost entry waits `throttle_ns` first.
 const THROTTLE: u32 = 2;
+/// `pausing` bit, set for good when the process has no membarrier: each
+/// outermost entry takes the slow path, which fences before it reads
+/// `pausing` again.
+const FENCE: u32 = 4;
 /// Longest throttle delay per call.
 pub(crate) const MAX_THROTTLE: Duration = Duration::from_micros(200);
 
@@ -50,11 +56,15 @@ pub(crate) struct Gate {
 
 impl Gate {
     pub(crate) fn new(nlanes: u32) -> Gate {
+        Gate::with_membarrier(nlanes, crate::region::membarrier_register())
+    }
+
+    fn with_membarrier(nlanes: u32, asymmetric: bool) -> Gate {
         Gate {
             active: (0..nlanes).map(|_| Slot::default()).collect(),
-            pausing: AtomicU32::new(0),
+            pausing: AtomicU32::new(if asymmetric { 0 } else { FENCE }),
             throttle_ns: AtomicU32::new(0),
-            asymmetric: crate::region::membarrier_register(),
+            asymmetric,
         }
     }
 
@@ -70,25 +80,44 @@ impl Gate {
     }
 
     /// Returns the depth to hand back to [`Gate::exit`].
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn enter(&self, l: u32) -> u32 {
+        self.enter_slot(l).1
+    }
+
+    /// [`Gate::enter`], returning lane `l`'s `active` word as well: the
+    /// caller ends the call with [`Gate::exit_slot`] on it, so that the
+    /// word's address is not computed again after the call's fence.
+    #[inline(always)]
+    pub(crate) fn enter_slot(&self, l: u32) -> (&AtomicU32, u32) {
         let a = self.slot(l);
         let depth = a.load(Relaxed);
         a.store(depth + 1, Relaxed);
         if depth == 0 {
             self.check_pausing(a);
         }
-        depth
+        (a, depth)
     }
 
-    /// The outermost entry: publish `active`, then look at `pausing`.
+    /// Ends the call whose [`Gate::enter_slot`] returned `(a, depth)`.
+    #[inline(always)]
+    pub(crate) fn exit_slot(a: &AtomicU32, depth: u32) {
+        a.store(depth, Release);
+    }
+
+    /// [`Gate::enter_slot`] as a guard that ends the call when dropped
+    /// (also when the call unwinds).
+    #[inline(always)]
+    pub(crate) fn inside(&self, l: u32) -> Inside<'_> {
+        let (a, depth) = self.enter_slot(l);
+        Inside(a, depth)
+    }
+
+    /// The outermost entry: publish `active`, then look at `pausing`
+    /// (without membarrier, [`FENCE`] is set and the slow path fences).
     #[inline(always)]
     fn check_pausing(&self, a: &AtomicU32) {
-        if self.asymmetric {
-            compiler_fence(SeqCst);
-        } else {
-            fence(SeqCst);
-        }
+        compiler_fence(SeqCst);
         if self.pausing.load(Relaxed) != 0 {
             self.wait_paused(a);
         }
@@ -99,9 +128,13 @@ impl Gate {
     #[cold]
     #[inline(never)]
     fn wait_paused(&self, a: &AtomicU32) {
+        if !self.asymmetric {
+            // `active` is stored: order it before the reads of `pausing`.
+            fence(SeqCst);
+        }
         let mut throttled = false;
         loop {
-            let flags = self.pausing.load(Relaxed);
+            let flags = self.pausing.load(Relaxed) & !FENCE;
             if flags == 0 || (flags & PAUSE == 0 && throttled) {
                 return;
             }
@@ -139,9 +172,9 @@ impl Gate {
 
     /// Ends the call [`Gate::enter`] began; `depth` is what it returned
     /// (stored as is: no load, so calls do not wait on each other's stores).
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn exit(&self, l: u32, depth: u32) {
-        self.slot(l).store(depth, Release);
+        Gate::exit_slot(self.slot(l), depth);
     }
 
     /// Stops every mutating call until the guard is dropped. One pauser at
@@ -196,6 +229,16 @@ fn delay(d: Duration) {
     let until = Instant::now() + d;
     while Instant::now() < until {
         std::thread::yield_now();
+    }
+}
+
+/// A mutating call on one lane is inside the gate while this lives.
+pub(crate) struct Inside<'a>(&'a AtomicU32, u32);
+
+impl Drop for Inside<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        Gate::exit_slot(self.0, self.1);
     }
 }
 
@@ -271,6 +314,39 @@ mod tests {
         gate.throttle(Duration::from_secs(10));
         assert_eq!(gate.throttle_ns.load(Relaxed) as u128, MAX_THROTTLE.as_nanos());
         gate.unthrottle();
-        assert_eq!(gate.pausing.load(Relaxed), 0);
+        assert_eq!(gate.pausing.load(Relaxed) & !FENCE, 0);
+    }
+
+    /// Without membarrier every outermost entry fences on the slow path,
+    /// and a pause still excludes every caller.
+    #[test]
+    fn without_membarrier_the_slow_path_fences() {
+        let gate = Arc::new(Gate::with_membarrier(3, false));
+        assert_eq!(gate.pausing.load(Relaxed), FENCE);
+        let inside = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (1..3u32)
+            .map(|l| {
+                let (gate, inside, stop) = (gate.clone(), inside.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let d = gate.enter(l);
+                        inside.fetch_add(1, SeqCst);
+                        inside.fetch_sub(1, SeqCst);
+                        gate.exit(l, d);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..500 {
+            let p = gate.pause();
+            assert_eq!(inside.load(SeqCst), 0, "a caller is inside while paused");
+            drop(p);
+        }
+        assert_eq!(gate.pausing.load(Relaxed), FENCE, "the pause left the FENCE bit alone");
+        stop.store(true, Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

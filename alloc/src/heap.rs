@@ -40,7 +40,7 @@ use crate::error::{AllocError, Error, OpenError, PointerError, Result};
 use crate::flush::{Durability, FlushError, FlushStats};
 use crate::fork::{Forked, NotInherited, Owner};
 use crate::format::{hdr, lane, slab, uuid_string, Desc, Header, HeaderError, Layout, PAGE_SIZE};
-use crate::lanes::{self, HasLanes, LaneSet};
+use crate::lanes::{self, HasLanes, LaneSet, ThreadLanes};
 use crate::mem::Mem;
 use crate::meta::{LaneWords, Located, Meta};
 use crate::pages::PageIndex;
@@ -1055,17 +1055,27 @@ impl Heap {
     /// [`crate::fork`]), so the slow path is where an inherited heap is refused.
     #[inline]
     fn with_lane<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
-        match lanes::last(self.inner.id) {
+        lanes::with_own(|t| self.with_lane_in(t, f))
+    }
+
+    /// [`Heap::with_lane`] with the lane cache `t`, a thread-local of this
+    /// thread without destructor (see [`lanes::acquire`]).
+    #[inline]
+    fn with_lane_in<R, E: From<Forked>>(&self, t: &ThreadLanes, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
+        match t.last(self.inner.id) {
             Some(l) => self.in_gate(l, f),
-            None => self.with_lane_slow(f),
+            None => self.with_lane_slow(t, f),
         }
     }
 
     #[cold]
-    fn with_lane_slow<R, E: From<Forked>>(&self, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
+    #[inline(never)]
+    fn with_lane_slow<R, E: From<Forked>>(&self, t: &ThreadLanes, f: impl FnOnce(u32) -> Result<R, E>) -> Result<R, E> {
         self.inner.owner.check()?;
         let home: Arc<dyn HasLanes> = self.inner.clone();
-        match lanes::acquire(self.inner.id, &home) {
+        // SAFETY: every caller passes remem-alloc's own thread-local or one
+        // an `*_in` caller vouched for (their safety contract).
+        match unsafe { lanes::acquire(self.inner.id, &home, t) } {
             0 => {
                 let _g = self.inner.lanes.shared.lock();
                 self.in_gate(0, f)
@@ -1077,15 +1087,7 @@ impl Heap {
     /// Runs the mutating call `f` on lane `l` inside the flush gate.
     #[inline(always)]
     pub(crate) fn in_gate<R>(&self, l: u32, f: impl FnOnce(u32) -> R) -> R {
-        struct Exit<'a>(&'a crate::gate::Gate, u32, u32);
-        impl Drop for Exit<'_> {
-            #[inline(always)]
-            fn drop(&mut self) {
-                self.0.exit(self.1, self.2);
-            }
-        }
-        let depth = self.inner.gate.enter(l);
-        let _exit = Exit(&self.inner.gate, l, depth);
+        let _inside = self.inner.gate.inside(l);
         f(l)
     }
 
@@ -1098,8 +1100,26 @@ impl Heap {
     /// Allocates `size` bytes aligned to `align` (a power of two, at most 4096).
     #[inline]
     pub fn alloc_aligned(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let off = self.alloc_off(size, align)?;
-        Ok(self.ptr(off))
+        // SAFETY: OWN is a thread-local without destructor.
+        lanes::with_own(|t| unsafe { self.alloc_in(t, size, align) })
+    }
+
+    /// [`Heap::alloc_aligned`] with the caller's lane cache `lanes` instead
+    /// of remem-alloc's own: for an embedder that already looked up a
+    /// thread-local of its own (the C ABI), so that the call looks up none.
+    ///
+    /// # Safety
+    ///
+    /// `lanes` must be a thread-local of the calling thread (a `static` in
+    /// `thread_local!`) whose type has no destructor, so that it lives as
+    /// long as the thread: the heap remembers it and empties it when the
+    /// thread's lanes are handed back at thread exit.
+    #[inline(always)]
+    pub unsafe fn alloc_in(&self, lanes: &ThreadLanes, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let off = self.alloc_off(lanes, size, align)?;
+        // SAFETY: the allocator just wrote the block's canary word, so `off`
+        // is inside the mapping, which is never at address 0.
+        Ok(unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr_seen(off)) })
     }
 
     /// Allocates `size` zeroed bytes.
@@ -1116,27 +1136,29 @@ impl Heap {
         unsafe { NonNull::new_unchecked(self.inner.meta.mem.ptr(off)) }
     }
 
-    #[inline]
-    fn alloc_off(&self, size: usize, align: usize) -> Result<usize, AllocError> {
-        // The fast path: a small block from this thread's lane cache. The
-        // views are taken before entering the gate, whose store would make
-        // the compiler load them again.
+    #[inline(always)]
+    fn alloc_off(&self, t: &ThreadLanes, size: usize, align: usize) -> Result<usize, AllocError> {
+        // The fast path: a small block from this thread's lane cache. As in
+        // `free_with`, the views are taken inside the gate.
         if align.is_power_of_two() && align <= 16 && size.wrapping_sub(1) < MAX_SMALL {
-            if let Some(l) = lanes::last(self.inner.id) {
+            if let Some(l) = t.last(self.inner.id) {
                 let c = class_small(size);
                 let m = &self.inner.meta;
-                let (mem, lane) = (m.mem, m.lane(l));
-                if let Some(off) = self.in_gate(l, |_| Self::pop_cached(c, mem, lane)) {
+                let inside = self.inner.gate.inside(l);
+                let off = Self::pop_cached(c, m.mem, m.held_lane(l));
+                drop(inside);
+                if let Some(off) = off {
                     return Ok(off);
                 }
                 // The cache is empty: refill on the slow path.
             }
         }
-        self.alloc_off_slow(size, align)
+        self.alloc_off_slow(t, size, align)
     }
 
     #[cold]
-    fn alloc_off_slow(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+    #[inline(never)]
+    fn alloc_off_slow(&self, t: &ThreadLanes, size: usize, align: usize) -> Result<usize, AllocError> {
         if !align.is_power_of_two() || align > PAGE_SIZE {
             return Err(AllocError::Alignment(align));
         }
@@ -1144,8 +1166,8 @@ impl Heap {
             return Err(AllocError::BadSize(size));
         }
         match class_for(size, align) {
-            Some(c) => self.with_lane(|l| self.alloc_small(l, c)),
-            None => self.with_lane(|_| self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None)),
+            Some(c) => self.with_lane_in(t, |l| self.alloc_small(l, c)),
+            None => self.with_lane_in(t, |_| self.alloc_large(size.div_ceil(PAGE_SIZE) as u64, None)),
         }
     }
 
@@ -1301,7 +1323,12 @@ impl Heap {
     }
 
     fn list(&self, slab: u64, c: usize) {
-        if !self.inner.listed[slab as usize].swap(true, AcqRel) {
+        // Mostly listed already (every free into a slab another lane owns,
+        // or none, comes here): a load first spares the frees a locked
+        // swap. A `true` read here is a swap ordered before the one that
+        // cleared it, which the partial lists' protocol allows already.
+        let listed = &self.inner.listed[slab as usize];
+        if !listed.load(Acquire) && !listed.swap(true, AcqRel) {
             self.inner.partial[c].lock().push(slab);
         }
     }
@@ -1352,36 +1379,65 @@ impl Heap {
     /// two threads free the same block at the same moment).
     #[inline]
     pub fn free(&self, ptr: NonNull<u8>) -> Result<()> {
+        lanes::with_own(|t| self.free_with(t, ptr))
+    }
+
+    /// [`Heap::free`] with the caller's lane cache `lanes` (see
+    /// [`Heap::alloc_in`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::alloc_in`].
+    #[inline(always)]
+    pub unsafe fn free_in(&self, lanes: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
+        self.free_with(lanes, ptr)
+    }
+
+    #[inline(always)]
+    fn free_with(&self, t: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
         // The fast path: a block of a live slab, into this thread's lane
         // cache. `block_at` refuses offsets outside the heap's data pages.
-        // The views are taken before entering the gate, whose store would
-        // make the compiler load them again.
-        let m = &self.inner.meta;
-        let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+        // Everything is computed inside the gate: values computed before it
+        // would live across its fence, in more registers than there are.
         // No cached lane (a forked child has none: see `fork.rs`): the slow
         // path, which refuses an inherited heap before touching its memory.
-        if let Some(l) = lanes::last(self.inner.id) {
-            if let Some((slab, c, idx)) = m.block_at(off) {
-                let word = m.slab_word(slab, idx / 64);
-                let canary_word = m.mem.u64(off + CANARY);
-                let lane = m.lane(l);
-                let canary = self.canary(off);
-                let bit = 1u64 << (idx % 64);
-                if self.in_gate(l, |_| Self::push_cached(off, c, (word, bit), (canary_word, canary), lane)) {
-                    return Ok(());
-                }
+        if let Some(l) = t.last(self.inner.id) {
+            // The gate by hand: through `in_gate`'s closure the compiler
+            // sometimes leaves this path out of line.
+            let inside = self.inner.gate.inside(l);
+            let fast = self.free_cached(l, ptr);
+            drop(inside);
+            match fast {
+                Some((true, ..)) => return Ok(()),
                 // The cache is full, or the block looks free.
-                return self.free_full(l, off, slab, c, idx);
+                Some((false, off, slab, c, idx)) => return self.free_full(l, off, slab, c, idx),
+                None => {}
             }
         }
-        self.free_slow(ptr)
+        self.free_slow(t, ptr)
+    }
+
+    /// The fast path of [`Heap::free`] on lane `l`, inside the gate: the
+    /// block's (pushed into the cache, offset, slab, class, index), or
+    /// `None` when the pointer is not a block of a live slab.
+    #[inline(always)]
+    fn free_cached(&self, l: u32, ptr: NonNull<u8>) -> Option<(bool, usize, u64, usize, usize)> {
+        let m = &self.inner.meta;
+        let off = (ptr.as_ptr() as usize).wrapping_sub(m.mem.ptr(0) as usize);
+        let (slab, c, idx) = m.block_at(off)?;
+        let word = m.block_word(slab, idx);
+        let bit = 1u64 << (idx % 64);
+        let canary_word = m.mem.u64(off + CANARY);
+        let pushed = Self::push_cached(off, c, (word, bit), (canary_word, self.canary(off)), m.held_lane(l));
+        Some((pushed, off, slab, c, idx))
     }
 
     #[cold]
-    fn free_slow(&self, ptr: NonNull<u8>) -> Result<()> {
+    #[inline(never)]
+    fn free_slow(&self, t: &ThreadLanes, ptr: NonNull<u8>) -> Result<()> {
         let p = ptr.as_ptr() as usize;
         let off = self.offset_of(ptr.as_ptr()).ok_or(PointerError::NotInHeap(p))?;
-        self.with_lane(|l| self.free_slow_in(l, off, p))
+        self.with_lane_in(t, |l| self.free_slow_in(l, off, p))
     }
 
     /// `free` on lane `l` (held by the caller).
@@ -1606,6 +1662,12 @@ impl Heap {
         }
     }
 
+    /// The heap's process-unique id (lane caches are keyed by it).
+    #[cfg(test)]
+    pub(crate) fn inner_id(&self) -> u64 {
+        self.inner.id
+    }
+
     pub(crate) fn meta(&self) -> &Meta {
         &self.inner.meta
     }
@@ -1631,15 +1693,27 @@ impl Heap {
     /// the shared lane is left; `Err` in a forked child (the lane cache is
     /// empty there, so the check costs nothing on the cached path).
     pub(crate) fn private_lane(&self) -> Result<Option<u32>, Forked> {
-        let l = match lanes::last(self.inner.id) {
+        lanes::with_own(|t| self.private_lane_in(t))
+    }
+
+    /// [`Heap::private_lane`] with the lane cache `t`, a thread-local of
+    /// this thread without destructor (see [`lanes::acquire`]).
+    #[inline]
+    pub(crate) fn private_lane_in(&self, t: &ThreadLanes) -> Result<Option<u32>, Forked> {
+        let l = match t.last(self.inner.id) {
             Some(l) => l,
-            None => {
-                self.inner.owner.check()?;
-                let home: Arc<dyn HasLanes> = self.inner.clone();
-                lanes::acquire(self.inner.id, &home)
-            }
+            None => self.private_lane_slow(t)?,
         };
         Ok((l != 0).then_some(l))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn private_lane_slow(&self, t: &ThreadLanes) -> Result<u32, Forked> {
+        self.inner.owner.check()?;
+        let home: Arc<dyn HasLanes> = self.inner.clone();
+        // SAFETY: as in `with_lane_slow`.
+        Ok(unsafe { lanes::acquire(self.inner.id, &home, t) })
     }
 
     /// `Err` when this process is a fork of the one that opened the heap

@@ -57,6 +57,7 @@ pub use format::Header;
 pub use heap::{
     check_image, image_base, recover_image, BaselineInfo, BaselineLock, Heap, HeapOptions, HeapStats, PatchHook,
 };
+pub use lanes::ThreadLanes;
 pub use pptr::PPtr;
 pub use recover::RecoveryReport;
 pub use track::TrackMode;

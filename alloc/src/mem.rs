@@ -113,6 +113,14 @@ impl Mem {
         self.base.wrapping_add(off)
     }
 
+    /// [`Mem::ptr`] for an offset the caller has just accessed through
+    /// this view (so it is in range): checked in debug builds only.
+    #[inline(always)]
+    pub(crate) fn ptr_seen(&self, off: usize) -> *mut u8 {
+        debug_assert!(off <= self.len, "remem bug: byte {off:#x} of {:#x}", self.len);
+        self.base.wrapping_add(off)
+    }
+
     /// Copies `len` bytes at `off` out (racy reads of user data are fine:
     /// the result is only used as a snapshot).
     pub(crate) fn read(&self, off: usize, out: &mut [u8]) {

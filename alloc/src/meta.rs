@@ -124,6 +124,17 @@ impl Meta {
         unsafe { self.mem.view_unchecked(self.layout.lane(l)) }
     }
 
+    /// Lane `l`, one this heap's lane set handed out (so below `nlanes`:
+    /// the fast paths' lanes come from a thread's lane cache, keyed by the
+    /// heap's id), without the bounds check of [`Meta::lane`].
+    #[inline(always)]
+    pub(crate) fn held_lane(&self, l: u32) -> &LaneWords {
+        debug_assert!(l < self.layout.nlanes, "lane {l} of {}", self.layout.nlanes);
+        // SAFETY: as in `lane`; `l < nlanes` because the lane set of a heap
+        // with this layout only hands out lanes below `nlanes`.
+        unsafe { self.mem.view_unchecked(self.layout.lane(l)) }
+    }
+
     /// A `u64` field of lane `l`.
     #[inline]
     pub(crate) fn lane_u64(&self, l: u32, field: usize) -> &AtomicU64 {
@@ -179,6 +190,18 @@ impl Meta {
     #[inline]
     pub(crate) fn slab_word(&self, page: u64, w: usize) -> &AtomicU64 {
         &self.slab(page).bitmap[w]
+    }
+
+    /// [`Meta::slab_word`] of block `idx` of the slab at page `head`, for a
+    /// `(head, _, idx)` that [`Meta::block_at`] returned: no bounds checks
+    /// (`block_at` found `head` below `npages` and `idx` below its class's
+    /// block count, whose bitmap fits [`MAX_BITMAP_WORDS`]).
+    #[inline(always)]
+    pub(crate) fn block_word(&self, head: u64, idx: usize) -> &AtomicU64 {
+        debug_assert!(head < self.npages && idx / 64 < MAX_BITMAP_WORDS);
+        // SAFETY: the slab header lies in page `head`, inside the heap
+        // (`head < npages`, `new`), and `idx / 64 < MAX_BITMAP_WORDS`.
+        unsafe { self.mem.view_unchecked::<SlabWords>(Self::page_off(head)).bitmap.get_unchecked(idx / 64) }
     }
 
     /// Offset of block `idx` of class `info` in the slab at `page`.

@@ -28,6 +28,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use crate::error::{AllocError, PointerError};
 use crate::format::{lane, log};
+use crate::lanes::ThreadLanes;
 use crate::meta::{Located, Meta};
 use crate::Heap;
 
@@ -377,6 +378,98 @@ impl Heap {
         }
     }
 
+    /// The `tx_*` calls with the caller's lane cache `lanes` instead of
+    /// remem-alloc's own (see [`Heap::alloc_in`]): [`Heap::tx_begin`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::alloc_in`] (for this and the other `tx_*_in` calls).
+    #[inline]
+    pub unsafe fn tx_begin_in(&self, lanes: &ThreadLanes) -> Result<(), TxError> {
+        let l = self.private_lane_in(lanes)?.ok_or(TxError::NoLane(self.nlanes() - 1))?;
+        self.in_gate(l, |l| self.tx_begin_in_lane(l)).map(|_| ())
+    }
+
+    /// [`Heap::tx_add_range`] with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    #[inline]
+    pub unsafe fn tx_add_range_in(&self, lanes: &ThreadLanes, ptr: *const u8, len: usize) -> Result<(), TxError> {
+        let l = self.tx_lane_in(lanes)?;
+        self.tx_add_range_lane(l, ptr, len)
+    }
+
+    /// [`Heap::tx_alloc`] (`zero`: [`Heap::tx_alloc_zeroed`]) with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    #[inline]
+    pub unsafe fn tx_alloc_in(&self, lanes: &ThreadLanes, size: usize, zero: bool) -> Result<NonNull<u8>, TxError> {
+        let l = self.tx_lane_in(lanes)?;
+        self.tx_alloc_lane(l, size, zero)
+    }
+
+    /// [`Heap::tx_free`] with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    #[inline]
+    pub unsafe fn tx_free_in(&self, lanes: &ThreadLanes, ptr: NonNull<u8>) -> Result<(), TxError> {
+        let l = self.tx_lane_in(lanes)?;
+        self.tx_free_lane(l, ptr)
+    }
+
+    /// [`Heap::tx_commit`] with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    #[inline]
+    pub unsafe fn tx_commit_in(&self, lanes: &ThreadLanes) -> Result<(), TxError> {
+        let l = self.tx_lane_in(lanes)?;
+        self.tx_commit_lane(l)
+    }
+
+    /// [`Heap::tx_abort`] with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    #[inline]
+    pub unsafe fn tx_abort_in(&self, lanes: &ThreadLanes) -> Result<(), TxError> {
+        let l = self.tx_lane_in(lanes)?;
+        self.tx_abort_lane(l)
+    }
+
+    /// [`Heap::tx_depth`] with the caller's lane cache.
+    ///
+    /// # Safety
+    ///
+    /// As [`Heap::tx_begin_in`].
+    ///
+    /// # Panics
+    /// As [`Heap::tx_depth`].
+    pub unsafe fn tx_depth_in(&self, lanes: &ThreadLanes) -> u32 {
+        match self.private_lane_in(lanes).unwrap_or_else(|e| panic!("remem: {e}")) {
+            Some(l) if l != 0 => self.txv(l).depth,
+            _ => 0,
+        }
+    }
+
+    #[inline]
+    fn tx_lane_in(&self, lanes: &ThreadLanes) -> Result<u32, TxError> {
+        match self.private_lane_in(lanes)? {
+            // The `_in` functions check (under their one lock) that a
+            // transaction is running.
+            Some(l) if l != 0 => Ok(l),
+            _ => Err(TxError::NoTransaction),
+        }
+    }
+
     fn tx_lane(&self) -> Result<u32, TxError> {
         match self.private_lane()? {
             // The `_in` functions check (under their one lock) that a
@@ -388,10 +481,10 @@ impl Heap {
 
     fn tx_begin_lane(&self) -> Result<u32, TxError> {
         let l = self.private_lane()?.ok_or(TxError::NoLane(self.nlanes() - 1))?;
-        self.in_gate(l, |l| self.tx_begin_in(l))
+        self.in_gate(l, |l| self.tx_begin_in_lane(l))
     }
 
-    fn tx_begin_in(&self, l: u32) -> Result<u32, TxError> {
+    fn tx_begin_in_lane(&self, l: u32) -> Result<u32, TxError> {
         let m = self.meta();
         let v = self.txv(l);
         if v.depth > 0 {

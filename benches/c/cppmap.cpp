@@ -14,8 +14,8 @@
  * with: glibc's, or jemalloc's when built with -ljemalloc (reported as
  * `jemalloc`). `remem` is remem::allocator (holds the heap handle);
  * `remem_persistent` is remem::persistent_allocator (holds the heap's base
- * address and finds the heap with remem_heap_at() on every allocation and
- * free). The heap is made with remem_create() and its defaults (fast write
+ * address and allocates and frees with remem_alloc_at() and remem_free_at(),
+ * which find the heap by that address inside the call). The heap is made with remem_create() and its defaults (fast write
  * tracking, background flush every second), its file in DIR.
  */
 #include <unistd.h>

@@ -120,6 +120,11 @@ int main(int argc, char **argv) {
   EXPECT(remem_tx_alloc(h, 16, NULL), REMEM_NULL_PARAMETER);
   EXPECT(remem_heap_at(NULL, &x), REMEM_NOT_IN_HEAP);
   EXPECT(remem_heap_at(base, NULL), REMEM_NULL_PARAMETER);
+  EXPECT(remem_alloc_at(base, 16, 16, NULL), REMEM_NULL_PARAMETER);
+  EXPECT(remem_alloc_at(NULL, 16, 16, &q), REMEM_NOT_IN_HEAP);
+  TRUTH(q == NULL);
+  EXPECT(remem_alloc_at(base, 16, 3, &q), REMEM_BAD_ARGUMENT);
+  EXPECT(remem_free_at(NULL, NULL), REMEM_OK);
   EXPECT(remem_close(NULL), REMEM_OK);
   TRUTH(strcmp(remem_status_name(12345), "REMEM_UNKNOWN_STATUS") == 0);
   TRUTH(remem_version() != NULL && remem_version()[0] != '\0');
@@ -151,6 +156,9 @@ int main(int argc, char **argv) {
   EXPECT(remem_free(h, &local), REMEM_NOT_IN_HEAP);
   EXPECT(remem_alloc_into(h, (void **)&q, 16), REMEM_INVALID_POINTER);
   EXPECT(remem_heap_at(m, &x), REMEM_NOT_IN_HEAP);
+  EXPECT(remem_alloc_at(m, 16, 16, &q), REMEM_NOT_IN_HEAP);
+  EXPECT(remem_free_at(m, m), REMEM_NOT_IN_HEAP);
+  EXPECT(remem_free_at(base, m), REMEM_NOT_IN_HEAP);
   EXPECT(remem_alloc(other, 64, &q), REMEM_OK);
   EXPECT(remem_free(h, q), REMEM_NOT_IN_HEAP);
   EXPECT(remem_usable_size(h, q, &n), REMEM_NOT_IN_HEAP);

@@ -7,8 +7,9 @@
 //
 // The containers use remem::persistent_allocator (see remem.hpp): it
 // holds the heap's base address, which is the same in every process, and
-// finds the open heap with remem_heap_at(), so the allocator objects the
-// containers keep inside the heap still work after the reopen.
+// finds the open heap there on each call (remem_alloc_at(), remem_free_at()),
+// so the allocator objects the containers keep inside the heap still work
+// after the reopen.
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>

@@ -717,6 +717,38 @@ remem_status remem_alloc_zeroed(remem_heap *heap, size_t size, void **out);
 remem_status remem_free(remem_heap *heap, void *ptr);
 
 /**
+ * remem_alloc_aligned() on the heap open in this process whose address
+ * range contains `base` (its base address, say), in one call: what
+ * remem_heap_at() and remem_alloc_aligned() do, without the second call.
+ * For data kept in a heap that names its heap by address (the C++
+ * remem::persistent_allocator). No such heap is REMEM_NOT_IN_HEAP;
+ * `align` as for remem_alloc_aligned(), `size` as for remem_alloc().
+ *
+ * NULL: `out` NULL is REMEM_NULL_PARAMETER; `base` NULL is never in a
+ * heap. Ownership: as remem_alloc(); free the block with remem_free()
+ * or remem_free_at() (once).
+ *
+ * # Safety
+ *
+ * `out` must be NULL or valid for writing a pointer. `base` is not dereferenced.
+ */
+remem_status remem_alloc_at(const void *base, size_t size, size_t align, void **out);
+
+/**
+ * remem_free() on the heap open in this process whose address range
+ * contains `base`, in one call (see remem_alloc_at()). No such heap is
+ * REMEM_NOT_IN_HEAP, and nothing is freed.
+ *
+ * NULL is fine (`ptr` NULL does nothing, REMEM_OK); never twice (as
+ * remem_free()). `base` NULL is never in a heap.
+ *
+ * # Safety
+ *
+ * None: `base` is not dereferenced, `ptr` is checked as by remem_free().
+ */
+remem_status remem_free_at(const void *base, void *ptr);
+
+/**
  * Resizes the block `ptr` to `size` bytes and returns the (possibly
  * moved) block in `*out`; when it moves, the contents are copied and the
  * old block freed. `ptr` NULL allocates, like remem_alloc(). `size` 0 is

@@ -20,9 +20,10 @@
  * stale (handles are never reused, and a handle from another process
  * means nothing here). persistent_allocator stores the heap's base
  * address instead, which is the same in every process that opens the
- * heap (heaps are mapped at a fixed address), and looks the open heap up
- * with remem_heap_at(base) on every allocation and deallocation (a table
- * lookup of a few loads, no lock). While
+ * heap (heaps are mapped at a fixed address), and allocates and frees
+ * with remem_alloc_at(base, ...) and remem_free_at(base, ...), which find
+ * the open heap there (a table lookup of a few loads, no lock) inside the
+ * one call. While
  * no heap is open at that address, allocation throws remem::alloc_error
  * and deallocation does nothing (the block stays allocated in the
  * image). allocator<T> holds the remem_heap* itself and is the cheaper
@@ -102,13 +103,6 @@ inline void* allocate(remem_heap* h, std::size_t n, std::size_t size, std::size_
   return p;
 }
 
-inline remem_heap* heap_at(std::uintptr_t base) {
-  remem_heap* h = nullptr;
-  remem_status s = remem_heap_at(reinterpret_cast<const void*>(base), &h);
-  if (s != REMEM_OK) throw alloc_error(s, describe(s));
-  return h;
-}
-
 inline std::uintptr_t base_of(remem_heap* h) {
   remem_heap_stats st;
   check(remem_stats(h, &st));
@@ -155,8 +149,8 @@ class allocator {
 
 /**
  * Allocator for containers stored in the heap: holds the heap's base
- * address (valid in every process) and finds the open heap there with
- * remem_heap_at() on each call. Equal iff same heap.
+ * address (valid in every process) and finds the open heap there on
+ * each call (remem_alloc_at(), remem_free_at()). Equal iff same heap.
  */
 template <class T>
 class persistent_allocator {
@@ -173,13 +167,17 @@ class persistent_allocator {
   persistent_allocator(const persistent_allocator<U>& o) noexcept : base_(o.base()) {}
 
   T* allocate(std::size_t n) {
-    return static_cast<T*>(detail::allocate(detail::heap_at(base_), n, sizeof(T), alignof(T)));
+    if (n > std::numeric_limits<std::size_t>::max() / sizeof(T)) throw std::bad_array_new_length();
+    std::size_t bytes = n * sizeof(T);
+    if (bytes == 0) bytes = 1;
+    void* p = nullptr;
+    remem_status s =
+        remem_alloc_at(reinterpret_cast<const void*>(base_), bytes, alignof(T) < 16 ? 16 : alignof(T), &p);
+    if (s != REMEM_OK) throw alloc_error(s, describe(s));
+    return static_cast<T*>(p);
   }
   /** Frees; does nothing while no heap is open at the base address. */
-  void deallocate(T* p, std::size_t) noexcept {
-    remem_heap* h = nullptr;
-    if (remem_heap_at(reinterpret_cast<const void*>(base_), &h) == REMEM_OK) (void)remem_free(h, p);
-  }
+  void deallocate(T* p, std::size_t) noexcept { (void)remem_free_at(reinterpret_cast<const void*>(base_), p); }
 
   /** The heap's base address. */
   std::uintptr_t base() const noexcept { return base_; }

@@ -60,7 +60,9 @@ fn nonzero(size: usize) -> FfiResult {
 pub unsafe extern "C" fn remem_alloc(heap: *mut remem_heap, size: usize, out: *mut *mut c_void) -> remem_status {
     boundary("remem_alloc", |t| {
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc(size)?)) }
+        // SAFETY: forwarded from the caller; `t.lanes` lives in THREAD, a
+        // thread-local without destructor (remem-alloc's contract).
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_in(&t.lanes, size, 16)?)) }
     })
 }
 
@@ -87,7 +89,8 @@ pub unsafe extern "C" fn remem_alloc_aligned(
             return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("alignment {align} is not a power of two up to 4096")));
         }
         // SAFETY: forwarded from the caller.
-        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_aligned(size, align)?)) }
+        // SAFETY: forwarded from the caller; `t.lanes` as in remem_alloc.
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_in(&t.lanes, size, align)?)) }
     })
 }
 
@@ -125,8 +128,81 @@ pub unsafe extern "C" fn remem_free(heap: *mut remem_heap, ptr: *mut c_void) -> 
     boundary("remem_free", |t| {
         with_heap(t, heap, |h| match NonNull::new(ptr.cast::<u8>()) {
             None => Ok(()),
-            Some(p) => Ok(h.free(p)?),
+            // SAFETY: `t.lanes` as in remem_alloc.
+            Some(p) => Ok(unsafe { h.free_in(&t.lanes, p) }?),
         })
+    })
+}
+
+/// The heap open in this process whose address range contains `base` (as
+/// remem_heap_at() finds it: a table lookup of a few loads, no lock).
+fn heap_containing(base: *const c_void) -> FfiResult<*mut remem_heap> {
+    crate::handles::heap_at(base as usize).ok_or_else(|| not_in_heap(base))
+}
+
+#[cold]
+#[inline(never)]
+fn not_in_heap(base: *const c_void) -> Fail {
+    Fail::new(REMEM_NOT_IN_HEAP, format!("no heap open in this process contains {base:p}"))
+}
+
+/// remem_alloc_aligned() on the heap open in this process whose address
+/// range contains `base` (its base address, say), in one call: what
+/// remem_heap_at() and remem_alloc_aligned() do, without the second call.
+/// For data kept in a heap that names its heap by address (the C++
+/// remem::persistent_allocator). No such heap is REMEM_NOT_IN_HEAP;
+/// `align` as for remem_alloc_aligned(), `size` as for remem_alloc().
+///
+/// NULL: `out` NULL is REMEM_NULL_PARAMETER; `base` NULL is never in a
+/// heap. Ownership: as remem_alloc(); free the block with remem_free()
+/// or remem_free_at() (once).
+///
+/// # Safety
+///
+/// `out` must be NULL or valid for writing a pointer. `base` is not dereferenced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn remem_alloc_at(
+    base: *const c_void,
+    size: usize,
+    align: usize,
+    out: *mut *mut c_void,
+) -> remem_status {
+    boundary("remem_alloc_at", |t| {
+        if !align.is_power_of_two() || align > 4096 {
+            // SAFETY: forwarded from the caller.
+            unsafe { clear_out(out, "out") }?;
+            return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("alignment {align} is not a power of two up to 4096")));
+        }
+        let heap = match heap_containing(base) {
+            Ok(h) => h,
+            Err(e) => {
+                // SAFETY: forwarded from the caller.
+                unsafe { clear_out(out, "out") }?;
+                return Err(e);
+            }
+        };
+        // SAFETY: forwarded from the caller; `t.lanes` as in remem_alloc.
+        unsafe { alloc_out(t, heap, out, |h| Ok(h.alloc_in(&t.lanes, size, align)?)) }
+    })
+}
+
+/// remem_free() on the heap open in this process whose address range
+/// contains `base`, in one call (see remem_alloc_at()). No such heap is
+/// REMEM_NOT_IN_HEAP, and nothing is freed.
+///
+/// NULL is fine (`ptr` NULL does nothing, REMEM_OK); never twice (as
+/// remem_free()). `base` NULL is never in a heap.
+///
+/// # Safety
+///
+/// None: `base` is not dereferenced, `ptr` is checked as by remem_free().
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn remem_free_at(base: *const c_void, ptr: *mut c_void) -> remem_status {
+    boundary("remem_free_at", |t| {
+        let Some(p) = NonNull::new(ptr.cast::<u8>()) else { return Ok(()) };
+        let heap = heap_containing(base)?;
+        // SAFETY: `t.lanes` as in remem_alloc.
+        with_heap(t, heap, |h| Ok(unsafe { h.free_in(&t.lanes, p) }?))
     })
 }
 

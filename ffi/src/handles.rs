@@ -104,7 +104,7 @@ fn encode(v: u64) -> *mut remem_heap {
 }
 
 /// The handle's value and its slot.
-#[inline(always)]
+#[inline]
 fn decode(h: *mut remem_heap) -> FfiResult<(u64, &'static Slot)> {
     let v = h as usize as u64;
     if v & TAG_MASK != TAG {
@@ -175,8 +175,30 @@ pub(crate) fn insert(heap: Heap) -> FfiResult<*mut remem_heap> {
 /// is `t`); the heap is not closed while `f` runs.
 #[inline(always)]
 pub(crate) fn with_heap<R>(t: &ThreadState, h: *mut remem_heap, f: impl FnOnce(&Heap) -> FfiResult<R>) -> FfiResult<R> {
+    let v = h as usize as u64;
+    if v & TAG_MASK == TAG {
+        if let Some(call) = quiesce::enter(t, v) {
+            let slot = &TABLE[(v & SLOT_MASK) as usize];
+            if slot.handle.load(Acquire) != v {
+                drop(call);
+                return Err(not_open(h));
+            }
+            // SAFETY: as in `with_heap_slow`.
+            let r = f(unsafe { &*slot.heap.load(Relaxed) });
+            drop(call);
+            return r;
+        }
+    }
+    with_heap_slow(t, h, f)
+}
+
+/// [`with_heap`] for a bad handle, a thread's first call, a nested call
+/// or one during thread teardown.
+#[cold]
+#[inline(never)]
+fn with_heap_slow<R>(t: &ThreadState, h: *mut remem_heap, f: impl FnOnce(&Heap) -> FfiResult<R>) -> FfiResult<R> {
     let (v, slot) = decode(h)?;
-    let _call = quiesce::enter(t, v);
+    let _call = quiesce::enter_slow(t, v);
     if slot.handle.load(Acquire) != v {
         return Err(not_open(h));
     }

@@ -58,11 +58,14 @@ struct Owner;
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let rec = THREAD.try_with(|t| t.record.replace(std::ptr::null())).unwrap_or(std::ptr::null());
-        // SAFETY: records are never freed; this one was ours.
-        if let Some(rec) = unsafe { rec.as_ref() } {
-            rec.active.store(0, Release);
-            rec.taken.store(false, Release);
+        let null = std::ptr::null();
+        let recs = THREAD.try_with(|t| [t.record.replace(null), t.fenced_record.replace(null)]).unwrap_or([null; 2]);
+        for rec in recs {
+            // SAFETY: records are never freed; this one was ours.
+            if let Some(rec) = unsafe { rec.as_ref() } {
+                rec.active.store(0, Release);
+                rec.taken.store(false, Release);
+            }
         }
     }
 }
@@ -80,15 +83,29 @@ pub(crate) fn init() {
     });
 }
 
-/// A call in flight on one handle; dropping it ends the call.
+/// A call in flight on one handle, on the thread's own record; dropping
+/// it ends the call (one store, also when the call unwinds).
 pub(crate) struct InCall {
+    rec: &'static Record,
+}
+
+impl Drop for InCall {
+    #[inline(always)]
+    fn drop(&mut self) {
+        self.rec.active.store(0, Release);
+    }
+}
+
+/// [`InCall`] for a call that took its record on the slow path
+/// ([`enter_slow`]): the first call of a thread, a nested call, a call
+/// during thread teardown.
+pub(crate) struct InCallSlow {
     rec: &'static Record,
     /// The record was taken for this call only.
     temporary: bool,
 }
 
-impl Drop for InCall {
-    #[inline(always)]
+impl Drop for InCallSlow {
     fn drop(&mut self) {
         self.rec.active.store(0, Release);
         if self.temporary {
@@ -98,18 +115,23 @@ impl Drop for InCall {
 }
 
 /// Says that this thread (whose state is `t`) is now inside a call on
-/// handle `v`; the caller reads the handle's slot after this returns.
+/// handle `v`, on its own record; the caller reads the handle's slot
+/// after this returns. `None` (nothing done) when the thread has no
+/// record here yet or is inside a call already: then use [`enter_slow`].
+/// Only a process registered for membarrier keeps records here (see
+/// `ThreadState::fenced_record`), so this path needs no fence.
 #[inline(always)]
-pub(crate) fn enter(t: &ThreadState, v: u64) -> InCall {
+pub(crate) fn enter(t: &ThreadState, v: u64) -> Option<InCall> {
     let rec = t.record.get();
     // SAFETY: records are never freed.
     match unsafe { rec.as_ref() } {
         Some(rec) if rec.active.load(Relaxed) == 0 => {
             rec.active.store(v, Relaxed);
-            publish();
-            InCall { rec, temporary: false }
+            // The closer's membarrier orders this store before our loads.
+            compiler_fence(SeqCst);
+            Some(InCall { rec })
         }
-        _ => enter_slow(t, v),
+        _ => None,
     }
 }
 
@@ -124,20 +146,36 @@ fn publish() {
     }
 }
 
+/// [`enter`] where it gave up: takes a record (and keeps it, on a
+/// thread's first call).
 #[cold]
 #[inline(never)]
-fn enter_slow(t: &ThreadState, v: u64) -> InCall {
-    let nested = t.record.get();
+pub(crate) fn enter_slow(t: &ThreadState, v: u64) -> InCallSlow {
+    let fenced = t.fenced_record.get();
+    // SAFETY: records are never freed.
+    if let Some(rec) = unsafe { fenced.as_ref() } {
+        if rec.active.load(Relaxed) == 0 {
+            rec.active.store(v, Relaxed);
+            fence(SeqCst);
+            return InCallSlow { rec, temporary: false };
+        }
+    }
+    let nested = !t.record.get().is_null() || !fenced.is_null();
     let rec = take_record();
     rec.active.store(v, Relaxed);
     publish();
     // A first call keeps its record; a nested call (or one during thread
-    // teardown) gives it back when it ends.
-    let keep = nested.is_null() && OWNER.try_with(|_| ()).is_ok();
+    // teardown) gives it back when it ends. Without membarrier the record
+    // is kept where only this path, which fences, finds it.
+    let keep = !nested && OWNER.try_with(|_| ()).is_ok();
     if keep {
-        t.record.set(rec);
+        if ASYMMETRIC.load(Relaxed) {
+            t.record.set(rec);
+        } else {
+            t.fenced_record.set(rec);
+        }
     }
-    InCall { rec, temporary: !keep }
+    InCallSlow { rec, temporary: !keep }
 }
 
 /// A free record, or a new one.
@@ -217,7 +255,7 @@ mod tests {
                 .map(|_| {
                     let (open, inside) = (open.clone(), inside.clone());
                     std::thread::spawn(move || loop {
-                        let call = THREAD.with(|t| enter(t, round));
+                        let call = THREAD.with(|t| enter_slow(t, round));
                         if open.load(Acquire) != round {
                             return;
                         }
@@ -242,8 +280,9 @@ mod tests {
     fn nested_calls_take_a_record_of_their_own() {
         init();
         THREAD.with(|t| {
-            let outer = enter(t, 7);
-            let inner = enter(t, 8);
+            let outer = enter(t, 7).map_or_else(|| enter_slow(t, 7), |c| InCallSlow { rec: c.rec, temporary: false });
+            assert!(enter(t, 8).is_none(), "the fast path refuses a nested call");
+            let inner = enter_slow(t, 8);
             assert!(inner.temporary);
             assert_eq!(outer.rec.active.load(SeqCst), 7);
             drop(inner);

@@ -77,19 +77,33 @@ pub enum remem_status {
 
 use remem_status::*;
 
-/// A failed call: its status and what to tell the caller.
+/// A failed call: its status and what to tell the caller (see [`Failure`]).
+/// Boxed, so that an [`FfiResult`] is a word or two and the calls' success
+/// path passes it in registers, not through memory.
 #[derive(Debug)]
-pub(crate) struct Fail {
+pub(crate) struct Fail(Box<Failure>);
+
+/// What a [`Fail`] holds.
+#[derive(Debug)]
+pub(crate) struct Failure {
     pub(crate) status: remem_status,
     pub(crate) msg: String,
+}
+
+impl std::ops::Deref for Fail {
+    type Target = Failure;
+    fn deref(&self) -> &Failure {
+        &self.0
+    }
 }
 
 /// The result of an exported function's body.
 pub(crate) type FfiResult<T = ()> = Result<T, Fail>;
 
 impl Fail {
+    #[cold]
     pub(crate) fn new(status: remem_status, msg: impl Into<String>) -> Fail {
-        Fail { status, msg: msg.into() }
+        Fail(Box::new(Failure { status, msg: msg.into() }))
     }
 
     /// A NULL argument named `what`.

@@ -120,6 +120,34 @@ fn heap_at_finds_heaps_by_address_and_forgets_closed_ones() {
 }
 
 #[test]
+fn alloc_at_and_free_at_find_the_heap_by_address() {
+    let a = memfd_heap(4 << 20);
+    let mut st = std::mem::MaybeUninit::<remem_heap_stats>::uninit();
+    // SAFETY: valid out-parameters; the pointers freed are this heap's blocks.
+    unsafe {
+        assert_eq!(remem_stats(a, st.as_mut_ptr()), REMEM_OK);
+        let base = st.assume_init().base;
+        let mut p = null_mut();
+        assert_eq!(remem_alloc_at(base, 100, 64, &mut p), REMEM_OK, "{}", last_error());
+        assert_eq!(p as usize % 64, 0);
+        let mut n = 0;
+        assert_eq!(remem_usable_size(a, p, &mut n), REMEM_OK);
+        assert!(n >= 100);
+        // Any address inside the heap names it; a block freed twice is reported.
+        assert_eq!(remem_free_at(p, p), REMEM_OK);
+        assert_eq!(remem_free_at(base, p), REMEM_DOUBLE_FREE);
+        let mut local = 0u64;
+        let outside = (&mut local as *mut u64).cast::<c_void>();
+        assert_eq!(remem_alloc_at(outside, 16, 16, &mut p), REMEM_NOT_IN_HEAP);
+        assert!(p.is_null());
+        assert_eq!(remem_free_at(outside, outside), REMEM_NOT_IN_HEAP);
+        assert_eq!(remem_free_at(base, outside), REMEM_NOT_IN_HEAP);
+        close(a);
+        assert_eq!(remem_alloc_at(base, 16, 16, &mut p), REMEM_NOT_IN_HEAP, "a closed heap is not found");
+    }
+}
+
+#[test]
 fn wrapping_ranges_are_refused_without_poisoning_the_transaction() {
     let h = memfd_heap(4 << 20);
     let p = alloc(h, 64).cast::<u64>();

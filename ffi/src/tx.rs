@@ -28,7 +28,11 @@ use crate::status::{boundary, clear_out, non_null, Fail};
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_begin(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_begin", |t| with_heap(t, heap, |h| Ok(h.tx_begin()?)))
+    boundary("remem_tx_begin", |t| {
+        // SAFETY: `t.lanes` lives in THREAD, a thread-local without
+        // destructor (remem-alloc's contract for every `*_in` call here).
+        with_heap(t, heap, |h| Ok(unsafe { h.tx_begin_in(&t.lanes) }?))
+    })
 }
 
 /// Records the `len` bytes at `ptr` (inside one allocated block of the
@@ -56,7 +60,8 @@ pub unsafe extern "C" fn remem_tx_add_range(heap: *mut remem_heap, ptr: *const c
             if (ptr as usize).checked_add(len).is_none_or(|end| len as u64 > h.size() || end > isize::MAX as usize) {
                 return Err(Fail::new(REMEM_BAD_ARGUMENT, format!("range {ptr:p}+{len} is larger than the heap")));
             }
-            Ok(h.tx_add_range(ptr.cast(), len)?)
+            // SAFETY: `t.lanes` as in remem_tx_begin.
+            Ok(unsafe { h.tx_add_range_in(&t.lanes, ptr.cast(), len) }?)
         })
     })
 }
@@ -76,7 +81,8 @@ pub unsafe extern "C" fn remem_tx_alloc(heap: *mut remem_heap, size: usize, out:
     boundary("remem_tx_alloc", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let p = with_heap(t, heap, |h| Ok(h.tx_alloc(size)?))?;
+        // SAFETY: `t.lanes` as in remem_tx_begin.
+        let p = with_heap(t, heap, |h| Ok(unsafe { h.tx_alloc_in(&t.lanes, size, false) }?))?;
         // SAFETY: checked for NULL; the caller guarantees it is writable.
         unsafe { out.write(p.as_ptr().cast()) };
         Ok(())
@@ -99,7 +105,8 @@ pub unsafe extern "C" fn remem_tx_alloc_zeroed(
     boundary("remem_tx_alloc_zeroed", |t| {
         // SAFETY: forwarded from the caller.
         let out = unsafe { clear_out(out, "out") }?;
-        let p = with_heap(t, heap, |h| Ok(h.tx_alloc(size)?))?;
+        // SAFETY: `t.lanes` as in remem_tx_begin.
+        let p = with_heap(t, heap, |h| Ok(unsafe { h.tx_alloc_in(&t.lanes, size, false) }?))?;
         // SAFETY: the block was just allocated for us and holds at least
         // `size` bytes; nothing else knows it yet.
         unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
@@ -124,7 +131,8 @@ pub unsafe extern "C" fn remem_tx_free(heap: *mut remem_heap, ptr: *mut c_void) 
     boundary("remem_tx_free", |t| {
         with_heap(t, heap, |h| match NonNull::new(ptr.cast::<u8>()) {
             None => Ok(()),
-            Some(p) => Ok(h.tx_free(p)?),
+            // SAFETY: `t.lanes` as in remem_tx_begin.
+            Some(p) => Ok(unsafe { h.tx_free_in(&t.lanes, p) }?),
         })
     })
 }
@@ -140,7 +148,10 @@ pub unsafe extern "C" fn remem_tx_free(heap: *mut remem_heap, ptr: *mut c_void) 
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_commit(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_commit", |t| with_heap(t, heap, |h| Ok(h.tx_commit()?)))
+    boundary("remem_tx_commit", |t| {
+        // SAFETY: `t.lanes` as in remem_tx_begin.
+        with_heap(t, heap, |h| Ok(unsafe { h.tx_commit_in(&t.lanes) }?))
+    })
 }
 
 /// Rolls the running transaction back, whatever the nesting level:
@@ -155,7 +166,10 @@ pub unsafe extern "C" fn remem_tx_commit(heap: *mut remem_heap) -> remem_status 
 /// None beyond passing a handle or NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn remem_tx_abort(heap: *mut remem_heap) -> remem_status {
-    boundary("remem_tx_abort", |t| with_heap(t, heap, |h| Ok(h.tx_abort()?)))
+    boundary("remem_tx_abort", |t| {
+        // SAFETY: `t.lanes` as in remem_tx_begin.
+        with_heap(t, heap, |h| Ok(unsafe { h.tx_abort_in(&t.lanes) }?))
+    })
 }
 
 /// Returns in `*out` the nesting depth of this thread's transaction on
@@ -172,7 +186,8 @@ pub unsafe extern "C" fn remem_tx_depth(heap: *mut remem_heap, out: *mut u32) ->
         let out = non_null(out, "out")?;
         let d = with_heap(t, heap, |h| {
             h.check_process()?;
-            Ok(h.tx_depth())
+            // SAFETY: `t.lanes` as in remem_tx_begin.
+            Ok(unsafe { h.tx_depth_in(&t.lanes) })
         })?;
         // SAFETY: not NULL; the caller guarantees it is valid for writes.
         unsafe { out.write(d) };

@@ -10,8 +10,9 @@
 //! (`std::allocator`, glibc's malloc), `jemalloc` (the same program linked
 //! with `-ljemalloc`), `remem` (`remem::allocator`, which holds the heap
 //! handle) and `remem_persistent` (`remem::persistent_allocator`, which
-//! holds the heap's base address and finds the heap with `remem_heap_at`
-//! on every allocation and free). The heap is made by `remem_create()`
+//! holds the heap's base address and allocates and frees with
+//! `remem_alloc_at` and `remem_free_at`, which find the heap by that
+//! address inside the call). The heap is made by `remem_create()`
 //! with its defaults (fast tracking, background flush every second).
 //! 1 thread; each repetition runs every system in turn; the figure is the
 //! median repetition.
