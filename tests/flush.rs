@@ -386,3 +386,53 @@ fn cut_is_consistent(mode: TrackMode) {
     );
     assert!(transfers.load(Ordering::Relaxed) > 0);
 }
+
+/// A writer that keeps rewriting more pages than the pause's share without
+/// calling the heap (raw writes: the throttle cannot slow it): every flush
+/// still completes, and the baseline holds each page as the cut saw it,
+/// never a copy older than what the page held when the flush began. (How
+/// many rounds such a flush runs is `Pace`'s unit tests.)
+#[test]
+fn flushes_complete_and_stay_current_under_raw_writers() {
+    const PAGES: usize = 4096;
+    let backend = FaultyBackend::new();
+    let opts = HeapOptions::new(32 << 20).tracking(TrackMode::Fast).flush_interval(None);
+    let heap = Arc::new(Heap::create_on(Arc::new(backend.clone()), &opts).unwrap());
+    let block = heap.alloc_zeroed(PAGES * PAGE).unwrap();
+    let off = heap.offset_of(block.as_ptr()).unwrap();
+    let base = block.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sweeps = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, sweeps) = (stop.clone(), sweeps.clone());
+        std::thread::spawn(move || {
+            let mut sweep = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                for p in 0..PAGES {
+                    // SAFETY: inside the block, which lives until the join.
+                    unsafe { ((base + p * PAGE) as *mut u64).write_volatile(sweep) };
+                }
+                sweeps.store(sweep, Ordering::Release);
+                sweep += 1;
+            }
+        })
+    };
+    while sweeps.load(Ordering::Acquire) < 2 {
+        std::thread::yield_now();
+    }
+    for _ in 0..5 {
+        let before = sweeps.load(Ordering::Acquire);
+        heap.flush().unwrap();
+        let image = durable(&backend);
+        for p in 0..PAGES {
+            let at = off + p * PAGE;
+            let v = u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+            assert!(
+                v >= before,
+                "page {p} holds sweep {v} in the baseline, older than sweep {before} done before the flush"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+}

@@ -47,17 +47,18 @@
 //! # Convergence: bounded work under the pause
 //!
 //! The pause copies what was written during the last pre-copy round. A
-//! round that finds more pages than the round before means the writers
-//! dirty pages faster than the flusher copies them; a round after
-//! [`THROTTLE_AFTER`] rounds that still finds more than [`FINAL_PAGES`]
-//! means the rounds shrink too slowly. Either way the flusher then
-//! *throttles* the mutating calls ([`crate::gate`]): every outermost call
-//! waits a delay before it starts, 2 µs at first, doubled on each such
-//! round, at most [`crate::gate::MAX_THROTTLE`], and lifted at the end of
-//! the cut. Writers
-//! slow down in proportion to how far the copier is behind, never stop.
-//! After [`MAX_ROUNDS`] rounds the cut is taken anyway; the pause then
-//! copies what the writers dirtied in one round at the highest throttle.
+//! round that finds more than half the pages of the round before means the
+//! writers dirty pages nearly as fast as the flusher copies them: the
+//! flusher then *throttles* the mutating calls ([`crate::gate`]): every
+//! outermost call waits a delay before it starts, 2 µs at first, doubled
+//! on each such round, at most [`crate::gate::MAX_THROTTLE`], and lifted at
+//! the end of the cut. Writers slow down in proportion to how far the
+//! copier is behind, never stop. After [`STUCK_ROUNDS`] rounds that each
+//! found nine tenths of the pages of the round before or more (the writers
+//! do not slow down: they write outside mutating calls), or after
+//! [`MAX_ROUNDS`] rounds, the cut is taken anyway: more rounds would copy
+//! the same pages again and make the writers fault on them again; the
+//! pause then copies what the writers dirtied in the last round.
 //! Raw writes outside mutating calls are not throttled: a thread that
 //! writes many pages without calling the heap makes the last round, and so
 //! the pause, longer.
@@ -98,10 +99,9 @@ pub const FINAL_PAGES: usize = 1024;
 pub const MAX_ROUNDS: u32 = 16;
 /// First throttle delay per mutating call.
 const THROTTLE_START: Duration = Duration::from_micros(2);
-/// Rounds after which a round that still finds more than [`FINAL_PAGES`]
-/// throttles the writers (a round that finds more pages than the one
-/// before throttles them at once).
-pub const THROTTLE_AFTER: u32 = 6;
+/// Rounds that found at least nine tenths of the pages of the round before
+/// after which the cut is taken at once (see the module docs).
+pub const STUCK_ROUNDS: u32 = 3;
 /// Journal pages per background compaction step (1 MiB): the longest a
 /// commit waits for the compactor, besides its syncs.
 const APPLY_STEP_PAGES: usize = 256;
@@ -254,6 +254,49 @@ impl Copies {
     }
 }
 
+/// The pre-copy's pacing (module docs, "Convergence"): whether another
+/// round is worth it, and how hard to throttle the writers.
+#[derive(Debug)]
+struct Pace {
+    /// Pages the last round found.
+    last: usize,
+    /// The throttle now (zero: none).
+    throttle: Duration,
+    /// Rounds that found nine tenths of the round before or more.
+    stuck: u32,
+}
+
+impl Pace {
+    /// After the first round, which found `first` pages.
+    fn new(first: usize) -> Pace {
+        Pace { last: first, throttle: Duration::ZERO, stuck: 0 }
+    }
+
+    /// Another round is worth it after `rounds` rounds.
+    fn more(&self, rounds: u32) -> bool {
+        self.last > FINAL_PAGES && rounds < MAX_ROUNDS && self.stuck < STUCK_ROUNDS
+    }
+
+    /// A round found `n` pages: the new throttle if it must change.
+    fn round(&mut self, n: usize) -> Option<Duration> {
+        let last = std::mem::replace(&mut self.last, n);
+        if n * 10 >= last * 9 {
+            // Not even a tenth fewer: after STUCK_ROUNDS such rounds the
+            // throttle is not reaching the writers (raw writes outside
+            // mutating calls), and more rounds would only copy the same
+            // pages again.
+            self.stuck += 1;
+        }
+        (n > FINAL_PAGES && n * 2 > last).then(|| {
+            // The round did not halve: the writers dirty pages nearly as
+            // fast as they are copied. Slow the mutating calls down, more
+            // on every such round.
+            self.throttle = (self.throttle * 2).max(THROTTLE_START);
+            self.throttle
+        })
+    }
+}
+
 /// Lifts the throttle when the cut is over, however it ends.
 struct Unthrottle<'a>(&'a Gate);
 
@@ -368,21 +411,16 @@ impl Durability {
             copies.copy(mem, &harvested);
             copied += harvested.len() as u64;
             rounds = 1;
-            let (mut last, mut throttle) = (harvested.len(), Duration::ZERO);
-            while last > FINAL_PAGES && rounds < MAX_ROUNDS {
+            let mut pace = Pace::new(harvested.len());
+            while pace.more(rounds) {
                 self.tracker.harvest_into(&self.closing, &mut harvested).map_err(track)?;
                 copies.copy(mem, &harvested);
                 copied += harvested.len() as u64;
                 rounds += 1;
-                if harvested.len() > last || (rounds >= THROTTLE_AFTER && harvested.len() > FINAL_PAGES) {
-                    // The writers dirty pages faster than they are copied,
-                    // or the rounds shrink too slowly: slow the writers
-                    // down, more on every such round.
-                    throttle = (throttle * 2).max(THROTTLE_START);
-                    gate.throttle(throttle);
+                if let Some(delay) = pace.round(harvested.len()) {
+                    gate.throttle(delay);
                     throttled = true;
                 }
-                last = harvested.len();
             }
         }
         // The cut.
@@ -625,5 +663,50 @@ impl Durability {
         if !self.is_poisoned() {
             self.control.word(ctl::STATE).store(ctl::CLOSED, Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rounds that halve go on without a throttle until one is small.
+    #[test]
+    fn shrinking_rounds_run_unthrottled_to_the_cut() {
+        let mut pace = Pace::new(16_000);
+        let mut rounds = 1;
+        for n in [8_000, 3_900, 1_800, 900] {
+            assert!(pace.more(rounds));
+            assert_eq!(pace.round(n), None, "round of {n} pages throttled");
+            rounds += 1;
+        }
+        assert!(!pace.more(rounds), "a round of at most FINAL_PAGES ends the pre-copy");
+    }
+
+    /// Rounds that do not halve throttle, doubling each time, up to the cap.
+    #[test]
+    fn slow_rounds_throttle_harder_each_time() {
+        let mut pace = Pace::new(100_000);
+        let delays: Vec<_> = [80_000, 60_000, 40_000, 30_000].into_iter().map(|n| pace.round(n)).collect();
+        assert_eq!(
+            delays,
+            [1, 2, 4, 8].map(|k| Some(THROTTLE_START * k)).to_vec(),
+            "each round that found more than half the one before doubles the throttle"
+        );
+        assert!(pace.more(5), "shrinking rounds, if slowly, go on");
+    }
+
+    /// Rounds that find (nearly) as many pages as the one before, whatever
+    /// the throttle, end the pre-copy after STUCK_ROUNDS of them.
+    #[test]
+    fn rounds_that_do_not_shrink_end_the_precopy() {
+        let mut pace = Pace::new(262_144);
+        let mut rounds = 1;
+        while pace.more(rounds) {
+            pace.round(262_000);
+            rounds += 1;
+        }
+        assert_eq!(rounds, 1 + STUCK_ROUNDS, "stuck rounds taken before the cut");
+        assert!(rounds < MAX_ROUNDS);
     }
 }
