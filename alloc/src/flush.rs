@@ -50,10 +50,13 @@
 //! round that finds more than half the pages of the round before means the
 //! writers dirty pages nearly as fast as the flusher copies them: the
 //! flusher then *throttles* the mutating calls ([`crate::gate`]): every
-//! outermost call waits a delay before it starts, 2 µs at first, doubled
+//! outermost call waits a delay before it starts, 10 µs at first, doubled
 //! on each such round, at most [`crate::gate::MAX_THROTTLE`], and lifted at
 //! the end of the cut. Writers slow down in proportion to how far the
-//! copier is behind, never stop. After [`STUCK_ROUNDS`] rounds that each
+//! copier is behind, never stop. The first delay is long enough to make
+//! the next round small at once: a milder one would delay many more
+//! transactions, each by less, for longer, and the slowest thousandth of
+//! them is what a database sees (`remem-bench flush`, case `stall`). After [`STUCK_ROUNDS`] rounds that each
 //! found nine tenths of the pages of the round before or more (the writers
 //! do not slow down: they write outside mutating calls), or after
 //! [`MAX_ROUNDS`] rounds, the cut is taken anyway: more rounds would copy
@@ -98,7 +101,7 @@ pub const FINAL_PAGES: usize = 1024;
 /// Pre-copy rounds at most (the first included) before the cut is taken.
 pub const MAX_ROUNDS: u32 = 16;
 /// First throttle delay per mutating call.
-const THROTTLE_START: Duration = Duration::from_micros(2);
+const THROTTLE_START: Duration = Duration::from_micros(10);
 /// Rounds that found at least nine tenths of the pages of the round before
 /// after which the cut is taken at once (see the module docs).
 pub const STUCK_ROUNDS: u32 = 3;

@@ -746,6 +746,8 @@ impl Heap {
         source: Arc<dyn crate::source::PageSource>,
     ) -> Result<Heap> {
         region::check_page_size()?;
+        let t0 = std::time::Instant::now();
+        let mut phases = Phases::default();
         let name = file.as_ref().map_or_else(|| PathBuf::from("<backend>"), |f| f.0.clone());
         let bl_err = |e: crate::baseline::BaselineError| OpenError::Baseline { path: name.clone(), source: e };
         let mut first = vec![0u8; PAGE_SIZE];
@@ -754,22 +756,28 @@ impl Heap {
         baseline.check_heap(header.uuid, header.layout.size).map_err(bl_err)?;
         let info = baseline.info();
         let discarded_slot = baseline.discarded_slot().cloned();
+        phases.mark("header", t0);
         let size = header.layout.size;
         let fd = region::memfd(&format!("remem:{}", uuid_string(&header.uuid)), size)?;
         let region = Region::map(fd, header.base, size)?;
+        phases.mark("map", t0);
         let (uffd, raw) =
             crate::lazy::open_uffd(region.base(), region.len(), opts.tracking == TrackMode::Fast).map_err(lazy_err)?;
         let npages = header.layout.npages();
         let states = Arc::new(crate::source::PageStates::new(npages).map_err(|e| {
             lazy_err(crate::lazy::LazyError::Uffd { op: "mapping the page state table", reason: e.to_string() })
         })?);
+        phases.mark("userfaultfd", t0);
         let tracking =
             crate::lazy::durability(region.base(), region.len(), &header.uuid, baseline, opts.tracking, &raw, &states)?;
         let dur = tracking.0.clone();
+        phases.mark("tracker", t0);
         let lazy = crate::lazy::Lazy::new(region.base(), (uffd, raw), source, states, tracking);
         let lazy = Arc::new(lazy.map_err(lazy_err)?);
         lazy.start_faults().map_err(lazy_err)?;
+        phases.mark("fault thread", t0);
         lazy.fetch_now(0, header.layout.first_data_page()).map_err(lazy_err)?;
+        phases.mark("metadata pages", t0);
         let committed_at = std::time::UNIX_EPOCH + Duration::from_nanos(info.commit_unix_ns);
         let from = BaselineInfo {
             epoch: info.epoch,
@@ -781,11 +789,14 @@ impl Heap {
         };
         let meta = Self::meta_of(&region, &header);
         let (report, vol) = recover(&meta).map_err(|reason| OpenError::Corrupt { path: name.clone(), reason })?;
+        phases.mark("recovery pass", t0);
         let mut heap = Self::assemble(region, meta, header, file, report, vol, Some(dur), Some(from))?;
         let _ = heap.inner.lazy.set(lazy.clone());
         heap.start_flusher(opts);
         let weak = Arc::downgrade(&heap.inner);
         lazy.start_prefetch(Box::new(move || weak.upgrade().map(|inner| inner.flush()))).map_err(lazy_err)?;
+        phases.mark("assembled", t0);
+        log::debug!("remem: lazy open of {} in {:?}: {phases}", name.display(), t0.elapsed());
         Ok(heap)
     }
 
@@ -1944,4 +1955,24 @@ fn image_meta(image: &mut [u64]) -> Result<Meta, OpenError> {
         });
     }
     Ok(Meta::new(mem, &header))
+}
+
+/// Time marks of the steps of an open, for the debug log: each step's name
+/// and the time since the open began when it ended.
+#[derive(Default)]
+struct Phases(Vec<(&'static str, Duration)>);
+
+impl Phases {
+    fn mark(&mut self, step: &'static str, t0: std::time::Instant) {
+        self.0.push((step, t0.elapsed()));
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, at)) in self.0.iter().enumerate() {
+            write!(f, "{}{step} at {:.1} ms", if i == 0 { "" } else { ", " }, at.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }

@@ -80,8 +80,9 @@ struct Cli {
     #[arg(long)]
     json: bool,
 
-    /// Repetitions per figure; the best (minimum) is reported (pull: rounds of
-    /// pull_256mib; recover_1gib runs once).
+    /// Repetitions per figure; the median is reported with the fastest and
+    /// slowest beside it (pull: rounds of pull_256mib, best and median; each
+    /// suite's legend says what it reports).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     reps: u32,
 
@@ -131,6 +132,8 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("PMEM_IS_PMEM_FORCE").is_none() {
         std::env::set_var("PMEM_IS_PMEM_FORCE", "1");
     }
+    // remem's warnings (and, with RUST_LOG=debug, the timings of its steps) on stderr.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
 
     // The database child of the failover suite.
     if std::env::args_os().nth(1).is_some_and(|a| a == suites::failover::CHILD_CMD) {

@@ -11,7 +11,8 @@ use serde::{Serialize, Serializer};
 /// The system every other one is compared with, unless a suite says otherwise.
 pub const BASELINE: &str = "remem";
 
-/// One figure: the best of `reps` repetitions of one case on one system.
+/// One figure: `reps` repetitions of one case on one system, summed up as
+/// the suite's legend says (most suites: the median).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Measurement {
     /// Suite name, as given on the command line (`alloc`).
@@ -21,12 +22,13 @@ pub struct Measurement {
     /// System name (`remem`, `glibc`, `jemalloc`, `mimalloc`, `pmdk`, or a
     /// suite's own variants such as `untracked`, `fast`, `pwrite_fdatasync`).
     pub system: &'static str,
-    /// Nanoseconds per operation per thread, best (minimum) over the
-    /// repetitions, averaged over the threads of that repetition.
+    /// Nanoseconds per operation per thread over the repetitions (the median
+    /// in most suites, see the legend), averaged over the threads of a
+    /// repetition.
     pub ns_per_op: f64,
     /// Threads that ran the case at once, each on its own loop.
     pub threads: usize,
-    /// Repetitions the minimum was taken over.
+    /// Repetitions the figure sums up.
     pub reps: u32,
     /// Suite-specific figures (`mb_per_s`, `pause_p99_us`, ...), written as
     /// further fields of the JSON object and after the ratio in the table.

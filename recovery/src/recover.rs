@@ -257,6 +257,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         Baseline::open(backend).map_err(|e| bl_err(e.to_string()))
     };
     let mut bl = open_baseline()?;
+    log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     // 2. The agent: everything it says is read and checked before anything changes.
 
     let t_agent = Instant::now();
@@ -276,6 +277,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
 
     report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
     report.seconds_agent = t_agent.elapsed().as_secs_f64();
+    log::debug!("remem recover: the agent's answer at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     // 3. Fence.
     let g = bl.info().generation + 1;
     if opts.lazy {
@@ -300,6 +302,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     } else {
         lock
     };
+    log::debug!("remem recover: fenced at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     if opts.lazy {
         return recover_lazy(opts, lock, bl, view, report, t0);
     }
@@ -488,7 +491,7 @@ fn recover_lazy(
     }
     layers.push(Arc::new(BaselineSource::new(bl.try_clone().map_err(|e| bl_err(e.to_string()))?)));
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
-
+    log::debug!("remem recover: page sources ready at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     let heap = Heap::open_lazy_fenced(lock, bl, &hopts, Arc::new(Layered::new(layers)))?;
     let Some(from) = heap.opened_from() else {
         return Err(RecoverError::Baseline { path, reason: "the heap was not opened from its baseline".into() });

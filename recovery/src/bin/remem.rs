@@ -174,6 +174,9 @@ fn token(file: &Option<PathBuf>) -> Result<Token> {
 }
 
 fn main() -> Result<()> {
+    // Warnings (a resume file that could not be used, a fence sync that
+    // failed) on stderr; RUST_LOG=info or debug for more.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match Cli::parse().cmd {
         Cmd::Agent { socket, listen, token_file, group, max_heaps, digest } => {
             let mut serve = ServeOptions::new(token(&token_file)?);
