@@ -58,6 +58,8 @@ fn first_use(heap: &Heap) -> u8 {
 }
 
 fn main() {
+    // RUST_LOG=debug prints the steps of each lazy open and their timings.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let mut sizes = Vec::new();
     let mut reps = 3;
     let mut args = std::env::args().skip(1);

@@ -70,4 +70,17 @@ pub fn memfd_data_ranges(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> std::io::
     use std::os::fd::AsRawFd;
     region::data_ranges(fd.as_raw_fd(), len)
 }
+
+/// The first `(start, end)` byte range at or after `pos` (and before `len`)
+/// of a memfd (or file) that holds data, `None` if there is none: for a
+/// pass that walks the memfd in order and should not wait for a scan of
+/// all of it ([`memfd_data_ranges`]) before it starts.
+pub fn memfd_data_range_from(
+    fd: std::os::fd::BorrowedFd<'_>,
+    pos: u64,
+    len: u64,
+) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    region::data_range_from(fd.as_raw_fd(), pos, len)
+}
 pub use tx::{Tx, TxError};

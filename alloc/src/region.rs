@@ -144,27 +144,37 @@ fn dont_fork(base: *mut u8, len: usize) -> io::Result<()> {
 /// `(start, end)` byte ranges of `fd` that hold data, by SEEK_DATA/SEEK_HOLE.
 pub(crate) fn data_ranges(fd: i32, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on a descriptor we hold; no memory is passed.
-        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let end = (end as u64).min(len);
-        out.push((start as u64, end));
-        pos = end as i64;
+    let mut pos = 0;
+    while let Some((start, end)) = data_range_from(fd, pos, len)? {
+        out.push((start, end));
+        pos = end;
     }
     Ok(out)
+}
+
+/// The first `(start, end)` byte range of `fd` at or after `pos` that
+/// holds data (`end` at most `len`), or `None` if there is none before
+/// `len`.
+pub(crate) fn data_range_from(fd: i32, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+    if pos >= len {
+        return Ok(None);
+    }
+    let pos = i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor the caller holds; no memory is passed.
+    let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    if start as u64 >= len {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((start as u64, (end as u64).min(len))))
 }
 
 /// The line of a /proc/self/maps text that overlaps `[base, base + len)`.

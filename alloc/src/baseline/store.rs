@@ -235,6 +235,7 @@ fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
             sb.seq, layout.journal_off, sb.journal_len
         )));
     }
+    let t0 = std::time::Instant::now();
     let mut table = Vec::with_capacity(layout.npages as usize);
     let mut chunk = vec![0u8; SEG_MAX_BYTES.min(layout.table_len as usize)];
     let mut off = 0;
@@ -244,7 +245,16 @@ fn read_committed<B: Backend>(backend: &B) -> Result<Committed> {
         table.extend(decode_table(&chunk[..n], layout.npages - table.len() as u64));
         off += n as u64;
     }
+    let t_table = t0.elapsed();
     let journal = read_journal(backend, &sb, &layout)?;
+    log::debug!(
+        "remem: baseline read: CRC table of {} pages in {:.1} ms, journal index of {} pages ({} bytes) in {:.1} ms",
+        layout.npages,
+        t_table.as_secs_f64() * 1e3,
+        journal.len(),
+        sb.journal_len,
+        (t0.elapsed() - t_table).as_secs_f64() * 1e3
+    );
     Ok(Committed { sb, discarded, table, journal })
 }
 

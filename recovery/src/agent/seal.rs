@@ -86,11 +86,15 @@ fn publish(sh: &Shared, job: &Job, f: impl FnOnce(&Shared, &mut Table)) -> bool 
 
 /// Seals; `false` when stopped (the heap left or was re-attached).
 fn seal(sh: &Shared, job: &Job) -> bool {
+    let t0 = std::time::Instant::now();
     let bytes = job.heap.bytes();
     let len = bytes.len() as u64;
-    let ranges = remem_alloc::memfd_data_ranges(job.heap_fd.as_fd(), len).unwrap_or_else(|_| vec![(0, len)]);
-    let page = |p: u64| -> (&[u8], bool) {
-        if in_ranges(&ranges, p) {
+    // Where the memfd holds data, found as the pass gets there: a scan of
+    // all of a large memfd takes tens of milliseconds, which the first
+    // chunks, those a lazy recovery needs first, should not wait for.
+    let mut map = DataMap::new(job.heap_fd.as_fd(), len);
+    let page = |map: &DataMap<'_>, p: u64| -> (&[u8], bool) {
+        if map.is_data(p) {
             (&bytes[(p * 4096) as usize..(p * 4096 + 4096) as usize], true)
         } else {
             (&ZERO, false)
@@ -101,6 +105,7 @@ fn seal(sh: &Shared, job: &Job) -> bool {
     let mut count = 0u64;
     if job.mode == 1 {
         // Precise: the sets are the whole truth.
+        map.scan_to(len);
         let ctl = job.control.bytes();
         let words = job.npages.div_ceil(64) as usize;
         let mut union = vec![0u8; words * 8];
@@ -120,7 +125,7 @@ fn seal(sh: &Shared, job: &Job) -> bool {
             let mut b = bits;
             while b != 0 {
                 let k = b.trailing_zeros() as usize;
-                let (pg, data) = page(first + k as u64);
+                let (pg, data) = page(&map, first + k as u64);
                 let c = if data { crc32fast::hash(pg) } else { zero_crc };
                 if let Some(dst) = crcs.get_mut(4 * k..4 * k + 4) {
                     dst.copy_from_slice(&c.to_le_bytes());
@@ -133,7 +138,7 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         job.sealed.write(0, &union);
         if let Some(h) = hasher.as_mut() {
             for p in 0..job.npages {
-                h.update(page(p).0);
+                h.update(page(&map, p).0);
             }
         }
     } else {
@@ -145,14 +150,17 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         .ok()
         .map(|b| b.crc_table())
         .filter(|t| t.len() as u64 == job.npages);
+        log::debug!("remem agent: seal: the baseline's CRCs read at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         if table.is_none() && !publish(sh, job, |sh, _| sh.put_u64(job.slot, info::NO_BASELINE, 1)) {
             return false;
         }
         let mut start = 0u64;
         while start < job.npages {
             let end = (start + CHUNK).min(job.npages);
+            map.scan_to(end * 4096);
             // The chunk's data pages, faulted in at once rather than one by one.
-            for &(s, e) in &ranges {
+            let from = map.ranges.partition_point(|&(_, e)| e <= start * 4096);
+            for &(s, e) in map.ranges[from..].iter().take_while(|&&(s, _)| s < end * 4096) {
                 let (s, e) = (s.max(start * 4096), e.min(end * 4096));
                 if s < e {
                     job.heap.populate(s as usize, (e - s) as usize);
@@ -161,7 +169,7 @@ fn seal(sh: &Shared, job: &Job) -> bool {
             let mut crcs = Vec::with_capacity(4 * (end - start) as usize);
             let mut words = vec![0u64; (end - start).div_ceil(64) as usize];
             for p in start..end {
-                let (pg, data) = page(p);
+                let (pg, data) = page(&map, p);
                 let c = if data { crc32fast::hash(pg) } else { zero_crc };
                 if let Some(h) = hasher.as_mut() {
                     h.update(pg);
@@ -188,6 +196,9 @@ fn seal(sh: &Shared, job: &Job) -> bool {
             if !ok {
                 return false;
             }
+            if start == 0 {
+                log::debug!("remem agent: seal: first chunk published at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+            }
             if !sh.seal_pause.is_zero() {
                 std::thread::sleep(sh.seal_pause);
             }
@@ -204,6 +215,47 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         }
         sh.set_state(t, job.slot, info::SEALED);
     })
+}
+
+/// The byte ranges of a memfd that hold data, found in order
+/// (SEEK_DATA/SEEK_HOLE) as far as a pass has asked: a page beyond is
+/// never asked about before [`DataMap::scan_to`] passed it.
+struct DataMap<'a> {
+    fd: std::os::fd::BorrowedFd<'a>,
+    len: u64,
+    /// Sorted, disjoint.
+    ranges: Vec<(u64, u64)>,
+    /// Bytes `[0, scanned)` are mapped out.
+    scanned: u64,
+}
+
+impl<'a> DataMap<'a> {
+    fn new(fd: std::os::fd::BorrowedFd<'a>, len: u64) -> Self {
+        DataMap { fd, len, ranges: Vec::new(), scanned: 0 }
+    }
+
+    /// Maps out bytes `[0, upto)` at least. Where the memfd cannot be
+    /// asked, the rest counts as data (read, never skipped).
+    fn scan_to(&mut self, upto: u64) {
+        while self.scanned < upto.min(self.len) {
+            match remem_alloc::memfd_data_range_from(self.fd, self.scanned, self.len) {
+                Ok(Some((s, e))) if e > self.scanned && s >= self.scanned => {
+                    self.ranges.push((s, e));
+                    self.scanned = e;
+                }
+                Ok(None) => self.scanned = self.len,
+                Ok(Some(_)) | Err(_) => {
+                    self.ranges.push((self.scanned, self.len));
+                    self.scanned = self.len;
+                }
+            }
+        }
+    }
+
+    /// Page `p` (below the scanned part) holds data.
+    fn is_data(&self, p: u64) -> bool {
+        in_ranges(&self.ranges, p)
+    }
 }
 
 /// A seal that cannot even start lists every page (as if there were no baseline).

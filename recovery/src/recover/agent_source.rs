@@ -167,6 +167,10 @@ impl AgentSource {
                 AtomicU64::new(listed[w] | beyond)
             })
             .collect();
+        log::debug!(
+            "remem recover: the agent's seal is at page {start} of {npages}; {} listed pages",
+            view.pages.len()
+        );
         let beyond = (npages - start) as usize;
         let known = Arc::new(Known {
             claimed,
@@ -486,8 +490,13 @@ fn follow(
     let mut failures = 0u32;
     let mut init: Option<Box<dyn Initiator>> = None;
     let (mut last, mut moved) = (known.cursor.load(Ordering::Acquire), std::time::Instant::now());
+    let mut first = true;
     while !known.stop.load(Ordering::Acquire) && known.cursor.load(Ordering::Acquire) < npages {
-        std::thread::sleep(FOLLOW_EVERY);
+        // The first look at once: the seal's first chunks are what the
+        // heap's opening reads.
+        if !std::mem::take(&mut first) {
+            std::thread::sleep(FOLLOW_EVERY);
+        }
         let now = known.cursor.load(Ordering::Acquire);
         if now != last {
             (last, moved) = (now, std::time::Instant::now());
@@ -497,15 +506,22 @@ fn follow(
             );
             return;
         }
-        let step = match init.as_mut() {
-            Some(i) => follow_step(known, &sealing, npages, &mut **i),
-            None => match connect(kind, token, addr) {
-                Ok(i) => {
-                    init = Some(i);
+        if init.is_none() {
+            match connect(kind, token, addr) {
+                Ok(i) => init = Some(i),
+                Err(ConnectFail::Unreachable(e) | ConnectFail::Refused(e)) => {
+                    failures += 1;
+                    if failures >= FOLLOW_FAILURES {
+                        log::warn!("remem recover: stopped following the agent's seal ({e}): the pages beyond come from the agent");
+                        return;
+                    }
                     continue;
                 }
-                Err(ConnectFail::Unreachable(e) | ConnectFail::Refused(e)) => Err(e),
-            },
+            }
+        }
+        let step = match init.as_mut() {
+            Some(i) => follow_step(known, &sealing, npages, &mut **i),
+            None => continue,
         };
         match step {
             Ok(()) => failures = 0,
