@@ -256,18 +256,58 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?);
         Baseline::open(backend).map_err(|e| bl_err(e.to_string()))
     };
-    let mut bl = open_baseline()?;
-    log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-    // 2. The agent: everything it says is read and checked before anything changes.
-
-    let t_agent = Instant::now();
-    let view = match opts.agent {
-        Some(addr) => match agent_view(&opts, addr, bl.uuid(), bl.npages()) {
-            Ok(v) => Some(v),
-            Err(RecoverError::AgentUnreachable { .. }) if opts.allow_data_loss => None,
-            Err(e) => return Err(e),
-        },
-        None => None,
+    // 2. The baseline, and the agent: everything it says is read and checked
+    //    before anything changes. The two are independent once the
+    //    superblock names the heap, so the agent is asked while the
+    //    baseline's CRC table and journal are read (tens of milliseconds
+    //    on a large heap); a broken baseline is still reported first.
+    let view_opts = agent_view::ViewOptions::of(&opts);
+    let agent_addr = opts.agent;
+    type Asked = (Option<agent_view::AgentView>, f64);
+    let ask_agent = |uuid: [u8; 16], npages: u64| -> Result<Asked, RecoverError> {
+        let t_agent = Instant::now();
+        let view = match agent_addr {
+            Some(addr) => match agent_view(&view_opts, addr, uuid, npages) {
+                Ok(v) => Some(v),
+                Err(RecoverError::AgentUnreachable { .. }) if view_opts.allow_data_loss => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        log::debug!(
+            "remem recover: the agent's answer in {:.1} ms, at {:.1} ms",
+            t_agent.elapsed().as_secs_f64() * 1e3,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok((view, t_agent.elapsed().as_secs_f64()))
+    };
+    let peek = FileBackend::open(&path)
+        .map_err(|e| bl_err(e.to_string()))
+        .and_then(|b| Baseline::peek(&b).map_err(|e| bl_err(e.to_string())));
+    let (mut bl, (view, seconds_agent)) = match peek {
+        Ok((uuid, npages)) if agent_addr.is_some() => std::thread::scope(|s| {
+            let asked = std::thread::Builder::new().spawn_scoped(s, || ask_agent(uuid, npages));
+            let bl = open_baseline();
+            log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+            let view = match asked {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(RecoverError::Protocol("the thread reading the agent's answer panicked".into()))
+                }),
+                // No thread: ask now.
+                Err(_) => bl.as_ref().map_or(Ok((None, 0.0)), |_| ask_agent(uuid, npages)),
+            };
+            let bl = bl?;
+            if (bl.uuid(), bl.npages()) != (uuid, npages) {
+                return Err(bl_err("the baseline's superblock changed while it was opened".into()));
+            }
+            Ok((bl, view?))
+        })?,
+        _ => {
+            let bl = open_baseline()?;
+            log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+            let view = ask_agent(bl.uuid(), bl.npages())?;
+            (bl, view)
+        }
     };
     let (lock, took_over) = match (lock, &view) {
         (Ok(l), _) => (l, false),
@@ -276,8 +316,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     };
 
     report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
-    report.seconds_agent = t_agent.elapsed().as_secs_f64();
-    log::debug!("remem recover: the agent's answer at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    report.seconds_agent = seconds_agent;
     // 3. Fence.
     let g = bl.info().generation + 1;
     if opts.lazy {

@@ -378,6 +378,15 @@ impl<B: Backend> Baseline<B> {
         Ok(this)
     }
 
+    /// The heap's UUID and page count from the newest valid superblock alone,
+    /// without reading the CRC table or the journal ([`Baseline::open`]
+    /// reads and checks them): for a caller that wants to start other work
+    /// on the heap's identity while the baseline is opened.
+    pub fn peek(backend: &B) -> Result<([u8; 16], u64)> {
+        let (sb, _) = read_superblock_slots(backend)?;
+        Ok((sb.uuid, sb.layout().npages))
+    }
+
     /// Opens a baseline: picks the superblock, validates the layout, the file length and
     /// every committed segment header (page data is checked by `load_into`).
     pub fn open(backend: B) -> Result<Self> {

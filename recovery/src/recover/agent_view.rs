@@ -173,8 +173,31 @@ fn find_slot(d: &[u8], uuid: [u8; 16]) -> Option<(usize, &[u8])> {
 /// known only to the hung process, so recovery waits for a seal until
 /// `wait_sealed`, then refuses ([`RecoverError::OwnerHung`]) unless
 /// `allow_data_loss`.
+/// What [`agent_view`] needs of the recovery's options (all of them are
+/// not `Sync`, for the progress callback: the view is read on a thread of
+/// its own while the baseline is opened).
+pub(super) struct ViewOptions<'a> {
+    pub kind: Kind,
+    pub token: Option<&'a Token>,
+    pub wait_sealed: Duration,
+    pub lazy: bool,
+    pub allow_data_loss: bool,
+}
+
+impl<'a> ViewOptions<'a> {
+    pub(super) fn of(o: &'a RecoverOptions) -> Self {
+        ViewOptions {
+            kind: o.kind,
+            token: o.token.as_ref(),
+            wait_sealed: o.wait_sealed,
+            lazy: o.lazy,
+            allow_data_loss: o.allow_data_loss,
+        }
+    }
+}
+
 pub(super) fn agent_view(
-    opts: &RecoverOptions,
+    opts: &ViewOptions<'_>,
     addr: SocketAddr,
     uuid: [u8; 16],
     npages: u64,
@@ -184,7 +207,7 @@ pub(super) fn agent_view(
     // `Some(mode)` once the owner's lease was found expired.
     let mut hung: Option<Option<u32>> = None;
     loop {
-        let mut init = connect(opts.kind, opts.token.as_ref(), addr).map_err(|f| f.into_error(addr))?;
+        let mut init = connect(opts.kind, opts.token, addr).map_err(|f| f.into_error(addr))?;
         let unreachable = |reason: String| RecoverError::AgentUnreachable { addr, reason };
         let dreg = find_directory(&mut *init)
             .map_err(unreachable)?
