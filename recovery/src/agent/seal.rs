@@ -143,13 +143,16 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         }
     } else {
         // Fast (or untracked): compare every page with the baseline.
-        let table = Baseline::open(FileBackend::from_file(match job.baseline.try_clone() {
-            Ok(f) => f,
-            Err(_) => return fail_seal(sh, job),
-        }))
-        .ok()
-        .map(|b| b.crc_table())
-        .filter(|t| t.len() as u64 == job.npages);
+        // A baseline that cannot be read (or its descriptor duplicated) is
+        // no baseline: every page that is not all zero is then listed, with
+        // its CRC like any other.
+        let table = job
+            .baseline
+            .try_clone()
+            .ok()
+            .and_then(|f| Baseline::open(FileBackend::from_file(f)).ok())
+            .map(|b| b.crc_table())
+            .filter(|t| t.len() as u64 == job.npages);
         log::debug!("remem agent: seal: the baseline's CRCs read at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         if table.is_none() && !publish(sh, job, |sh, _| sh.put_u64(job.slot, info::NO_BASELINE, 1)) {
             return false;
@@ -256,18 +259,6 @@ impl<'a> DataMap<'a> {
     fn is_data(&self, p: u64) -> bool {
         in_ranges(&self.ranges, p)
     }
-}
-
-/// A seal that cannot even start lists every page (as if there were no baseline).
-fn fail_seal(sh: &Shared, job: &Job) -> bool {
-    let words = job.npages.div_ceil(64) as usize;
-    job.sealed.write(0, &vec![0xff; words * 8]);
-    publish(sh, job, |sh, t| {
-        sh.put_u64(job.slot, info::NO_BASELINE, 1);
-        sh.put_u64(job.slot, info::SEALED_PAGES, job.npages);
-        sh.put_u64(job.slot, info::SEAL_CURSOR, job.npages);
-        sh.set_state(t, job.slot, info::SEALED);
-    })
 }
 
 /// Waits until a recovery elsewhere supersedes the heap, then releases it.
