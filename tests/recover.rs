@@ -802,6 +802,10 @@ fn lazy_recovery_during_the_seal(pause_ms: u64) {
     let (heap, report) = recover(o).unwrap();
     if pause_ms >= 200 {
         assert_eq!(s.agent.state(), info::SEALING, "the recovery waited for the seal");
+        // The seal had covered nothing yet (it pauses before each chunk):
+        // the heap's metadata came from the agent, pulled while the
+        // baseline was opened.
+        assert!(report.pages_early > 0, "no metadata pages pulled early: {report:?}");
     }
     assert!(report.lazy && !report.baseline_only, "{report:?}");
     let round = |p: usize| u64::from(p % 3 == 1);

@@ -42,6 +42,7 @@ use crate::transport::{Kind, Token};
 
 mod agent_source;
 mod agent_view;
+mod early;
 pub mod pull;
 pub mod resume;
 
@@ -129,6 +130,10 @@ pub struct RecoverReport {
     /// Pages taken from the resume file of an interrupted earlier recovery
     /// (`<baseline>.recovering`) instead of being pulled again.
     pub pages_resumed: u64,
+    /// Pages of the heap's metadata (header, descriptors, lanes) pulled
+    /// from the agent while the baseline was opened (a lazy recovery that
+    /// started during the seal), served to the heap's open from memory.
+    pub pages_early: u64,
     /// The whole image equalled the agent's memory (BLAKE3), when asked ([`RecoverOptions::verify_image`]).
     pub image_identical: Option<bool>,
     /// Seconds spent connecting to the agent, waiting for its seal (or for
@@ -263,8 +268,8 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     //    on a large heap); a broken baseline is still reported first.
     let view_opts = agent_view::ViewOptions::of(&opts);
     let agent_addr = opts.agent;
-    type Asked = (Option<agent_view::AgentView>, f64);
-    let ask_agent = |uuid: [u8; 16], npages: u64| -> Result<Asked, RecoverError> {
+    let lazy = opts.lazy;
+    let ask_agent = |uuid: [u8; 16], npages: u64| -> Result<Answer, RecoverError> {
         let t_agent = Instant::now();
         let view = match agent_addr {
             Some(addr) => match agent_view(&view_opts, addr, uuid, npages) {
@@ -279,12 +284,30 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             t_agent.elapsed().as_secs_f64() * 1e3,
             t0.elapsed().as_secs_f64() * 1e3
         );
-        Ok((view, t_agent.elapsed().as_secs_f64()))
+        let seconds = t_agent.elapsed().as_secs_f64();
+        let (answered, hung, lossy) =
+            (view.is_some(), view.as_ref().is_some_and(|v| v.hung), view.as_ref().is_some_and(|v| v.lossy));
+        // A lazy recovery during the seal: the heap's metadata pages, which
+        // its open reads first, from the agent now (see `early`).
+        let (view, early) = match (view, agent_addr) {
+            (Some(v), Some(addr)) if lazy && v.sealing.is_some() && !v.lossy && !v.hung => {
+                let src = AgentSource::new(v, &view_opts, addr);
+                let e = early::Early::pull(&src);
+                log::debug!(
+                    "remem recover: {} metadata pages pulled early, at {:.1} ms",
+                    e.as_ref().map_or(0, |e| e.pages()),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                (None, Some((src, e)))
+            }
+            (v, _) => (v, None),
+        };
+        Ok(Answer { view, early, answered, hung, lossy, seconds })
     };
     let peek = FileBackend::open(&path)
         .map_err(|e| bl_err(e.to_string()))
         .and_then(|b| Baseline::peek(&b).map_err(|e| bl_err(e.to_string())));
-    let (mut bl, (view, seconds_agent)) = match peek {
+    let (mut bl, answer) = match peek {
         Ok((uuid, npages)) if agent_addr.is_some() => std::thread::scope(|s| {
             let asked = std::thread::Builder::new().spawn_scoped(s, || ask_agent(uuid, npages));
             let bl = open_baseline();
@@ -294,7 +317,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
                     Err(RecoverError::Protocol("the thread reading the agent's answer panicked".into()))
                 }),
                 // No thread: ask now.
-                Err(_) => bl.as_ref().map_or(Ok((None, 0.0)), |_| ask_agent(uuid, npages)),
+                Err(_) => bl.as_ref().map_or(Ok(Answer::none()), |_| ask_agent(uuid, npages)),
             };
             let bl = bl?;
             if (bl.uuid(), bl.npages()) != (uuid, npages) {
@@ -309,14 +332,14 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             (bl, view)
         }
     };
-    let (lock, took_over) = match (lock, &view) {
-        (Ok(l), _) => (l, false),
-        (Err(_), Some(v)) if v.hung => (BaselineLock::take_over(&path)?, true),
-        (Err(e), _) => return Err(e.into()),
+    let (lock, took_over) = match lock {
+        Ok(l) => (l, false),
+        Err(_) if answer.answered && answer.hung => (BaselineLock::take_over(&path)?, true),
+        Err(e) => return Err(e.into()),
     };
 
-    report.owner_hung = view.as_ref().is_some_and(|v| v.hung);
-    report.seconds_agent = seconds_agent;
+    report.owner_hung = answer.hung;
+    report.seconds_agent = answer.seconds;
     // 3. Fence.
     let g = bl.info().generation + 1;
     if opts.lazy {
@@ -343,8 +366,9 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     };
     log::debug!("remem recover: fenced at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     if opts.lazy {
-        return recover_lazy(opts, lock, bl, view, report, t0);
+        return recover_lazy(opts, lock, bl, answer, report, t0);
     }
+    let view = answer.view;
     drop(bl);
     // 4. Load and pull.
     report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
@@ -353,7 +377,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     let t_load = Instant::now();
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
     let source = match (view, opts.agent) {
-        (Some(v), Some(addr)) => Some((v.digest, AgentSource::new(v, &opts, addr))),
+        (Some(v), Some(addr)) => Some((v.digest, AgentSource::new(v, &agent_view::ViewOptions::of(&opts), addr))),
         _ => None,
     };
     let verify_image = opts.verify_image;
@@ -466,6 +490,30 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     Ok((heap, report))
 }
 
+/// What the agent answered (step 2 of `recover`).
+struct Answer {
+    /// Its view, unless `early` was built from it.
+    view: Option<agent_view::AgentView>,
+    /// A lazy recovery during the seal: the source built from the view,
+    /// and the heap's metadata pages pulled through it (none if that failed).
+    early: Option<(AgentSource, Option<early::Early>)>,
+    /// The agent answered (not unreachable with data loss allowed).
+    answered: bool,
+    /// The owner was found hung.
+    hung: bool,
+    /// The agent's view is lossy: the baseline alone is used.
+    lossy: bool,
+    /// Seconds the answer took.
+    seconds: f64,
+}
+
+impl Answer {
+    /// No agent asked.
+    fn none() -> Answer {
+        Answer { view: None, early: None, answered: false, hung: false, lossy: false, seconds: 0.0 }
+    }
+}
+
 /// Syncs the baseline at `path` in a background thread (the lazy fence's
 /// superblock): a failure is logged; the recovered heap's first commit
 /// syncs the file again and reports its own failure.
@@ -488,7 +536,7 @@ fn recover_lazy(
     opts: RecoverOptions,
     lock: BaselineLock,
     bl: Baseline<Arc<dyn Backend>>,
-    view: Option<agent_view::AgentView>,
+    answer: Answer,
     mut report: RecoverReport,
     t0: Instant,
 ) -> Result<(Heap, RecoverReport), RecoverError> {
@@ -496,9 +544,18 @@ fn recover_lazy(
     let path = opts.baseline.clone();
     let bl_err = |reason: String| RecoverError::Baseline { path: path.clone(), reason };
     let mut layers: Vec<Arc<dyn PageSource>> = Vec::new();
-    report.baseline_only = view.as_ref().is_none_or(|v| v.lossy);
-    if let (Some(v), Some(addr)) = (view, opts.agent) {
-        let mut src = AgentSource::new(v, &opts, addr);
+    report.baseline_only = !answer.answered || answer.lossy;
+    let source = match (answer.early, answer.view, opts.agent) {
+        (Some(early), _, _) => Some(early),
+        (None, Some(v), Some(addr)) => Some((AgentSource::new(v, &agent_view::ViewOptions::of(&opts), addr), None)),
+        _ => None,
+    };
+    if let Some((mut src, early)) = source {
+        if let Some(e) = early {
+            // Served from memory, ahead of every other layer.
+            report.pages_early = e.pages();
+            layers.push(Arc::new(e));
+        }
         report.pages_pulled = src.pages().len() as u64;
         if src.verifies() {
             // Pages an interrupted earlier recovery pulled come from its

@@ -130,7 +130,7 @@ pub struct AgentOptions {
     pub digest: bool,
     /// Test hook: pages served damaged (see the module docs).
     pub damaged_pages: Vec<u64>,
-    /// Test hook: a pause after each sealed chunk of [`seal::CHUNK`] pages
+    /// Test hook: a pause before each sealed chunk of [`seal::CHUNK`] pages
     /// (a slow seal, as on a large heap; the `remem agent` command reads
     /// `REMEM_AGENT_SEAL_PAUSE_MS`).
     pub seal_pause: std::time::Duration,

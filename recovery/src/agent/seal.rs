@@ -159,6 +159,9 @@ fn seal(sh: &Shared, job: &Job) -> bool {
         }
         let mut start = 0u64;
         while start < job.npages {
+            if !sh.seal_pause.is_zero() {
+                std::thread::sleep(sh.seal_pause);
+            }
             let end = (start + CHUNK).min(job.npages);
             map.scan_to(end * 4096);
             // The chunk's data pages, faulted in at once rather than one by one.
@@ -201,9 +204,6 @@ fn seal(sh: &Shared, job: &Job) -> bool {
             }
             if start == 0 {
                 log::debug!("remem agent: seal: first chunk published at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-            }
-            if !sh.seal_pause.is_zero() {
-                std::thread::sleep(sh.seal_pause);
             }
             start = end;
         }

@@ -189,7 +189,7 @@ fn main() -> Result<()> {
             if let Ok(pages) = std::env::var("REMEM_AGENT_DAMAGED_PAGES") {
                 o = o.damaged_pages(agent::parse_page_list(&pages).map_err(anyhow::Error::msg)?);
             }
-            // Test hook: a slow seal (a pause after each chunk of 1024 pages).
+            // Test hook: a slow seal (a pause before each chunk of 1024 pages).
             if let Ok(ms) = std::env::var("REMEM_AGENT_SEAL_PAUSE_MS") {
                 let ms: u64 = ms
                     .parse()

@@ -27,9 +27,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use remem_alloc::source::{check_request, PageRead, PageSource, SourceError};
 
-use super::agent_view::{connect, read_bytes, AgentView, ConnectFail, Sealing};
+use super::agent_view::{connect, read_bytes, AgentView, ConnectFail, Sealing, ViewOptions};
 use super::pull::{runs_of, Puller, PAGE};
-use super::RecoverOptions;
 use crate::agent::{info, layout};
 use crate::transport::{Initiator, Kind, RegionDesc, Token};
 
@@ -147,7 +146,7 @@ impl AgentSource {
     /// The source of what `view` (read from the agent at `addr`) lists.
     /// With a seal in progress (`view.sealing`), a thread follows it until
     /// it covers every page.
-    pub(super) fn new(view: AgentView, opts: &RecoverOptions, addr: SocketAddr) -> AgentSource {
+    pub(super) fn new(view: AgentView, opts: &ViewOptions<'_>, addr: SocketAddr) -> AgentSource {
         let npages = view.npages;
         let words = npages.div_ceil(64) as usize;
         let mut listed = vec![0u64; words];
@@ -187,7 +186,7 @@ impl AgentSource {
         });
         if let Some(sealing) = view.sealing.filter(|_| start < npages) {
             known.followed.store(false, Ordering::Release);
-            let (k, kind, token, stall) = (Arc::clone(&known), opts.kind, opts.token.clone(), opts.wait_sealed);
+            let (k, kind, token, stall) = (Arc::clone(&known), opts.kind, opts.token.cloned(), opts.wait_sealed);
             let spawned = std::thread::Builder::new().name("remem-follow-seal".into()).spawn(move || {
                 follow(&k, sealing, (npages, stall), kind, token.as_ref(), addr);
                 k.followed.store(true, Ordering::Release);
@@ -207,7 +206,7 @@ impl AgentSource {
             npages,
             addr,
             kind: opts.kind,
-            token: opts.token.clone(),
+            token: opts.token.cloned(),
             retries: Default::default(),
             resume: None,
         }
@@ -218,6 +217,11 @@ impl AgentSource {
     pub(super) fn with_resume(mut self, file: super::resume::SharedResume) -> AgentSource {
         self.resume = Some(file);
         self
+    }
+
+    /// Pages of the heap.
+    pub fn npages(&self) -> u64 {
+        self.npages
     }
 
     /// The pages this source claims, sorted.
