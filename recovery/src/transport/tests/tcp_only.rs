@@ -566,7 +566,10 @@ fn an_error_behind_many_pages_arrives_after_all_of_them() {
     for i in 0..550 {
         assert_eq!(got[i * PAGE..(i + 1) * PAGE], f.source((i % 256) * PAGE, PAGE)[..], "page {i}");
     }
-    assert_eq!(eventually(&*f.target, |s| s.access_errors == 1).reads_served, 550);
+    // The writer thread counts a batch's reads once it has sent them, after
+    // the serving thread counted the error: wait for both.
+    let st = eventually(&*f.target, |s| s.access_errors == 1 && s.reads_served >= 550);
+    assert_eq!((st.access_errors, st.reads_served), (1, 550));
 }
 
 /// A target dropped while its writer thread is blocked on a peer that
