@@ -1224,3 +1224,23 @@ fn a_seal_that_never_ends_is_given_up_and_the_commit_refused() {
     assert_eq!(after_close, 0, "the follower outlived the heap");
     assert_eq!(after_commit, 0, "the follower still polls the agent after it gave up");
 }
+
+/// A baseline whose superblock is intact but the rest is not is reported
+/// at once, even when the agent (asked meanwhile) never answers: the
+/// recovery does not wait for the agent's handshake deadline.
+#[test]
+fn a_broken_baseline_is_reported_without_waiting_for_a_silent_agent() {
+    if std::env::var("REMEM_TEST_BASELINE").is_ok() {
+        return;
+    }
+    let (dir, path) = closed_heap("silent-agent");
+    // Keep both superblock slots (8 KiB), lose the CRC table and the image.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(8192).unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
+    let t = std::time::Instant::now();
+    let o = RecoverOptions::new(&path, Some(silent.local_addr().unwrap()), Some(Token::generate().unwrap()));
+    let e = recover(o).unwrap_err();
+    assert!(matches!(e, RecoverError::Baseline { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}: it waited for the agent", t.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -56,9 +56,10 @@
 //! copier is behind, never stop. The first delay is long enough to make
 //! the next round small at once: a milder one would delay many more
 //! transactions, each by less, for longer, and the slowest thousandth of
-//! them is what a database sees (`remem-bench flush`, case `stall`). After [`STUCK_ROUNDS`] rounds that each
-//! found nine tenths of the pages of the round before or more (the writers
-//! do not slow down: they write outside mutating calls), or after
+//! them is what a database sees (`remem-bench flush`, case `stall`).
+//! After [`STUCK_ROUNDS`] rounds in a row that each found nine tenths of
+//! the pages of the round before or more (the writers do not slow down:
+//! they write outside mutating calls), or after
 //! [`MAX_ROUNDS`] rounds, the cut is taken anyway: more rounds would copy
 //! the same pages again and make the writers fault on them again; the
 //! pause then copies what the writers dirtied in the last round.
@@ -102,8 +103,8 @@ pub const FINAL_PAGES: usize = 1024;
 pub const MAX_ROUNDS: u32 = 16;
 /// First throttle delay per mutating call.
 const THROTTLE_START: Duration = Duration::from_micros(10);
-/// Rounds that found at least nine tenths of the pages of the round before
-/// after which the cut is taken at once (see the module docs).
+/// Rounds in a row that found at least nine tenths of the pages of the
+/// round before, after which the cut is taken at once (see the module docs).
 pub const STUCK_ROUNDS: u32 = 3;
 /// Journal pages per background compaction step (1 MiB): the longest a
 /// commit waits for the compactor, besides its syncs.
@@ -265,7 +266,7 @@ struct Pace {
     last: usize,
     /// The throttle now (zero: none).
     throttle: Duration,
-    /// Rounds that found nine tenths of the round before or more.
+    /// Rounds in a row that found nine tenths of the round before or more.
     stuck: u32,
 }
 
@@ -284,11 +285,13 @@ impl Pace {
     fn round(&mut self, n: usize) -> Option<Duration> {
         let last = std::mem::replace(&mut self.last, n);
         if n * 10 >= last * 9 {
-            // Not even a tenth fewer: after STUCK_ROUNDS such rounds the
-            // throttle is not reaching the writers (raw writes outside
-            // mutating calls), and more rounds would only copy the same
-            // pages again.
+            // Not even a tenth fewer: after STUCK_ROUNDS such rounds in a
+            // row the throttle is not reaching the writers (raw writes
+            // outside mutating calls), and more rounds would only copy the
+            // same pages again.
             self.stuck += 1;
+        } else {
+            self.stuck = 0;
         }
         (n > FINAL_PAGES && n * 2 > last).then(|| {
             // The round did not halve: the writers dirty pages nearly as
@@ -697,6 +700,20 @@ mod tests {
             "each round that found more than half the one before doubles the throttle"
         );
         assert!(pace.more(5), "shrinking rounds, if slowly, go on");
+    }
+
+    /// Rounds that do not shrink between rounds that do are no reason to
+    /// stop: the throttle is reaching the writers.
+    #[test]
+    fn stuck_rounds_between_shrinking_ones_do_not_end_the_precopy() {
+        let mut pace = Pace::new(100_000);
+        let mut rounds = 1;
+        for n in [95_000, 50_000, 48_000, 30_000, 29_000] {
+            assert!(pace.more(rounds));
+            pace.round(n);
+            rounds += 1;
+        }
+        assert!(pace.more(rounds), "ended after {rounds} rounds at 29 000 pages, the rounds shrinking");
     }
 
     /// Rounds that find (nearly) as many pages as the one before, whatever

@@ -268,68 +268,45 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     //    on a large heap); a broken baseline is still reported first.
     let view_opts = agent_view::ViewOptions::of(&opts);
     let agent_addr = opts.agent;
-    let lazy = opts.lazy;
-    let ask_agent = |uuid: [u8; 16], npages: u64| -> Result<Answer, RecoverError> {
-        let t_agent = Instant::now();
-        let view = match agent_addr {
-            Some(addr) => match agent_view(&view_opts, addr, uuid, npages) {
-                Ok(v) => Some(v),
-                Err(RecoverError::AgentUnreachable { .. }) if view_opts.allow_data_loss => None,
-                Err(e) => return Err(e),
-            },
-            None => None,
-        };
-        log::debug!(
-            "remem recover: the agent's answer in {:.1} ms, at {:.1} ms",
-            t_agent.elapsed().as_secs_f64() * 1e3,
-            t0.elapsed().as_secs_f64() * 1e3
-        );
-        let seconds = t_agent.elapsed().as_secs_f64();
-        let (answered, hung, lossy) =
-            (view.is_some(), view.as_ref().is_some_and(|v| v.hung), view.as_ref().is_some_and(|v| v.lossy));
-        // A lazy recovery during the seal: the heap's metadata pages, which
-        // its open reads first, from the agent now (see `early`).
-        let (view, early) = match (view, agent_addr) {
-            (Some(v), Some(addr)) if lazy && v.sealing.is_some() && !v.lossy && !v.hung => {
-                let src = AgentSource::new(v, &view_opts, addr);
-                let e = early::Early::pull(&src);
-                log::debug!(
-                    "remem recover: {} metadata pages pulled early, at {:.1} ms",
-                    e.as_ref().map_or(0, |e| e.pages()),
-                    t0.elapsed().as_secs_f64() * 1e3
-                );
-                (None, Some((src, e)))
-            }
-            (v, _) => (v, None),
-        };
-        Ok(Answer { view, early, answered, hung, lossy, seconds })
-    };
     let peek = FileBackend::open(&path)
         .map_err(|e| bl_err(e.to_string()))
         .and_then(|b| Baseline::peek(&b).map_err(|e| bl_err(e.to_string())));
     let (mut bl, answer) = match peek {
-        Ok((uuid, npages)) if agent_addr.is_some() => std::thread::scope(|s| {
-            let asked = std::thread::Builder::new().spawn_scoped(s, || ask_agent(uuid, npages));
+        Ok((uuid, npages)) if agent_addr.is_some() => {
+            // The agent is asked on a thread of its own, which is not waited
+            // for if the baseline fails: its error is reported at once, and
+            // the thread gives up at its next look (`cancel`).
+            let (tx, rx) = std::sync::mpsc::channel();
+            let vo = view_opts.clone();
+            let asked = std::thread::Builder::new()
+                .name("remem-recover-agent".into())
+                .spawn(move || drop(tx.send(ask_agent(&vo, agent_addr, uuid, npages, t0))));
             let bl = open_baseline();
             log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-            let view = match asked {
-                Ok(h) => h.join().unwrap_or_else(|_| {
-                    Err(RecoverError::Protocol("the thread reading the agent's answer panicked".into()))
+            let bl = match bl {
+                Ok(bl) => bl,
+                Err(e) => {
+                    view_opts.cancel.store(true, std::sync::atomic::Ordering::Release);
+                    return Err(e);
+                }
+            };
+            let answer = match asked {
+                Ok(_) => rx.recv().unwrap_or_else(|_| {
+                    Err(RecoverError::Protocol("the thread reading the agent's answer ended without one".into()))
                 }),
                 // No thread: ask now.
-                Err(_) => bl.as_ref().map_or(Ok(Answer::none()), |_| ask_agent(uuid, npages)),
-            };
-            let bl = bl?;
+                Err(_) => ask_agent(&view_opts, agent_addr, uuid, npages, t0),
+            }?;
             if (bl.uuid(), bl.npages()) != (uuid, npages) {
                 return Err(bl_err("the baseline's superblock changed while it was opened".into()));
             }
-            Ok((bl, view?))
-        })?,
+            (bl, answer)
+        }
         _ => {
             let bl = open_baseline()?;
             log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-            let view = ask_agent(bl.uuid(), bl.npages())?;
-            (bl, view)
+            let answer = ask_agent(&view_opts, agent_addr, bl.uuid(), bl.npages(), t0)?;
+            (bl, answer)
         }
     };
     let (lock, took_over) = match lock {
@@ -490,6 +467,49 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     Ok((heap, report))
 }
 
+/// Step 2's question to the agent (none without an agent; unreachable
+/// counts as no answer when data loss is allowed). A lazy recovery during
+/// the seal also pulls the heap's metadata pages now (see `early`).
+fn ask_agent(
+    opts: &agent_view::ViewOptions,
+    agent: Option<SocketAddr>,
+    uuid: [u8; 16],
+    npages: u64,
+    t0: Instant,
+) -> Result<Answer, RecoverError> {
+    let t_agent = Instant::now();
+    let view = match agent {
+        Some(addr) => match agent_view(opts, addr, uuid, npages) {
+            Ok(v) => Some(v),
+            Err(RecoverError::AgentUnreachable { .. }) if opts.allow_data_loss && !opts.cancelled() => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    log::debug!(
+        "remem recover: the agent's answer in {:.1} ms, at {:.1} ms",
+        t_agent.elapsed().as_secs_f64() * 1e3,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let seconds = t_agent.elapsed().as_secs_f64();
+    let (answered, hung, lossy) =
+        (view.is_some(), view.as_ref().is_some_and(|v| v.hung), view.as_ref().is_some_and(|v| v.lossy));
+    let (view, early) = match (view, agent) {
+        (Some(v), Some(addr)) if opts.lazy && v.sealing.is_some() && !v.lossy && !v.hung && !opts.cancelled() => {
+            let src = AgentSource::new(v, opts, addr);
+            let e = early::Early::pull(&src);
+            log::debug!(
+                "remem recover: {} metadata pages pulled early, at {:.1} ms",
+                e.as_ref().map_or(0, |e| e.pages()),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            (None, Some((src, e)))
+        }
+        (v, _) => (v, None),
+    };
+    Ok(Answer { view, early, answered, hung, lossy, seconds })
+}
+
 /// What the agent answered (step 2 of `recover`).
 struct Answer {
     /// Its view, unless `early` was built from it.
@@ -505,13 +525,6 @@ struct Answer {
     lossy: bool,
     /// Seconds the answer took.
     seconds: f64,
-}
-
-impl Answer {
-    /// No agent asked.
-    fn none() -> Answer {
-        Answer { view: None, early: None, answered: false, hung: false, lossy: false, seconds: 0.0 }
-    }
 }
 
 /// Syncs the baseline at `path` in a background thread (the lazy fence's

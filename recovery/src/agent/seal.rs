@@ -144,8 +144,7 @@ fn seal(sh: &Shared, job: &Job) -> bool {
     } else {
         // Fast (or untracked): compare every page with the baseline.
         // A baseline that cannot be read (or its descriptor duplicated) is
-        // no baseline: every page that is not all zero is then listed, with
-        // its CRC like any other.
+        // no baseline: every page is then listed, with its CRC like any other.
         let table = job
             .baseline
             .try_clone()
@@ -181,10 +180,10 @@ fn seal(sh: &Shared, job: &Job) -> bool {
                     h.update(pg);
                 }
                 crcs.extend_from_slice(&c.to_le_bytes());
-                let differs = match &table {
-                    Some(t) => t[p as usize] != c,
-                    None => c != zero_crc || pg.iter().any(|&x| x != 0),
-                };
+                // Without the baseline's CRCs nothing is known to be clean:
+                // a page zeroed since the last flush (or a hole) may differ
+                // from a baseline the recoverer can read.
+                let differs = table.as_ref().is_none_or(|t| t[p as usize] != c);
                 if differs {
                     let i = p - start;
                     words[(i / 64) as usize] |= 1 << (i % 64);
@@ -274,5 +273,104 @@ fn watch(sh: &Shared, job: &Job) {
             });
             return;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod tests {
+    use std::io::Write;
+    use std::mem::ManuallyDrop;
+    use std::os::fd::FromRawFd;
+
+    use super::super::hosted::{Hosted, Owner};
+    use super::super::layout::dir;
+    use super::super::socket::Policy;
+    use super::*;
+    use crate::transport::{self, Kind, ServeOptions, Token};
+
+    fn memfd(bytes: &[u8]) -> File {
+        // SAFETY: memfd_create with a valid name; the descriptor is checked.
+        let fd = unsafe { libc::memfd_create(c"remem-seal-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: just created, owned by nothing else.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    /// A seal that cannot duplicate the baseline's descriptor (as with
+    /// EMFILE) knows nothing clean: it lists every page, the all-zero ones
+    /// too (zeroed since the last flush, they may differ from a baseline the
+    /// recoverer reads), each with its CRC.
+    #[test]
+    fn a_seal_without_a_baseline_lists_every_page() {
+        let npages = 4u64;
+        let mut image = vec![0u8; (npages * 4096) as usize];
+        image[0] = 1;
+        let heap_file = memfd(&image);
+        let ctl_file = memfd(&[0u8; 4096]);
+        let target: Arc<dyn transport::Target> = Arc::from(
+            transport::serve(
+                Kind::Tcp,
+                ServeOptions {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    ..ServeOptions::new(Token::generate().unwrap())
+                },
+            )
+            .unwrap(),
+        );
+        let sh = Shared {
+            target,
+            dir: Arc::new(SharedBytes::zeroed(dir::len(1))),
+            table: parking_lot::Mutex::new(Table::default()),
+            changed: parking_lot::Condvar::new(),
+            policy: Policy { uid: 0, group: None },
+            digest: false,
+            damaged: Vec::new(),
+            seal_pause: Duration::ZERO,
+            stopping: AtomicBool::new(false),
+        };
+        sh.init_dir(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        sh.table.lock().slots.push(Some(Hosted {
+            uuid: [7; 16],
+            owner: Owner::Gone,
+            uid: 0,
+            pid: 0,
+            state: info::SEALING,
+            held: None,
+            stop: stop.clone(),
+            assigned: 1,
+            dead_epoch: 0,
+        }));
+        let sealed = Arc::new(SharedBytes::zeroed(8));
+        let crc = Arc::new(SharedBytes::zeroed((npages * 4) as usize));
+        // SAFETY: a descriptor number above any RLIMIT_NOFILE, so that
+        // duplicating it fails as it would with EMFILE; never used otherwise
+        // and never closed (the job is not dropped).
+        let bogus = unsafe { File::from_raw_fd(1 << 30) };
+        let job = ManuallyDrop::new(Job {
+            slot: 0,
+            assigned: 1,
+            stop,
+            heap_fd: OwnedFd::from(heap_file.try_clone().unwrap()),
+            heap: Arc::new(ReadMap::new(&heap_file).unwrap()),
+            control: Arc::new(ReadMap::new(&ctl_file).unwrap()),
+            crc: crc.clone(),
+            sealed: sealed.clone(),
+            npages,
+            mode: 0,
+            sets: (0, 0),
+            baseline: bogus,
+            generation: 1,
+            dead_epoch: 0,
+        });
+        assert!(seal(&sh, &job));
+        let word = u64::from_le_bytes(sealed.read(0, 8).unwrap().try_into().unwrap());
+        assert_eq!(word & 0b1111, 0b1111, "with no baseline every page must be listed: bits {word:#b}");
+        let crcs = crc.read(0, 16).unwrap();
+        let want: Vec<u8> = image.chunks(4096).flat_map(|pg| crc32fast::hash(pg).to_le_bytes()).collect();
+        assert_eq!(crcs, want, "every listed page carries its CRC");
     }
 }

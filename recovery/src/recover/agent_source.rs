@@ -146,7 +146,7 @@ impl AgentSource {
     /// The source of what `view` (read from the agent at `addr`) lists.
     /// With a seal in progress (`view.sealing`), a thread follows it until
     /// it covers every page.
-    pub(super) fn new(view: AgentView, opts: &ViewOptions<'_>, addr: SocketAddr) -> AgentSource {
+    pub(super) fn new(view: AgentView, opts: &ViewOptions, addr: SocketAddr) -> AgentSource {
         let npages = view.npages;
         let words = npages.div_ceil(64) as usize;
         let mut listed = vec![0u64; words];
@@ -186,7 +186,7 @@ impl AgentSource {
         });
         if let Some(sealing) = view.sealing.filter(|_| start < npages) {
             known.followed.store(false, Ordering::Release);
-            let (k, kind, token, stall) = (Arc::clone(&known), opts.kind, opts.token.cloned(), opts.wait_sealed);
+            let (k, kind, token, stall) = (Arc::clone(&known), opts.kind, opts.token.clone(), opts.wait_sealed);
             let spawned = std::thread::Builder::new().name("remem-follow-seal".into()).spawn(move || {
                 follow(&k, sealing, (npages, stall), kind, token.as_ref(), addr);
                 k.followed.store(true, Ordering::Release);
@@ -206,7 +206,7 @@ impl AgentSource {
             npages,
             addr,
             kind: opts.kind,
-            token: opts.token.cloned(),
+            token: opts.token.clone(),
             retries: Default::default(),
             resume: None,
         }

@@ -173,31 +173,42 @@ fn find_slot(d: &[u8], uuid: [u8; 16]) -> Option<(usize, &[u8])> {
 /// known only to the hung process, so recovery waits for a seal until
 /// `wait_sealed`, then refuses ([`RecoverError::OwnerHung`]) unless
 /// `allow_data_loss`.
-/// What [`agent_view`] needs of the recovery's options (all of them are
-/// not `Sync`, for the progress callback: the view is read on a thread of
-/// its own while the baseline is opened).
-pub(super) struct ViewOptions<'a> {
+/// What [`agent_view`] needs of the recovery's options (an owned copy:
+/// the view is read on a thread of its own while the baseline is opened,
+/// and that thread is not waited for when the baseline fails), and a flag
+/// that tells it to give up.
+#[derive(Clone)]
+pub(super) struct ViewOptions {
     pub kind: Kind,
-    pub token: Option<&'a Token>,
+    pub token: Option<Token>,
     pub wait_sealed: Duration,
     pub lazy: bool,
     pub allow_data_loss: bool,
+    /// Set when the recovery failed otherwise: the view is no longer
+    /// wanted, and the polling and the lease check end at their next look.
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl<'a> ViewOptions<'a> {
-    pub(super) fn of(o: &'a RecoverOptions) -> Self {
+impl ViewOptions {
+    pub(super) fn of(o: &RecoverOptions) -> Self {
         ViewOptions {
             kind: o.kind,
-            token: o.token.as_ref(),
+            token: o.token.clone(),
             wait_sealed: o.wait_sealed,
             lazy: o.lazy,
             allow_data_loss: o.allow_data_loss,
+            cancel: Default::default(),
         }
+    }
+
+    /// The view is no longer wanted.
+    pub(super) fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
 pub(super) fn agent_view(
-    opts: &ViewOptions<'_>,
+    opts: &ViewOptions,
     addr: SocketAddr,
     uuid: [u8; 16],
     npages: u64,
@@ -207,7 +218,13 @@ pub(super) fn agent_view(
     // `Some(mode)` once the owner's lease was found expired.
     let mut hung: Option<Option<u32>> = None;
     loop {
-        let mut init = connect(opts.kind, opts.token, addr).map_err(|f| f.into_error(addr))?;
+        if opts.cancelled() {
+            return Err(RecoverError::AgentUnreachable {
+                addr,
+                reason: "no longer asked (the recovery failed)".into(),
+            });
+        }
+        let mut init = connect(opts.kind, opts.token.as_ref(), addr).map_err(|f| f.into_error(addr))?;
         let unreachable = |reason: String| RecoverError::AgentUnreachable { addr, reason };
         let dreg = find_directory(&mut *init)
             .map_err(unreachable)?
@@ -237,7 +254,7 @@ pub(super) fn agent_view(
             return Ok(v);
         }
         if state == info::RUNNING && hung.is_none() {
-            hung = Some(lease_expired(&mut *init, &block).map_err(proto)?);
+            hung = Some(lease_expired(&mut *init, &block, &opts.cancel).map_err(proto)?);
         }
         if let Some(Some(mode)) = hung {
             if mode == MODE_PRECISE {
@@ -270,7 +287,11 @@ pub(super) fn agent_view(
 /// Reads the owner's lease twice, more than two lease periods apart:
 /// `Some(tracking mode)` when it did not move (the owner is hung or dead),
 /// `None` when it did (or the owner keeps no lease).
-fn lease_expired(init: &mut dyn Initiator, block: &[u8]) -> Result<Option<u32>, String> {
+fn lease_expired(
+    init: &mut dyn Initiator,
+    block: &[u8],
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Option<u32>, String> {
     let control = layout::region_desc(block, info::CONTROL).ok_or("the info block has no control region")?;
     let read = |init: &mut dyn Initiator| -> Result<(u64, u64, u32), String> {
         let h = read_bytes(init, control, 0, PAGE as usize)?;
@@ -287,7 +308,14 @@ fn lease_expired(init: &mut dyn Initiator, block: &[u8]) -> Result<Option<u32>, 
     if period_ms > 60_000 {
         return Err(format!("the owner's lease period is {period_ms} ms (at most 60 s)"));
     }
-    std::thread::sleep(Duration::from_millis(2 * period_ms + 50));
+    // Two periods and a little, looking at `cancel` now and then.
+    let until = Instant::now() + Duration::from_millis(2 * period_ms + 50);
+    while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        if cancel.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("no longer asked (the recovery failed)".into());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
     let (second, _, _) = read(init)?;
     Ok((first == second).then_some(mode))
 }
