@@ -57,9 +57,9 @@
 //! the next round small at once: a milder one would delay many more
 //! transactions, each by less, for longer, and the slowest thousandth of
 //! them is what a database sees (`remem-bench flush`, case `stall`).
-//! After [`STUCK_ROUNDS`] rounds in a row that each found nine tenths of
-//! the pages of the round before or more (the writers do not slow down:
-//! they write outside mutating calls), or after
+//! After [`STUCK_ROUNDS`] rounds in which the rounds did not fall to half
+//! of where they were (the writers do not slow down enough: they write
+//! outside mutating calls, which are not throttled), or after
 //! [`MAX_ROUNDS`] rounds, the cut is taken anyway: more rounds would copy
 //! the same pages again and make the writers fault on them again; the
 //! pause then copies what the writers dirtied in the last round.
@@ -103,8 +103,8 @@ pub const FINAL_PAGES: usize = 1024;
 pub const MAX_ROUNDS: u32 = 16;
 /// First throttle delay per mutating call.
 const THROTTLE_START: Duration = Duration::from_micros(10);
-/// Rounds in a row that found at least nine tenths of the pages of the
-/// round before, after which the cut is taken at once (see the module docs).
+/// Rounds in which the pre-copy's rounds did not fall to half of where they
+/// were, after which the cut is taken at once (see the module docs).
 pub const STUCK_ROUNDS: u32 = 3;
 /// Journal pages per background compaction step (1 MiB): the longest a
 /// commit waits for the compactor, besides its syncs.
@@ -266,14 +266,16 @@ struct Pace {
     last: usize,
     /// The throttle now (zero: none).
     throttle: Duration,
-    /// Rounds in a row that found nine tenths of the round before or more.
+    /// Rounds since the rounds last fell to half of `anchor`.
     stuck: u32,
+    /// The pages of the round where that count began.
+    anchor: usize,
 }
 
 impl Pace {
     /// After the first round, which found `first` pages.
     fn new(first: usize) -> Pace {
-        Pace { last: first, throttle: Duration::ZERO, stuck: 0 }
+        Pace { last: first, throttle: Duration::ZERO, stuck: 0, anchor: first }
     }
 
     /// Another round is worth it after `rounds` rounds.
@@ -284,14 +286,15 @@ impl Pace {
     /// A round found `n` pages: the new throttle if it must change.
     fn round(&mut self, n: usize) -> Option<Duration> {
         let last = std::mem::replace(&mut self.last, n);
-        if n * 10 >= last * 9 {
-            // Not even a tenth fewer: after STUCK_ROUNDS such rounds in a
-            // row the throttle is not reaching the writers (raw writes
-            // outside mutating calls), and more rounds would only copy the
-            // same pages again.
-            self.stuck += 1;
+        if n * 2 <= self.anchor {
+            // Half of where the last STUCK_ROUNDS rounds began: progress.
+            (self.anchor, self.stuck) = (n, 0);
         } else {
-            self.stuck = 0;
+            // No halving for STUCK_ROUNDS rounds: the throttle is not
+            // reaching the writers (raw writes outside mutating calls), or
+            // not enough, and more rounds would mostly copy the same pages
+            // again and make the writers fault on them again.
+            self.stuck += 1;
         }
         (n > FINAL_PAGES && n * 2 > last).then(|| {
             // The round did not halve: the writers dirty pages nearly as
@@ -702,18 +705,50 @@ mod tests {
         assert!(pace.more(5), "shrinking rounds, if slowly, go on");
     }
 
-    /// Rounds that do not shrink between rounds that do are no reason to
-    /// stop: the throttle is reaching the writers.
+    /// Rounds that do not shrink between rounds that do, as long as the
+    /// rounds keep halving every STUCK_ROUNDS rounds, are no reason to stop.
     #[test]
-    fn stuck_rounds_between_shrinking_ones_do_not_end_the_precopy() {
+    fn rounds_that_keep_halving_if_slowly_go_on() {
         let mut pace = Pace::new(100_000);
         let mut rounds = 1;
-        for n in [95_000, 50_000, 48_000, 30_000, 29_000] {
+        for n in [95_000, 50_000, 48_000, 30_000, 24_000] {
             assert!(pace.more(rounds));
             pace.round(n);
             rounds += 1;
         }
-        assert!(pace.more(rounds), "ended after {rounds} rounds at 29 000 pages, the rounds shrinking");
+        assert!(pace.more(rounds), "ended after {rounds} rounds at 24 000 pages, the rounds halving");
+    }
+
+    /// Rounds that shrink by a fifth each time (raw writers slowed only by
+    /// their own faults) do not halve within STUCK_ROUNDS rounds: the
+    /// pre-copy ends rather than run every round.
+    #[test]
+    fn slowly_shrinking_rounds_end_the_precopy() {
+        let mut pace = Pace::new(262_000);
+        let mut rounds = 1;
+        let mut n = 262_000usize;
+        while pace.more(rounds) {
+            n = n * 4 / 5;
+            pace.round(n);
+            rounds += 1;
+        }
+        assert_eq!(rounds, 1 + STUCK_ROUNDS, "rounds at a fifth less each");
+    }
+
+    /// Rounds of raw writers wobble (a few tenths down, then up again):
+    /// that is no progress, and the pre-copy still ends.
+    #[test]
+    fn wobbling_rounds_end_the_precopy() {
+        let mut pace = Pace::new(262_000);
+        let mut rounds = 1;
+        for n in [261_000, 230_000, 259_000, 262_000] {
+            if !pace.more(rounds) {
+                break;
+            }
+            pace.round(n);
+            rounds += 1;
+        }
+        assert!(!pace.more(rounds), "still going after {rounds} rounds that never halved");
     }
 
     /// Rounds that find (nearly) as many pages as the one before, whatever
