@@ -363,20 +363,7 @@ fn a_lying_agent_is_refused_before_the_fence() {
             target.register(Arc::new(SharedBytes::zeroed(crc_len))).unwrap(),
             target.register(Arc::new(SharedBytes::zeroed(words * 8))).unwrap(),
         ];
-        block.write(dir::MAGIC, &dir::MAGIC_BYTES);
-        block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
-        block.write(dir::SLOTS, &1u32.to_le_bytes());
-        let at = dir::slot_offset(0);
-        block.write(at + info::MAGIC, &info::MAGIC_BYTES);
-        block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
-        block.write(at + info::UUID, &uuid);
-        block.write(at + info::NPAGES, &announced.to_le_bytes());
-        for (n, r) in regions.iter().enumerate() {
-            let d = at + info::region(n);
-            block.write(d, &r.addr.to_le_bytes());
-            block.write(d + 8, &r.len.to_le_bytes());
-            block.write(d + 16, &r.rkey.to_le_bytes());
-        }
+        let at = write_directory(&block, uuid, announced, &regions);
         block.write(at + info::STATE, &info::SEALED.to_le_bytes());
         let mut o = RecoverOptions::new(&path, Some(target.local_addr()), Some(token));
         o.allow_data_loss = true;
@@ -956,6 +943,32 @@ struct CraftedAgent {
     words: usize,
 }
 
+/// Writes a directory of one slot into `block`, as the agent publishes it:
+/// the heap `uuid` of `npages` pages and its four regions (heap, control,
+/// crc, sealed). Returns the slot's offset.
+fn write_directory(
+    block: &remem::recovery::transport::SharedBytes,
+    uuid: [u8; 16],
+    npages: u64,
+    regions: &[remem::recovery::transport::RegionDesc],
+) -> usize {
+    block.write(dir::MAGIC, &dir::MAGIC_BYTES);
+    block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
+    block.write(dir::SLOTS, &1u32.to_le_bytes());
+    let at = dir::slot_offset(0);
+    block.write(at + info::MAGIC, &info::MAGIC_BYTES);
+    block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
+    block.write(at + info::UUID, &uuid);
+    block.write(at + info::NPAGES, &npages.to_le_bytes());
+    for (n, r) in regions.iter().enumerate() {
+        let d = at + info::region(n);
+        block.write(d, &r.addr.to_le_bytes());
+        block.write(d + 8, &r.len.to_le_bytes());
+        block.write(d + 16, &r.rkey.to_le_bytes());
+    }
+    at
+}
+
 fn crafted_agent(path: &Path, tweak: impl FnOnce(&mut [u8], &mut [u8], &mut [u8])) -> CraftedAgent {
     use remem::alloc::baseline::{Baseline, FileBackend};
     use remem::alloc::source::{BaselineSource, PageRead, PageSource};
@@ -997,20 +1010,7 @@ fn crafted_agent(path: &Path, tweak: impl FnOnce(&mut [u8], &mut [u8], &mut [u8]
         target.register(crc_mem).unwrap(),
         target.register(sealed.clone()).unwrap(),
     ];
-    block.write(dir::MAGIC, &dir::MAGIC_BYTES);
-    block.write(dir::VERSION, &dir::CURRENT_VERSION.to_le_bytes());
-    block.write(dir::SLOTS, &1u32.to_le_bytes());
-    let at = dir::slot_offset(0);
-    block.write(at + info::MAGIC, &info::MAGIC_BYTES);
-    block.write(at + info::VERSION, &info::CURRENT_VERSION.to_le_bytes());
-    block.write(at + info::UUID, &uuid);
-    block.write(at + info::NPAGES, &npages.to_le_bytes());
-    for (n, r) in regions.iter().enumerate() {
-        let d = at + info::region(n);
-        block.write(d, &r.addr.to_le_bytes());
-        block.write(d + 8, &r.len.to_le_bytes());
-        block.write(d + 16, &r.rkey.to_le_bytes());
-    }
+    let at = write_directory(&block, uuid, npages, &regions);
     CraftedAgent { target, token, block, at, sealed, npages, words }
 }
 
