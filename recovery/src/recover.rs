@@ -257,10 +257,10 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
         }
         Err(e) => return Err(e.into()),
     };
-    let open_baseline = || -> Result<Baseline<Arc<dyn Backend>>, RecoverError> {
-        let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?);
-        Baseline::open(backend).map_err(|e| bl_err(e.to_string()))
+    let backend_of = || -> Result<Arc<dyn Backend>, RecoverError> {
+        Ok(Arc::new(FileBackend::open(&path).map_err(|e| bl_err(e.to_string()))?))
     };
+    let open_on = |b: Arc<dyn Backend>| Baseline::open(b).map_err(|e| bl_err(e.to_string()));
     // 2. The baseline, and the agent: everything it says is read and checked
     //    before anything changes. The two are independent once the
     //    superblock names the heap, so the agent is asked while the
@@ -268,10 +268,9 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     //    on a large heap); a broken baseline is still reported first.
     let view_opts = agent_view::ViewOptions::of(&opts);
     let agent_addr = opts.agent;
-    let peek = FileBackend::open(&path)
-        .map_err(|e| bl_err(e.to_string()))
-        .and_then(|b| Baseline::peek(&b).map_err(|e| bl_err(e.to_string())));
-    let (mut bl, answer) = match peek {
+    let backend = backend_of()?;
+    // A superblock that cannot be read: the open below says why.
+    let (mut bl, answer) = match Baseline::peek(&backend) {
         Ok((uuid, npages)) if agent_addr.is_some() => {
             // The agent is asked on a thread of its own, which is not waited
             // for if the baseline fails: its error is reported at once, and
@@ -281,7 +280,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             let asked = std::thread::Builder::new()
                 .name("remem-recover-agent".into())
                 .spawn(move || drop(tx.send(ask_agent(&vo, agent_addr, uuid, npages, t0))));
-            let bl = open_baseline();
+            let bl = open_on(backend);
             log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
             let bl = match bl {
                 Ok(bl) => bl,
@@ -303,7 +302,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
             (bl, answer)
         }
         _ => {
-            let bl = open_baseline()?;
+            let bl = open_on(backend)?;
             log::debug!("remem recover: baseline open at {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
             let answer = ask_agent(&view_opts, agent_addr, bl.uuid(), bl.npages(), t0)?;
             (bl, answer)
@@ -311,11 +310,11 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     };
     let (lock, took_over) = match lock {
         Ok(l) => (l, false),
-        Err(_) if answer.answered && answer.hung => (BaselineLock::take_over(&path)?, true),
+        Err(_) if answer.hung() => (BaselineLock::take_over(&path)?, true),
         Err(e) => return Err(e.into()),
     };
 
-    report.owner_hung = answer.hung;
+    report.owner_hung = answer.hung();
     report.seconds_agent = answer.seconds;
     // 3. Fence.
     let g = bl.info().generation + 1;
@@ -336,7 +335,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     let lock = if took_over {
         drop(bl);
         let lock = lock.move_from_hung_owner()?;
-        bl = open_baseline()?;
+        bl = open_on(backend_of()?)?;
         lock
     } else {
         lock
@@ -354,7 +353,7 @@ pub fn recover(mut opts: RecoverOptions) -> Result<(Heap, RecoverReport), Recove
     let t_load = Instant::now();
     let hopts = HeapOptions::new(0).tracking(opts.tracking).flush_interval(Some(Duration::from_secs(1)));
     let source = match (view, opts.agent) {
-        (Some(v), Some(addr)) => Some((v.digest, AgentSource::new(v, &agent_view::ViewOptions::of(&opts), addr))),
+        (Some(v), Some(addr)) => Some((v.digest, AgentSource::new(v, &view_opts, addr))),
         _ => None,
     };
     let verify_image = opts.verify_image;
@@ -492,8 +491,6 @@ fn ask_agent(
         t0.elapsed().as_secs_f64() * 1e3
     );
     let seconds = t_agent.elapsed().as_secs_f64();
-    let (answered, hung, lossy) =
-        (view.is_some(), view.as_ref().is_some_and(|v| v.hung), view.as_ref().is_some_and(|v| v.lossy));
     let (view, early) = match (view, agent) {
         (Some(v), Some(addr)) if opts.lazy && v.sealing.is_some() && !v.lossy && !v.hung && !opts.cancelled() => {
             let src = AgentSource::new(v, opts, addr);
@@ -507,7 +504,7 @@ fn ask_agent(
         }
         (v, _) => (v, None),
     };
-    Ok(Answer { view, early, answered, hung, lossy, seconds })
+    Ok(Answer { view, early, seconds })
 }
 
 /// What the agent answered (step 2 of `recover`).
@@ -515,16 +512,29 @@ struct Answer {
     /// Its view, unless `early` was built from it.
     view: Option<agent_view::AgentView>,
     /// A lazy recovery during the seal: the source built from the view,
-    /// and the heap's metadata pages pulled through it (none if that failed).
+    /// and the heap's metadata pages pulled through it (none if that
+    /// failed). Only from a view of an owner that was neither hung nor
+    /// lossy.
     early: Option<(AgentSource, Option<early::Early>)>,
-    /// The agent answered (not unreachable with data loss allowed).
-    answered: bool,
-    /// The owner was found hung.
-    hung: bool,
-    /// The agent's view is lossy: the baseline alone is used.
-    lossy: bool,
     /// Seconds the answer took.
     seconds: f64,
+}
+
+impl Answer {
+    /// The agent answered (not unreachable with data loss allowed).
+    fn answered(&self) -> bool {
+        self.view.is_some() || self.early.is_some()
+    }
+
+    /// The owner was found hung.
+    fn hung(&self) -> bool {
+        self.view.as_ref().is_some_and(|v| v.hung)
+    }
+
+    /// The agent's view is lossy: the baseline alone is used.
+    fn lossy(&self) -> bool {
+        self.view.as_ref().is_some_and(|v| v.lossy)
+    }
 }
 
 /// Syncs the baseline at `path` in a background thread (the lazy fence's
@@ -557,7 +567,7 @@ fn recover_lazy(
     let path = opts.baseline.clone();
     let bl_err = |reason: String| RecoverError::Baseline { path: path.clone(), reason };
     let mut layers: Vec<Arc<dyn PageSource>> = Vec::new();
-    report.baseline_only = !answer.answered || answer.lossy;
+    report.baseline_only = !answer.answered() || answer.lossy();
     let source = match (answer.early, answer.view, opts.agent) {
         (Some(early), _, _) => Some(early),
         (None, Some(v), Some(addr)) => Some((AgentSource::new(v, &agent_view::ViewOptions::of(&opts), addr), None)),
